@@ -1,0 +1,1 @@
+"""FedPGen device side: the ClientApp and the on-device round logic."""

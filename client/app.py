@@ -1,0 +1,57 @@
+"""FedPGen ClientApp: unpack the message, call the device, pack the reply. Logic: client/device.py."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from flwr.app import Context
+from flwr.client import Client, NumPyClient
+from flwr.clientapp import ClientApp
+from flwr.common import Scalar
+
+from client.device import Device
+from shared.config import RunConfig
+from shared.data.user_folder import list_user_dirs
+from shared.population import population_dir, state_dir
+
+
+class DeviceClient(NumPyClient):
+    def __init__(self, device_factory: Any) -> None:
+        self._factory = device_factory
+
+    def fit(self, parameters: list[np.ndarray], config: dict[str, Scalar]) -> tuple[list[np.ndarray], int, dict]:
+        return self._factory().fit(parameters, server_round=int(config["server-round"]))
+
+    def evaluate(self, parameters: list[np.ndarray], config: dict[str, Scalar]) -> tuple[float, int, dict]:
+        metrics = self._factory().evaluate(parameters)
+        return float(np.log(float(metrics["personal-ppl"]))), int(metrics["num-heldout"]), metrics
+
+
+def device_for(context: Context, cfg: RunConfig) -> Device:
+    """Deployment: node-config names ``data-dir`` and ``state-dir``; simulation: ``partition-id``."""
+    node = dict(context.node_config)
+    if "data-dir" in node:
+        return Device(cfg, user_dir=Path(str(node["data-dir"])), state_dir=Path(str(node["state-dir"])))
+    index = int(node["partition-id"])
+    users = list_user_dirs(population_dir(cfg))  # materialized by `fedpgen simulate` before the run
+    if index >= len(users):
+        raise ValueError(f"partition-id {index} but only {len(users)} user folders")
+    return Device(cfg, user_dir=users[index], state_dir=state_dir(cfg, users[index]), client_index=index)
+
+
+def build_app(overrides: Mapping[str, Any] | None = None) -> ClientApp:
+    """A ClientApp; ``overrides`` (TOML keys) win over Flower's run config (used by ``fedpgen``)."""
+
+    def client_fn(context: Context) -> Client:
+        cfg = RunConfig.from_mapping({**dict(context.run_config), **dict(overrides or {})})
+        torch.set_num_threads(cfg.threads_per_client)
+        return DeviceClient(lambda: device_for(context, cfg)).to_client()
+
+    return ClientApp(client_fn=client_fn)
+
+
+app = build_app()

@@ -1,0 +1,1 @@
+"""FedPGen command line: ``fedpgen simulate`` and friends."""

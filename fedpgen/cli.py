@@ -1,0 +1,67 @@
+"""The ``fedpgen`` command. Flags map onto ``[tool.flwr.app.config]`` keys: no second config system."""
+
+from __future__ import annotations
+
+import logging
+import sys
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+from rich.console import Console
+from rich.logging import RichHandler
+
+from shared.config import RunConfig, load_override_file
+
+cli = typer.Typer(add_completion=False, no_args_is_help=True, help=__doc__)
+console = Console(width=120)
+
+
+def _overrides(config: Optional[Path], sets: list[str], flags: dict[str, object]) -> dict[str, object]:
+    values: dict[str, object] = dict(load_override_file(config)) if config else {}
+    for item in sets:
+        if "=" not in item:
+            raise ValueError(f"--set expects key=value, got {item!r}")
+        key, value = item.split("=", 1)
+        values[key.strip()] = value.strip()
+    values.update({k: v for k, v in flags.items() if v is not None})
+    return values
+
+
+@cli.command()
+def simulate(
+    config: Annotated[Optional[Path], typer.Option(help="override file, e.g. simulations/smoke.toml")] = None,
+    set_: Annotated[list[str], typer.Option("--set", help="key=value override of a run-config key")] = [],  # noqa: B006
+    data_dir: Annotated[Optional[str], typer.Option(help="folder of user device folders (sets data=dir)")] = None,
+    base_model: Annotated[Optional[str], typer.Option(help="local Hugging Face checkpoint path")] = None,
+    num_users: Annotated[Optional[int], typer.Option()] = None,
+    rounds: Annotated[Optional[int], typer.Option(help="num-server-rounds")] = None,
+    preset: Annotated[Optional[str], typer.Option()] = None,
+    run_dir: Annotated[Optional[str], typer.Option()] = None,
+    fresh: Annotated[bool, typer.Option(help="ignore checkpoints in run-dir and start over")] = False,
+) -> None:
+    """Simulate a federation on this machine and print the results table."""
+    from fedpgen.simulate import simulate as run
+
+    flags = {"data-dir": data_dir, "data": "dir" if data_dir else None, "base-model": base_model,
+             "num-users": num_users, "num-server-rounds": rounds, "preset": preset, "run-dir": run_dir}
+    cfg = RunConfig.from_mapping(_overrides(config, set_, flags))
+    run(cfg, fresh=fresh, console=console)
+
+
+@cli.command()
+def summary(run_dir: Path) -> None:
+    """Print the results table of a finished run folder."""
+    from server.summary import print_summary
+
+    print_summary(run_dir, console=console)
+
+
+def main() -> None:
+    logging.basicConfig(level=logging.INFO, format="%(message)s", handlers=[RichHandler(console=console)])
+    logging.getLogger("flwr").propagate = False  # Flower prints with its own handler
+    try:
+        cli()
+    except (ValueError, FileNotFoundError, RuntimeError) as exc:
+        console.print(f"[bold red]error:[/] {exc}")
+        sys.exit(2)

@@ -1,0 +1,62 @@
+"""``fedpgen simulate``: one machine, many virtual devices, Flower's Simulation Engine (Ray)."""
+
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+import warnings
+from pathlib import Path
+from typing import Any
+
+from rich.console import Console
+
+from client.app import build_app as build_client_app
+from server.app import build_app as build_server_app
+from server.plots import plot_run
+from server.summary import print_summary
+from shared.config import RunConfig
+from shared.population import ensure_population
+from shared.tasks import get_task
+
+log = logging.getLogger(__name__)
+
+_RESULT_FILES = ("rounds.jsonl", "client_rounds.jsonl", "clients.csv", "summary.json")
+
+
+def prepare_run_dir(cfg: RunConfig, *, fresh: bool) -> bool:
+    """Start over (``fresh``) or resume; returns whether a checkpoint will be resumed."""
+    run_dir = Path(cfg.run_dir)
+    if fresh:
+        for sub in ("checkpoints", "devices"):
+            shutil.rmtree(run_dir / sub, ignore_errors=True)
+    resuming = any((run_dir / "checkpoints").glob("round_*.safetensors"))
+    if not resuming:
+        shutil.rmtree(run_dir / "devices", ignore_errors=True)
+        for name in _RESULT_FILES:
+            (run_dir / name).unlink(missing_ok=True)
+    (run_dir / "clients.csv").unlink(missing_ok=True)
+    return resuming
+
+
+def simulate(cfg: RunConfig, *, fresh: bool = False, console: Console | None = None) -> dict[str, Any]:
+    """Run a whole simulation and return its summary (also in ``<run-dir>/summary.json``)."""
+    console = console or Console()
+    users = ensure_population(cfg)
+    console.print(f"[bold]{len(users)} users[/] ({cfg.data}) task={cfg.task} preset={cfg.preset} "
+                  f"rounds={cfg.num_server_rounds} run-dir={cfg.run_dir}")
+    base = get_task(cfg.task).base_model_path(cfg)  # pre-train and cache once, before any device starts
+    console.print(f"base model: {base}")
+    if prepare_run_dir(cfg, fresh=fresh):
+        console.print("resuming from the newest checkpoint in the run dir (use --fresh to start over)")
+    overrides = cfg.to_toml_dict()
+    backend = {"client_resources": {"num_cpus": cfg.client_cpus, "num_gpus": 0.0},
+               "init_args": {"num_cpus": os.cpu_count() or 1, "include_dashboard": False}}
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", DeprecationWarning)
+        from flwr.simulation import run_simulation
+
+        run_simulation(server_app=build_server_app(overrides), client_app=build_client_app(overrides),
+                       num_supernodes=len(users), backend_config=backend)
+    plot_run(Path(cfg.run_dir))
+    return print_summary(Path(cfg.run_dir), names={i: u.name for i, u in enumerate(users)}, console=console)

@@ -1,0 +1,1 @@
+"""FedPGen server side: the ServerApp, aggregation of shared deltas, checkpoints, results."""

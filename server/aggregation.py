@@ -1,0 +1,69 @@
+"""Aggregation of shared deltas: one weighted mean, then a server optimizer step.
+
+The server only ever needs the weighted *sum* of deltas (what secure aggregation yields);
+nothing here keeps an individual delta.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+
+def weighted_mean(deltas: list[list[np.ndarray]], weights: list[float]) -> list[np.ndarray]:
+    """Σ w_i Δ_i / Σ w_i, per array."""
+    if not deltas:
+        raise ValueError("weighted_mean of no deltas")
+    total = float(sum(weights))
+    if total <= 0:
+        raise ValueError(f"weights must sum to > 0, got {total}")
+    return [sum(w * d[i].astype(np.float64) for d, w in zip(deltas, weights, strict=True)) / total
+            for i in range(len(deltas[0]))]
+
+
+class FedAvg:
+    """θ ← θ + η·mean Δ (η = 1: plain FedAvg of the clients' new weights)."""
+
+    def __init__(self, *, lr: float) -> None:
+        self.lr = lr
+
+    def step(self, theta: list[np.ndarray], mean_delta: list[np.ndarray]) -> list[np.ndarray]:
+        return [(t + self.lr * d).astype(t.dtype) for t, d in zip(theta, mean_delta, strict=True)]
+
+    def state(self) -> dict[str, list[np.ndarray]]:
+        return {}
+
+    def load_state(self, state: dict[str, list[np.ndarray]]) -> None:
+        del state
+
+
+class FedAdam:
+    """FedAdam (Reddi et al., 2021): Adam on the pseudo-gradient −mean Δ."""
+
+    def __init__(self, *, lr: float, beta1: float = 0.9, beta2: float = 0.99, tau: float = 1e-3) -> None:
+        self.lr, self.beta1, self.beta2, self.tau = lr, beta1, beta2, tau
+        self.m: list[np.ndarray] = []
+        self.v: list[np.ndarray] = []
+
+    def step(self, theta: list[np.ndarray], mean_delta: list[np.ndarray]) -> list[np.ndarray]:
+        if not self.m:
+            self.m = [np.zeros_like(d) for d in mean_delta]
+            self.v = [np.zeros_like(d) for d in mean_delta]
+        self.m = [self.beta1 * m + (1 - self.beta1) * d for m, d in zip(self.m, mean_delta, strict=True)]
+        self.v = [self.beta2 * v + (1 - self.beta2) * d * d for v, d in zip(self.v, mean_delta, strict=True)]
+        return [(t + self.lr * m / (np.sqrt(v) + self.tau)).astype(t.dtype)
+                for t, m, v in zip(theta, self.m, self.v, strict=True)]
+
+    def state(self) -> dict[str, list[np.ndarray]]:
+        return {"m": self.m, "v": self.v} if self.m else {}
+
+    def load_state(self, state: dict[str, list[np.ndarray]]) -> None:
+        self.m, self.v = list(state.get("m", [])), list(state.get("v", []))
+
+
+SERVER_OPTIMIZERS = {"fedavg": FedAvg, "fedadam": FedAdam}
+
+
+def make_server_optimizer(name: str, *, lr: float) -> FedAvg | FedAdam:
+    if name not in SERVER_OPTIMIZERS:
+        raise ValueError(f"unknown server optimizer {name!r}; valid: {', '.join(sorted(SERVER_OPTIMIZERS))}")
+    return SERVER_OPTIMIZERS[name](lr=lr)

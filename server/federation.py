@@ -1,0 +1,42 @@
+"""Run the federation from the server side: resume, strategy, Flower's legacy workflow."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+from flwr.app import Context
+from flwr.server import Grid, LegacyContext, ServerConfig
+from flwr.server.workflow import DefaultWorkflow
+
+from server import checkpoint
+from server.results import RunRecorder
+from server.strategy import SharedDeltaStrategy
+from shared.adapters import get_arrays
+from shared.config import RunConfig
+from shared.model import build_model
+
+log = logging.getLogger(__name__)
+
+
+def make_strategy(cfg: RunConfig) -> SharedDeltaStrategy:
+    """Initial shared base from the seeded adapters, or the newest checkpoint of this run-dir."""
+    built = build_model(cfg)
+    names = built.sets.send
+    theta, completed, opt_state = get_arrays(built.model, names), 0, {}
+    ckpt = checkpoint.latest(Path(cfg.run_dir) / "checkpoints", config_hash=cfg.model_hash(), names=names)
+    if ckpt is not None:
+        theta, completed, opt_state = ckpt.theta, ckpt.round, ckpt.opt_state
+        log.info("resuming from checkpoint of round %d", completed)
+    return SharedDeltaStrategy(cfg=cfg, names=names, theta=theta, completed=completed, opt_state=opt_state,
+                               recorder=RunRecorder(Path(cfg.run_dir), cfg))
+
+
+def run_server(grid: Grid, context: Context, cfg: RunConfig) -> SharedDeltaStrategy:
+    strategy = make_strategy(cfg)
+    remaining = max(1, cfg.num_server_rounds - strategy.completed)
+    legacy = LegacyContext(context=context, config=ServerConfig(num_rounds=remaining), strategy=strategy)
+    DefaultWorkflow()(grid, legacy)
+    if not strategy.final_metrics:
+        raise RuntimeError("the final evaluation returned no client metrics")
+    return strategy

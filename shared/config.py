@@ -1,0 +1,159 @@
+"""Run configuration: parsed once, at the boundary, into a frozen validated dataclass.
+
+The schema is ``[tool.flwr.app.config]`` of ``pyproject.toml``: every key and its
+default lives there. Overrides (``--set key=value``, ``simulations/*.toml``, Flower's
+``--run-config``) may only name keys that exist; values are coerced to the default's
+type and validated here. Invalid values raise ``ValueError`` naming the field.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import tomllib
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+PYPROJECT = Path(__file__).resolve().parent.parent / "pyproject.toml"
+
+# Keys that do not change what a checkpoint means: a run may resume with other values.
+_RESUMABLE_KEYS = frozenset({"num-server-rounds", "run-dir", "client-cpus", "threads-per-client"})
+
+
+def default_config() -> dict[str, Any]:
+    """Return ``[tool.flwr.app.config]`` of this repository's ``pyproject.toml``."""
+    if not PYPROJECT.is_file():
+        raise FileNotFoundError(f"pyproject.toml not found at {PYPROJECT}: install with `pip install -e .`")
+    with PYPROJECT.open("rb") as fh:
+        return dict(tomllib.load(fh)["tool"]["flwr"]["app"]["config"])
+
+
+def _coerce(key: str, value: Any, default: Any) -> Any:
+    """Coerce ``value`` (possibly a CLI string) to the type of ``default``."""
+    try:
+        if isinstance(default, bool):
+            if isinstance(value, str):
+                if value.lower() in {"true", "1", "yes"}:
+                    return True
+                if value.lower() in {"false", "0", "no"}:
+                    return False
+                raise ValueError
+            return bool(value)
+        if isinstance(default, int):
+            if isinstance(value, float) and not value.is_integer():
+                raise ValueError
+            return int(value)
+        if isinstance(default, float):
+            return float(value)
+        return str(value)
+    except (TypeError, ValueError):
+        raise ValueError(f"config '{key}': {value!r} is not a valid {type(default).__name__}") from None
+
+
+@dataclasses.dataclass(frozen=True)
+class RunConfig:
+    """Every run setting, validated. Field names are the TOML keys with ``_`` for ``-``."""
+
+    task: str
+    preset: str
+    data: str
+    data_dir: str
+    num_users: int
+    min_records: int
+    base_model: str
+    pretrain_steps: int
+    seq_len: int
+    heldout_fraction: float
+    val_fraction: float
+    num_server_rounds: int
+    fraction_fit: float
+    min_fit_clients: int
+    local_steps: int
+    batch_size: int
+    lr: float
+    personal_lr: float
+    personal_max_steps: int
+    personal_eval_every: int
+    lora_rank: int
+    lora_alpha: int
+    personal_rank: int
+    server_optimizer: str
+    server_lr: float
+    seed: int
+    run_dir: str
+    client_cpus: float
+    threads_per_client: int
+
+    def __post_init__(self) -> None:
+        from shared.presets import PRESETS
+        from shared.tasks import TASKS
+
+        def need(ok: bool, key: str, why: str) -> None:
+            if not ok:
+                value = getattr(self, key.replace("-", "_"))
+                raise ValueError(f"config '{key}': {value!r} is invalid: {why}")
+
+        need(self.task in TASKS, "task", f"unknown task; valid: {', '.join(sorted(TASKS))}")
+        need(self.preset in PRESETS, "preset", f"unknown preset; valid: {', '.join(sorted(PRESETS))}")
+        need(self.data in {"shakespeare", "synthetic", "dir"}, "data", "valid: shakespeare, synthetic, dir")
+        need(self.data != "dir" or bool(self.data_dir), "data-dir", "data = 'dir' needs a data-dir")
+        need(self.num_users >= 1, "num-users", "must be >= 1")
+        need(self.min_records >= 2, "min-records", "must be >= 2")
+        need(self.pretrain_steps >= 0, "pretrain-steps", "must be >= 0")
+        need(self.seq_len >= 8, "seq-len", "must be >= 8")
+        need(0.0 < self.heldout_fraction < 1.0, "heldout-fraction", "must be in (0, 1)")
+        need(0.0 <= self.val_fraction < 1.0, "val-fraction", "must be in [0, 1)")
+        need(self.num_server_rounds >= 1, "num-server-rounds", "must be >= 1")
+        need(0.0 < self.fraction_fit <= 1.0, "fraction-fit", "must be in (0, 1]")
+        need(self.min_fit_clients >= 1, "min-fit-clients", "must be >= 1")
+        need(self.local_steps >= 1, "local-steps", "must be >= 1")
+        need(self.batch_size >= 1, "batch-size", "must be >= 1")
+        need(self.lr > 0.0, "lr", "must be > 0")
+        need(self.personal_lr > 0.0, "personal-lr", "must be > 0")
+        need(self.personal_max_steps >= 0, "personal-max-steps", "must be >= 0")
+        need(self.personal_eval_every >= 1, "personal-eval-every", "must be >= 1")
+        need(self.lora_rank >= 1, "lora-rank", "must be >= 1")
+        need(self.lora_alpha >= 1, "lora-alpha", "must be >= 1")
+        need(self.personal_rank >= 1, "personal-rank", "must be >= 1")
+        need(self.server_optimizer in {"fedavg", "fedadam"}, "server-optimizer", "valid: fedavg, fedadam")
+        need(self.server_lr > 0.0, "server-lr", "must be > 0")
+        need(bool(self.run_dir), "run-dir", "must not be empty")
+        need(self.client_cpus > 0.0, "client-cpus", "must be > 0")
+        need(self.threads_per_client >= 1, "threads-per-client", "must be >= 1")
+
+    @classmethod
+    def from_mapping(cls, overrides: Mapping[str, Any] | None = None) -> RunConfig:
+        """Build from the pyproject defaults plus ``overrides`` (TOML key names)."""
+        defaults = default_config()
+        values = dict(defaults)
+        for key, value in (overrides or {}).items():
+            if key not in defaults:
+                raise ValueError(f"unknown config key '{key}'; valid keys: {', '.join(sorted(defaults))}")
+            values[key] = _coerce(key, value, defaults[key])
+        fields = {f.name for f in dataclasses.fields(cls)}
+        kwargs = {k.replace("-", "_"): v for k, v in values.items()}
+        missing = fields - kwargs.keys()
+        if missing or kwargs.keys() - fields:
+            raise RuntimeError(f"pyproject schema and RunConfig disagree: {sorted(missing ^ (kwargs.keys() - fields))}")
+        return cls(**kwargs)
+
+    def to_toml_dict(self) -> dict[str, Any]:
+        """Return the settings under their TOML key names (Flower's run-config form)."""
+        return {k.replace("_", "-"): v for k, v in dataclasses.asdict(self).items()}
+
+    def model_hash(self) -> str:
+        """Hash of every setting that changes what a checkpoint means (not rounds or paths)."""
+        items = {k: v for k, v in self.to_toml_dict().items() if k not in _RESUMABLE_KEYS}
+        return hashlib.sha256(json.dumps(items, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def load_override_file(path: str | Path) -> dict[str, Any]:
+    """Read a ``simulations/*.toml`` override file (flat ``key = value`` table)."""
+    p = Path(path)
+    if not p.is_file():
+        raise FileNotFoundError(f"override file not found: {p}")
+    with p.open("rb") as fh:
+        data = tomllib.load(fh)
+    return dict(data.get("config", data))

@@ -1,0 +1,18 @@
+"""Task registry: a task plugs a modality into the one training/evaluation machinery."""
+
+from __future__ import annotations
+
+from shared.tasks.base import Task, UserData
+from shared.tasks.text import TextTask
+
+TASKS: dict[str, type[Task]] = {"text": TextTask}
+
+
+def get_task(name: str) -> Task:
+    """Instantiate the task registered as ``name``; an unknown name lists the valid ones."""
+    if name not in TASKS:
+        raise ValueError(f"unknown task {name!r}; valid: {', '.join(sorted(TASKS))}")
+    return TASKS[name]()
+
+
+__all__ = ["TASKS", "Task", "UserData", "get_task"]

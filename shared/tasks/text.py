@@ -1,0 +1,132 @@
+"""documents -> text: personalized writing in the user's style with a causal LM.
+
+Records are fixed-length windows of a user's documents (``seq-len`` tokens, the last
+window of a document padded with ``pad_id``, which the loss masks). The split is done on
+the device, deterministically per user: held-out first, then validation for early
+stopping of the personal part; held-out records are never trained on.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import torch
+import torch.nn.functional as F
+from transformers import AutoModelForCausalLM
+
+from shared.data import shakespeare, synthetic_text
+from shared.data.user_folder import read_documents, read_profile, write_user
+from shared.tasks.base import Task, UserData
+from shared.tasks.text_base import ensure_base
+from shared.tasks.text_tokenizer import load_tokenizer
+
+if TYPE_CHECKING:
+    from shared.config import RunConfig
+
+# LoRA targets by architecture: attention is shared, the MLP or the output head personal.
+_TARGETS = {
+    "llama": {"shared": ["q_proj", "k_proj", "v_proj", "o_proj"],
+              "mlp": ["gate_proj", "up_proj", "down_proj"], "head": ["lm_head"]},
+    "gpt2": {"shared": ["c_attn", "attn.c_proj"], "mlp": ["c_fc", "mlp.c_proj"], "head": ["lm_head"]},
+}
+_MIN_RECORD_TOKENS = 8
+EVAL_BATCH = 64
+
+
+def split_records(records: torch.Tensor, *, key: str, heldout: float, val: float) -> tuple[torch.Tensor, ...]:
+    """Deterministic per-user shuffle, then held-out / validation / train."""
+    seed = int.from_bytes(hashlib.sha256(key.encode()).digest()[:8], "little")
+    order = torch.randperm(records.shape[0], generator=torch.Generator().manual_seed(seed))
+    records = records[order]
+    n_held = max(1, round(records.shape[0] * heldout))
+    held, rest = records[:n_held], records[n_held:]
+    n_val = round(rest.shape[0] * val)
+    return rest[n_val:], rest[:n_val], held
+
+
+class TextTask(Task):
+    name = "text"
+    pad_id = -1  # set by load_base from the checkpoint's tokenizer
+
+    def base_model_path(self, cfg: RunConfig) -> Path:
+        if cfg.base_model:
+            path = Path(cfg.base_model).expanduser()
+            if not (path / "config.json").is_file():
+                raise FileNotFoundError(f"base-model: no Hugging Face checkpoint (config.json) at {path}")
+            return path
+        return ensure_base(steps=cfg.pretrain_steps, seq_len=cfg.seq_len, seed=cfg.seed)
+
+    def load_base(self, path: Path) -> torch.nn.Module:
+        model = AutoModelForCausalLM.from_pretrained(str(path), local_files_only=True)
+        self.pad_id = load_tokenizer(path).pad_id
+        model.requires_grad_(False)
+        return model.eval()
+
+    def lora_targets(self, model: torch.nn.Module) -> dict[str, list[str]]:
+        kind = getattr(getattr(model, "config", None), "model_type", "")
+        if kind not in _TARGETS:
+            raise ValueError(f"text task: no LoRA targets for model_type {kind!r}; known: {sorted(_TARGETS)}")
+        return _TARGETS[kind]
+
+    def materialize_users(self, cfg: RunConfig, dest: Path) -> list[Path]:
+        if cfg.data == "shakespeare":
+            population = shakespeare.users(num_users=cfg.num_users, min_bytes=cfg.min_records * cfg.seq_len)
+        else:
+            population = synthetic_text.users(num_users=cfg.num_users, docs_per_user=cfg.min_records, seed=cfg.seed)
+        if len(population) < cfg.num_users:
+            raise ValueError(f"num-users: only {len(population)} users have >= {cfg.min_records} records")
+        return [write_user(dest, name, docs) for name, docs in population.items()]
+
+    def read_user(self, user_dir: Path, cfg: RunConfig, *, base_path: Path) -> UserData:
+        texts, skipped = read_documents(user_dir)
+        profile, bad_profile = read_profile(user_dir)
+        tok = load_tokenizer(base_path)
+        prefix = tok.encode(" ".join(f"{k}={v}" for k, v in sorted(profile.items())) + "\n") if profile else []
+        windows: list[list[int]] = []
+        for text in texts:
+            ids = tok.encode(text)
+            for start in range(0, len(ids), cfg.seq_len - len(prefix)):
+                chunk = (prefix + ids[start : start + cfg.seq_len - len(prefix)])[: cfg.seq_len]
+                if len(chunk) - len(prefix) >= _MIN_RECORD_TOKENS:
+                    windows.append(chunk + [tok.pad_id] * (cfg.seq_len - len(chunk)))
+        if len(windows) < 3:
+            raise ValueError(f"user {user_dir.name}: {len(windows)} usable records (need >= 3)")
+        records = torch.tensor(windows, dtype=torch.long)
+        train, val, held = split_records(records, key=user_dir.name, heldout=cfg.heldout_fraction,
+                                         val=cfg.val_fraction)
+        return UserData(train=train, val=val, heldout=held, skipped=skipped + bad_profile)
+
+    def _token_losses(self, model: torch.nn.Module, batch: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        logits = model(input_ids=batch).logits[:, :-1]
+        targets = batch[:, 1:]
+        mask = (targets != self.pad_id).float()
+        nll = F.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), targets.reshape(-1),
+                              reduction="none").view_as(mask)
+        return nll * mask, mask, logits
+
+    def per_record_loss(self, model: torch.nn.Module, batch: torch.Tensor) -> torch.Tensor:
+        # Mean over a record's own tokens: no record's loss depends on another (DP-SGD needs this).
+        nll, mask, _ = self._token_losses(model, batch)
+        return nll.sum(1) / mask.sum(1).clamp_min(1.0)
+
+    @torch.no_grad()
+    def metrics(self, model: torch.nn.Module, records: torch.Tensor) -> dict[str, float]:
+        total_nll = total_tokens = correct = 0.0
+        for start in range(0, records.shape[0], EVAL_BATCH):
+            batch = records[start : start + EVAL_BATCH]
+            nll, mask, logits = self._token_losses(model, batch)
+            correct += float(((logits.argmax(-1) == batch[:, 1:]).float() * mask).sum())
+            total_nll += float(nll.sum())
+            total_tokens += float(mask.sum())
+        return {"ppl": math.exp(total_nll / max(total_tokens, 1.0)), "acc": correct / max(total_tokens, 1.0)}
+
+    @torch.no_grad()
+    def generate(self, model: torch.nn.Module, base_path: Path, prompt: str, **kwargs: Any) -> str:
+        tok = load_tokenizer(base_path)
+        ids = torch.tensor([tok.encode(prompt)], dtype=torch.long)
+        out = model.generate(input_ids=ids, max_new_tokens=int(kwargs.get("max_new_tokens", 64)),
+                             do_sample=True, top_k=int(kwargs.get("top_k", 20)), pad_token_id=tok.pad_id)
+        return tok.decode(out[0, ids.shape[1]:].tolist())

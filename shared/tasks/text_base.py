@@ -1,0 +1,108 @@
+"""The text task's built-in base: a byte-level Llama pre-trained by the project.
+
+Pre-trained on public plays that no simulated user is drawn from, deterministic for a
+seed, cached on first use under ``$FEDPGEN_CACHE`` (default ``~/.cache/fedpgen``) by a
+hash of its settings. Never committed.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import math
+import os
+import shutil
+import time
+from pathlib import Path
+
+import torch
+from rich.progress import Progress
+from transformers import LlamaConfig, LlamaForCausalLM
+
+from shared.data import shakespeare
+from shared.tasks.text_tokenizer import ByteTokenizer
+
+log = logging.getLogger(__name__)
+
+ARCH = {"hidden_size": 128, "intermediate_size": 384, "num_hidden_layers": 2,
+        "num_attention_heads": 4, "num_key_value_heads": 4}
+PRETRAIN_BATCH = 32
+PRETRAIN_LR = 3e-3
+
+
+def cache_root() -> Path:
+    return Path(os.environ.get("FEDPGEN_CACHE", Path.home() / ".cache" / "fedpgen"))
+
+
+def model_config(seq_len: int) -> LlamaConfig:
+    tok = ByteTokenizer()
+    return LlamaConfig(vocab_size=tok.vocab_size, max_position_embeddings=seq_len,
+                       tie_word_embeddings=False, bos_token_id=tok.bos_id, eos_token_id=None,
+                       pad_token_id=None, **ARCH)
+
+
+def base_path(*, steps: int, seq_len: int, seed: int) -> Path:
+    key = json.dumps({"arch": ARCH, "steps": steps, "seq_len": seq_len, "seed": seed,
+                      "batch": PRETRAIN_BATCH, "lr": PRETRAIN_LR, "v": 1}, sort_keys=True)
+    return cache_root() / "base" / f"text-{hashlib.sha256(key.encode()).hexdigest()[:12]}"
+
+
+def ensure_base(*, steps: int, seq_len: int, seed: int) -> Path:
+    """Return the cached base checkpoint folder, pre-training it first if absent."""
+    dest = base_path(steps=steps, seq_len=seq_len, seed=seed)
+    if (dest / "fedpgen_base.json").is_file():
+        return dest
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    tmp = dest.with_name(f"{dest.name}.tmp{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    pretrain(tmp, steps=steps, seq_len=seq_len, seed=seed)
+    try:
+        os.rename(tmp, dest)
+    except OSError:  # another process finished first: theirs is identical
+        shutil.rmtree(tmp, ignore_errors=True)
+    return dest
+
+
+def _windows(data: torch.Tensor, n: int, seq_len: int, gen: torch.Generator) -> torch.Tensor:
+    starts = torch.randint(0, data.numel() - seq_len, (n,), generator=gen)
+    return torch.stack([data[s : s + seq_len] for s in starts.tolist()])
+
+
+def pretrain(dest: Path, *, steps: int, seq_len: int, seed: int) -> None:
+    """Pre-train the byte-level base on public plays and save it (HF format) to ``dest``."""
+    torch.manual_seed(seed)
+    gen = torch.Generator().manual_seed(seed)
+    tok = ByteTokenizer()
+    data = torch.tensor(tok.encode(shakespeare.public_text()), dtype=torch.long)
+    split = int(data.numel() * 0.95)
+    train, held = data[:split], data[split:]
+    model = LlamaForCausalLM(model_config(seq_len))
+    opt = torch.optim.AdamW(model.parameters(), lr=PRETRAIN_LR, weight_decay=0.01)
+    sched = torch.optim.lr_scheduler.LambdaLR(
+        opt, lambda s: min(1.0, (s + 1) / 50) * 0.5 * (1 + math.cos(math.pi * s / max(steps, 1))))
+    start = time.perf_counter()
+    model.train()
+    with Progress(transient=True) as progress:
+        bar = progress.add_task("pre-training the byte-level base", total=steps)
+        for _ in range(steps):
+            batch = _windows(train, PRETRAIN_BATCH, seq_len, gen)
+            loss = model(input_ids=batch, labels=batch).loss
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+            opt.step()
+            sched.step()
+            progress.advance(bar)
+    model.eval()
+    with torch.no_grad():
+        eval_batch = _windows(held, 64, seq_len, torch.Generator().manual_seed(seed + 1))
+        held_ppl = math.exp(float(model(input_ids=eval_batch, labels=eval_batch).loss))
+    dest.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(dest)
+    tok.save(dest)
+    meta = {"steps": steps, "seq_len": seq_len, "seed": seed, "public_heldout_ppl": held_ppl,
+            "seconds": time.perf_counter() - start, "parameters": sum(p.numel() for p in model.parameters()),
+            "text_bytes": int(data.numel())}
+    (dest / "fedpgen_base.json").write_text(json.dumps(meta, indent=2))
+    log.info("pre-trained base: %d steps, public held-out byte perplexity %.3f", steps, held_ppl)
