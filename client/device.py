@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import time
 from pathlib import Path
 
 import numpy as np
@@ -83,7 +84,9 @@ class Device:
         set_arrays(self.model, self.sets.send, shared)
         self._load_personal()
         before = self._val_loss()
+        started = time.perf_counter()
         shared_res, personal_res = self._round(self._generator("fit", server_round))
+        train_seconds = time.perf_counter() - started
         after = self._val_loss()
         delta = [new - old for new, old in zip(get_arrays(self.model, self.sets.send), shared, strict=True)]
         # Save the personal part and the bookkeeping BEFORE anything is sent.
@@ -96,6 +99,7 @@ class Device:
             "client-index": self.client_index, "keys-digest": keys_digest(self.sets.send),
             "train-loss": shared_res.mean_loss, "val-loss-before": before, "val-loss-after": after,
             "personal-best-step": personal_res.best_step, "skipped-files": self.data.skipped,
+            "train-seconds": train_seconds,
         }
         return delta, self.data.num_train, metrics
 

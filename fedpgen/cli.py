@@ -58,7 +58,9 @@ def summary(run_dir: Path) -> None:
 
 
 def main() -> None:
-    logging.basicConfig(level=logging.INFO, format="%(message)s", handlers=[RichHandler(console=console)])
+    logging.basicConfig(level=logging.WARNING, format="%(message)s", handlers=[RichHandler(console=console)])
+    for name in ("fedpgen", "server", "client", "shared"):
+        logging.getLogger(name).setLevel(logging.INFO)
     logging.getLogger("flwr").propagate = False  # Flower prints with its own handler
     try:
         cli()

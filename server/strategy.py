@@ -119,7 +119,8 @@ class SharedDeltaStrategy(Strategy):
                            client_manager: ClientManager) -> list[tuple[ClientProxy, EvaluateIns]]:
         if self.absolute_round(server_round) < self.cfg.num_server_rounds:
             return []
-        clients = client_manager.sample(num_clients=client_manager.num_available())
+        available = client_manager.num_available()
+        clients = client_manager.sample(num_clients=max(1, math.ceil(self.cfg.eval_fraction * available)))
         ins = EvaluateIns(ndarrays_to_parameters(self.theta), {"server-round": self.cfg.num_server_rounds,
                                                               "final": True})
         return [(c, ins) for c in clients]

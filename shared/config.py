@@ -70,6 +70,7 @@ class RunConfig:
     num_server_rounds: int
     fraction_fit: float
     min_fit_clients: int
+    eval_fraction: float
     local_steps: int
     batch_size: int
     lr: float
@@ -108,6 +109,7 @@ class RunConfig:
         need(self.num_server_rounds >= 1, "num-server-rounds", "must be >= 1")
         need(0.0 < self.fraction_fit <= 1.0, "fraction-fit", "must be in (0, 1]")
         need(self.min_fit_clients >= 1, "min-fit-clients", "must be >= 1")
+        need(0.0 < self.eval_fraction <= 1.0, "eval-fraction", "must be in (0, 1]")
         need(self.local_steps >= 1, "local-steps", "must be >= 1")
         need(self.batch_size >= 1, "batch-size", "must be >= 1")
         need(self.lr > 0.0, "lr", "must be > 0")

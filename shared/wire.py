@@ -25,6 +25,7 @@ FIT_METRICS = frozenset({
     "val-loss-after",      # loss after this round's shared + personal training
     "personal-best-step",  # early-stopping step kept for the personal part
     "skipped-files",       # unreadable input files skipped on the device
+    "train-seconds",       # wall time of the device's local training (benchmarks: share of round time)
 })
 
 # Plaintext metadata of the final evaluation reply: held-out metrics of each model variant.

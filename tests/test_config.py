@@ -1,0 +1,58 @@
+"""Bad config values are rejected with a message naming the field; never a silent default."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import pytest
+
+from shared.config import RunConfig
+
+
+@pytest.mark.parametrize(
+    ("overrides", "field"),
+    [
+        ({"lr": -0.1}, "'lr'"),
+        ({"task": "poetry"}, "'task'"),
+        ({"preset": "fedfoo"}, "'preset'"),
+        ({"num-users": 0}, "'num-users'"),
+        ({"fraction-fit": 0}, "'fraction-fit'"),
+        ({"server-optimizer": "sgd"}, "'server-optimizer'"),
+        ({"data": "dir"}, "'data-dir'"),
+        ({"local-steps": "many"}, "'local-steps'"),
+        ({"no-such-key": 1}, "'no-such-key'"),
+    ],
+)
+def test_invalid_values_name_the_field(overrides: dict, field: str) -> None:
+    with pytest.raises(ValueError, match=field):
+        RunConfig.from_mapping(overrides)
+
+
+def test_unknown_names_list_the_valid_ones() -> None:
+    with pytest.raises(ValueError, match="fedavg-lora.*fedrep|fedrep.*fedavg-lora"):
+        RunConfig.from_mapping({"preset": "nope"})
+
+
+def test_defaults_parse_and_hash_ignores_rounds() -> None:
+    a = RunConfig.from_mapping({})
+    b = RunConfig.from_mapping({"num-server-rounds": 9})
+    c = RunConfig.from_mapping({"lr": 0.01})
+    assert a.model_hash() == b.model_hash() != c.model_hash()
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["--set", "lr=-1"], "'lr'"),
+        (["--preset", "bogus"], "unknown preset"),
+        (["--num-users", "0"], "'num-users'"),
+        (["--data-dir", "/nonexistent/users"], "data dir not found"),
+    ],
+)
+def test_cli_reports_errors_without_traceback(args: list[str], message: str, tmp_path) -> None:
+    proc = subprocess.run([sys.executable, "-c", "from fedpgen.cli import main; main()", "simulate",
+                           "--run-dir", str(tmp_path / "r"), *args], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2, proc.stdout + proc.stderr
+    assert message in proc.stdout
+    assert "Traceback" not in proc.stdout + proc.stderr

@@ -1,0 +1,82 @@
+"""The device round: per preset, only the allowlist moves on the wire; the personal part persists."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from client.device import Device
+from shared.adapters import get_tensors
+from shared.population import ensure_population, state_dir
+from shared.presets import PRESETS
+
+
+def device(cfg, index: int = 0) -> Device:
+    users = ensure_population(cfg)
+    return Device(cfg, user_dir=users[index], state_dir=state_dir(cfg, users[index]), client_index=index)
+
+
+@pytest.mark.parametrize("preset", sorted(PRESETS))
+def test_fit_returns_a_delta_over_the_allowlist_only(make_cfg, preset: str) -> None:
+    # Prepare
+    d = device(make_cfg(preset=preset))
+    sets = d.sets
+    before = get_tensors(d.model, tuple(n for n, _ in d.model.named_parameters()))
+    # Execute
+    delta, n, metrics = d.fit(d.init_send, server_round=1)
+    after = get_tensors(d.model, tuple(before))
+    # Assert: the allowlist and only it is sent, none of it personal
+    assert len(delta) == len(sets.send) and n == d.data.num_train
+    assert not any(".personal." in name for name in sets.send)
+    assert not set(sets.send) & set(sets.keep)
+    assert all(np.isfinite(x).all() for x in delta)
+    trained = {k for k in before if not torch.equal(before[k], after[k])}
+    frozen_base = {k for k in before if ".lora_" not in k}
+    assert not trained & frozen_base, "a frozen base weight changed"
+    moved_sent = {name for name, x in zip(sets.send, delta) if np.abs(x).max() > 0}
+    assert moved_sent == set(sets.shared_trainable), "every trainable shared weight moved, frozen ones did not"
+    if preset == "ffa-lora":
+        assert all(re.search(r"lora_B\.shared", s) for s in sets.send)
+    if preset == "fedsa-lora":
+        assert all(re.search(r"lora_A\.shared", s) for s in sets.send)
+        assert all(re.search(r"lora_B\.shared", s) for s in sets.keep)
+    assert set(metrics) <= {"client-index", "keys-digest", "train-loss", "val-loss-before", "val-loss-after",
+                            "personal-best-step", "skipped-files", "train-seconds"}
+
+
+def test_personal_part_survives_rounds_and_a_restart(make_cfg) -> None:
+    cfg = make_cfg(personal_max_steps=6, personal_eval_every=1)
+    d = device(cfg)
+    d.fit(d.init_send, server_round=1)
+    stored = d.store.load_personal()
+    assert stored is not None and set(stored) == set(d.sets.keep)
+    assert any(not torch.equal(stored[k], d.init_keep[k]) for k in stored), "personal part never trained"
+    # A restart: a new Device (new model object, nothing in memory) from the same state-dir.
+    again = device(cfg)
+    again._load_personal()
+    for name, value in get_tensors(again.model, again.sets.keep).items():
+        assert torch.equal(value, stored[name])
+    again.fit(again.init_send, server_round=2)
+    assert again.store.load_meta()["rounds_trained"] == 2
+
+
+def test_personal_early_stopping_keeps_the_best_validation_state(make_cfg) -> None:
+    cfg = make_cfg(personal_max_steps=8, personal_eval_every=2, personal_lr=0.5)  # lr high enough to overfit
+    d = device(cfg)
+    _, _, metrics = d.fit(d.init_send, server_round=1)
+    assert metrics["personal-best-step"] in {0, 2, 4, 6, 8}
+    assert metrics["val-loss-after"] <= metrics["val-loss-before"] + 1e-6 or metrics["personal-best-step"] == 0
+
+
+def test_final_evaluation_reports_the_four_variants(make_cfg) -> None:
+    d = device(make_cfg())
+    delta, _, _ = d.fit(d.init_send, server_round=1)
+    shared = [a + b for a, b in zip(d.init_send, delta)]
+    out = d.evaluate(shared)
+    for v in ("base", "shared", "personal", "local"):
+        assert out[f"{v}-ppl"] > 1.0 and 0.0 <= out[f"{v}-acc"] <= 1.0
+    assert out["shared-ppl"] != out["base-ppl"]
