@@ -2,33 +2,43 @@
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 from flwr.app import Context
-from flwr.client import Client, NumPyClient
+from flwr.client import Client
 from flwr.clientapp import ClientApp
-from flwr.common import Scalar
+from flwr.common import (Code, EvaluateIns, EvaluateRes, FitIns, FitRes, Parameters, Status,
+                         ndarrays_to_parameters, parameters_to_ndarrays)
 
 from client.device import Device
 from shared.config import RunConfig
+from shared.privacy.plan import BudgetExhaustedError
+from shared.wire import BUDGET_EXHAUSTED
 from shared.data.user_folder import list_user_dirs
 from shared.population import population_dir, state_dir
 
 
-class DeviceClient(NumPyClient):
-    def __init__(self, device_factory: Any) -> None:
+class DeviceClient(Client):
+    def __init__(self, device_factory: Callable[[], Device]) -> None:
         self._factory = device_factory
 
-    def fit(self, parameters: list[np.ndarray], config: dict[str, Scalar]) -> tuple[list[np.ndarray], int, dict]:
-        return self._factory().fit(parameters, server_round=int(config["server-round"]))
+    def fit(self, ins: FitIns) -> FitRes:
+        try:
+            delta, n, metrics = self._factory().fit(parameters_to_ndarrays(ins.parameters),
+                                                    server_round=int(ins.config["server-round"]),
+                                                    sampled_clients=int(ins.config["sampled-clients"]))
+        except BudgetExhaustedError as exc:  # a clear refusal, not a crash
+            return FitRes(Status(Code.FIT_NOT_IMPLEMENTED, f"{BUDGET_EXHAUSTED}: {exc}"), Parameters([], ""), 0, {})
+        return FitRes(Status(Code.OK, "ok"), ndarrays_to_parameters(delta), n, metrics)
 
-    def evaluate(self, parameters: list[np.ndarray], config: dict[str, Scalar]) -> tuple[float, int, dict]:
-        metrics = self._factory().evaluate(parameters)
-        return float(np.log(float(metrics["personal-ppl"]))), int(metrics["num-heldout"]), metrics
+    def evaluate(self, ins: EvaluateIns) -> EvaluateRes:
+        metrics = self._factory().evaluate(parameters_to_ndarrays(ins.parameters))
+        loss = float(np.log(float(metrics["personal-ppl"])))
+        return EvaluateRes(Status(Code.OK, "ok"), loss, int(metrics["num-heldout"]), metrics)
 
 
 def device_for(context: Context, cfg: RunConfig) -> Device:
@@ -49,7 +59,7 @@ def build_app(overrides: Mapping[str, Any] | None = None) -> ClientApp:
     def client_fn(context: Context) -> Client:
         cfg = RunConfig.from_mapping({**dict(context.run_config), **dict(overrides or {})})
         torch.set_num_threads(cfg.threads_per_client)
-        return DeviceClient(lambda: device_for(context, cfg)).to_client()
+        return DeviceClient(lambda: device_for(context, cfg))
 
     return ClientApp(client_fn=client_fn)
 

@@ -5,8 +5,10 @@ Plain module, no Flower: ``client/app.py`` unpacks messages and calls this.
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import logging
+import math
 import time
 from pathlib import Path
 
@@ -16,6 +18,11 @@ import torch
 from shared.adapters import active, get_arrays, get_tensors, set_arrays, set_tensors
 from shared.config import RunConfig
 from shared.model import build_model
+from shared.privacy.accounting import epsilon
+from shared.privacy.ledger import PrivacyEvent, PrivacyLedger
+from shared.privacy.mechanism import NoPrivacy, RecordDP
+from shared.privacy.plan import DPPlan, check_pattern, personal_in_shared_forward
+from shared.privacy.user_level import add_noise_share, clip_delta
 from shared.store import DeviceStore
 from shared.training import TrainResult, mean_loss, train
 from shared.wire import keys_digest
@@ -23,6 +30,7 @@ from shared.wire import keys_digest
 log = logging.getLogger(__name__)
 
 SHARED, BOTH = ["shared"], ["shared", "personal"]
+Mechanism = NoPrivacy | RecordDP
 
 
 class Device:
@@ -37,6 +45,7 @@ class Device:
         self.init_send = get_arrays(self.model, self.sets.send)
         self.init_keep = get_tensors(self.model, self.sets.keep)
         self.store = DeviceStore(state_dir)
+        self.ledger = PrivacyLedger(state_dir)
         self.data = self.task.read_user(Path(user_dir), cfg, base_path=self.base_path)
         self.key = Path(user_dir).name
 
@@ -44,30 +53,69 @@ class Device:
         digest = hashlib.sha256(f"{self.cfg.seed}/{self.key}/{purpose}/{server_round}".encode()).digest()
         return torch.Generator().manual_seed(int.from_bytes(digest[:8], "little"))
 
-    def _round(self, gen: torch.Generator) -> tuple[TrainResult, TrainResult]:
+    def _shared_phase(self, adapters: list[str], names: tuple[str, ...], gen: torch.Generator,
+                      privacy: Mechanism) -> TrainResult:
+        cfg = self.cfg
+        with active(self.model, adapters, names) as params:
+            return train(self.model, params, self.data.train, task=self.task, steps=cfg.local_steps,
+                         batch_size=cfg.batch_size, lr=cfg.lr, gen=gen, privacy=privacy)
+
+    def _personal_phase(self, gen: torch.Generator, privacy: Mechanism = NoPrivacy()) -> TrainResult:
+        """Personal training: early stopping without DP; fixed steps under DP (selection is not private)."""
+        cfg, names = self.cfg, self.sets.personal_trainable
+        val = None if privacy.private else self.data.val
+        with active(self.model, BOTH, names) as params:
+            return train(self.model, params, self.data.train, task=self.task, steps=cfg.personal_max_steps,
+                         batch_size=cfg.batch_size, lr=cfg.personal_lr, gen=gen, privacy=privacy, val=val,
+                         names=names, eval_every=cfg.personal_eval_every)
+
+    def _round(self, gen: torch.Generator, privacy: Mechanism = NoPrivacy()) -> tuple[TrainResult, TrainResult]:
         """Train this round per the preset's schedule (DESIGN.md §2 patterns a / b)."""
-        cfg, sets, d = self.cfg, self.sets, self.data
-
-        def shared_phase(adapters: list[str], names: tuple[str, ...]) -> TrainResult:
-            with active(self.model, adapters, names) as params:
-                return train(self.model, params, d.train, task=self.task, steps=cfg.local_steps,
-                             batch_size=cfg.batch_size, lr=cfg.lr, gen=gen)
-
-        def personal_phase() -> TrainResult:
-            with active(self.model, BOTH, sets.personal_trainable) as params:
-                return train(self.model, params, d.train, task=self.task, steps=cfg.personal_max_steps,
-                             batch_size=cfg.batch_size, lr=cfg.personal_lr, gen=gen, val=d.val,
-                             names=sets.personal_trainable, eval_every=cfg.personal_eval_every)
-
+        sets = self.sets
+        personal_privacy = privacy if personal_in_shared_forward(self.preset) else NoPrivacy()
+        check_pattern(self.preset, shared=privacy, personal=personal_privacy)
         schedule = self.preset.schedule
         if schedule == "shared-then-personal":  # pattern (a): personal adapter switched off
-            return shared_phase(SHARED, sets.shared_trainable), personal_phase()
-        if schedule == "joint":  # pattern (b): one optimizer over both parts
-            return shared_phase(BOTH, sets.shared_trainable + sets.personal_trainable), TrainResult(0, float("nan"))
-        if schedule == "personal-then-shared":  # FedRep: head first, then body
-            personal = personal_phase()
-            return shared_phase(BOTH, sets.shared_trainable), personal
+            return (self._shared_phase(SHARED, sets.shared_trainable, gen, privacy),
+                    self._personal_phase(gen, personal_privacy))
+        if schedule == "joint":  # pattern (b): one DP optimizer over both parts
+            both = sets.shared_trainable + sets.personal_trainable
+            return self._shared_phase(BOTH, both, gen, privacy), TrainResult(0, float("nan"))
+        if schedule == "personal-then-shared":  # FedRep: head first, then body, both under DP
+            personal = self._personal_phase(gen, personal_privacy)
+            return self._shared_phase(BOTH, sets.shared_trainable, gen, privacy), personal
         raise ValueError(f"unknown schedule {schedule!r}")
+
+    def _privacy(self) -> tuple[Mechanism, DPPlan | None]:
+        """The record-level mechanism from validated config, σ planned once for the run and stored."""
+        cfg = self.cfg
+        if not cfg.record_dp:
+            return NoPrivacy(), None
+        stored = self.ledger.plan()
+        if stored:
+            plan = DPPlan(**stored)
+            plan.check_config(cfg)
+        else:
+            plan = DPPlan.make(cfg, self.preset, num_records=self.data.num_train)
+            self.ledger.save_plan(dataclasses.asdict(plan))
+        return RecordDP(noise_multiplier=plan.noise_multiplier, clip=cfg.dp_clip, accountant=cfg.dp_accountant,
+                        history=self.ledger.history()), plan
+
+    def _personalize(self, gen: torch.Generator) -> None:
+        """Fit the personal part to the final shared base (it never leaves the device).
+
+        Starts from the better, on validation, of the stored personal part and none at all
+        (the fresh init, i.e. shared-only), then trains with early stopping.
+        """
+        candidates = [self.store.load_personal(), self.init_keep]
+        losses = []
+        for cand in candidates:
+            if cand is not None:
+                set_tensors(self.model, cand)
+                losses.append((self._val_loss(), len(losses), cand))
+        if self.data.val.shape[0] > 0:
+            set_tensors(self.model, min(losses, key=lambda x: (x[0], x[1]))[2])
+        self._personal_phase(gen)
 
     def _load_personal(self) -> None:
         stored = self.store.load_personal()
@@ -79,17 +127,32 @@ class Device:
         with active(self.model, BOTH, ()):
             return mean_loss(self.model, self.data.val, task=self.task)
 
-    def fit(self, shared: list[np.ndarray], *, server_round: int) -> tuple[list[np.ndarray], int, dict[str, object]]:
+    def fit(self, shared: list[np.ndarray], *, server_round: int,
+            sampled_clients: int = 1) -> tuple[list[np.ndarray], int, dict[str, object]]:
         """One federated round; returns (shared delta, number of training records, wire metrics)."""
+        cfg = self.cfg
+        privacy, plan = self._privacy()
+        if plan is not None:  # refuse before touching anything: never exceed a budget silently
+            plan.check_budget(self.ledger.history(), delta=cfg.dp_delta, accountant=cfg.dp_accountant,
+                              budget=cfg.dp_epsilon)
         set_arrays(self.model, self.sets.send, shared)
         self._load_personal()
         before = self._val_loss()
+        gen = self._generator("fit", server_round)
+        torch.manual_seed(int(torch.randint(0, 2**62, (1,), generator=gen)))  # Poisson sampling and DP noise
         started = time.perf_counter()
-        shared_res, personal_res = self._round(self._generator("fit", server_round))
+        shared_res, personal_res = self._round(gen, privacy)
         train_seconds = time.perf_counter() - started
         after = self._val_loss()
         delta = [new - old for new, old in zip(get_arrays(self.model, self.sets.send), shared, strict=True)]
-        # Save the personal part and the bookkeeping BEFORE anything is sent.
+        if cfg.user_dp != "off":  # DP-FedAvg: bound this user's influence, add a noise share if distributed
+            delta = clip_delta(delta, cfg.user_clip)
+            if cfg.user_dp == "distributed":
+                delta = add_noise_share(delta, std=cfg.user_noise_multiplier * cfg.user_clip,
+                                        num_clients=sampled_clients, rng=np.random.default_rng())
+        # Account first (the noise is spent even if the reply is lost), then save the personal
+        # part and the bookkeeping, all BEFORE anything is sent.
+        event = self._ledger_event(server_round, privacy, plan)
         self.store.save_personal(get_tensors(self.model, self.sets.keep))
         meta = self.store.load_meta()
         meta["rounds_trained"] = int(meta.get("rounds_trained", 0)) + 1
@@ -97,11 +160,30 @@ class Device:
         self.store.save_meta(meta)
         metrics: dict[str, object] = {
             "client-index": self.client_index, "keys-digest": keys_digest(self.sets.send),
-            "train-loss": shared_res.mean_loss, "val-loss-before": before, "val-loss-after": after,
-            "personal-best-step": personal_res.best_step, "skipped-files": self.data.skipped,
-            "train-seconds": train_seconds,
+            "skipped-files": self.data.skipped, "train-seconds": train_seconds, **event.wire(),
         }
+        if not privacy.private:  # data-dependent scalars: sent only by runs that are not private anyway
+            metrics.update({"train-loss": shared_res.mean_loss, "val-loss-before": before, "val-loss-after": after,
+                            "personal-best-step": personal_res.best_step})
         return delta, self.data.num_train, metrics
+
+    def _ledger_event(self, server_round: int, privacy: Mechanism, plan: DPPlan | None) -> PrivacyEvent:
+        """Append this round's privacy event to the on-device ledger (before anything is sent)."""
+        cfg = self.cfg
+        if isinstance(privacy, RecordDP) and plan is not None:
+            event = PrivacyEvent(
+                round=server_round, unit="record", mechanism="DP-SGD (Opacus, Poisson sampling, Gaussian)",
+                noise_multiplier=plan.noise_multiplier, clip=cfg.dp_clip, sample_rate=plan.sample_rate,
+                steps=sum(n for _, _, n in privacy.spent), delta=cfg.dp_delta,
+                epsilon=epsilon(privacy.history, delta=cfg.dp_delta, accountant=cfg.dp_accountant),
+                accountant=cfg.dp_accountant, private=True)
+            self.ledger.append(event, privacy.history)
+        else:
+            event = PrivacyEvent(round=server_round, unit="record", mechanism="none", noise_multiplier=0.0,
+                                 clip=0.0, sample_rate=0.0, steps=0, delta=cfg.dp_delta, epsilon=math.inf,
+                                 accountant="none", private=False)
+            self.ledger.append(event, self.ledger.history())
+        return event
 
     def evaluate(self, shared: list[np.ndarray]) -> dict[str, object]:
         """Held-out metrics of base, shared-only, shared+personal and local-only models."""
@@ -122,12 +204,14 @@ class Device:
         set_arrays(self.model, self.sets.send, shared)
         set_tensors(self.model, self.init_keep)
         record("shared", SHARED)
-        self._load_personal()
+        self._personalize(self._generator("personalize", 0))
         record("personal", BOTH)
         # Local-only: the same schedule for as many rounds as this device trained, never averaged.
         set_arrays(self.model, self.sets.send, self.init_send)
         set_tensors(self.model, self.init_keep)
         for r in range(max(1, int(self.store.load_meta().get("rounds_trained", 0)))):
             self._round(self._generator("local", r))
+        if self.sets.personal_trainable:
+            self._personal_phase(self._generator("local-personalize", 0))  # same final fit as above
         record("local", BOTH)
         return out

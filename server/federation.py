@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import logging
 from pathlib import Path
+from typing import Any
 
 from flwr.app import Context
 from flwr.server import Grid, LegacyContext, ServerConfig
 from flwr.server.workflow import DefaultWorkflow
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
 from server import checkpoint
 from server.results import RunRecorder
@@ -36,7 +38,16 @@ def run_server(grid: Grid, context: Context, cfg: RunConfig) -> SharedDeltaStrat
     strategy = make_strategy(cfg)
     remaining = max(1, cfg.num_server_rounds - strategy.completed)
     legacy = LegacyContext(context=context, config=ServerConfig(num_rounds=remaining), strategy=strategy)
-    DefaultWorkflow()(grid, legacy)
+    columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
+    with Progress(*columns) as progress:
+        bar = progress.add_task("federated rounds", total=cfg.num_server_rounds, completed=strategy.completed)
+
+        def advance(row: dict[str, Any]) -> None:
+            progress.update(bar, completed=row["round"],
+                            description=f"round {row['round']}: max ε {row.get('epsilon-max', float('inf')):.2f}")
+
+        strategy.on_round_end = advance
+        DefaultWorkflow()(grid, legacy)
     if not strategy.final_metrics:
         raise RuntimeError("the final evaluation returned no client metrics")
     return strategy

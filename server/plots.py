@@ -16,12 +16,12 @@ def plot_run(run_dir: Path) -> list[Path]:
     """Write ``rounds.png`` and ``personalization.png``; return the paths written."""
     run_dir = Path(run_dir)
     written = []
-    rounds = read_jsonl(run_dir / "rounds.jsonl")
+    rounds = [r for r in read_jsonl(run_dir / "rounds.jsonl") if "bytes-up-mean" in r]
     if rounds:
         fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(10, 4))
         xs = [r["round"] for r in rounds]
         for key in ("train-loss", "val-loss-before", "val-loss-after"):
-            if all(key in r for r in rounds):
+            if rounds and all(key in r for r in rounds):
                 ax1.plot(xs, [r[key] for r in rounds], marker="o", label=key)
         ax1.set(xlabel="round", ylabel="loss (weighted mean over clients)", title="Training")
         ax1.legend()
@@ -31,6 +31,20 @@ def plot_run(run_dir: Path) -> list[Path]:
         fig.savefig(run_dir / "rounds.png", dpi=100)
         plt.close(fig)
         written.append(run_dir / "rounds.png")
+    eps_rows = [r for r in read_jsonl(run_dir / "client_rounds.jsonl") if "dp-epsilon" in r]
+    if eps_rows and all(r["dp-epsilon"] < float("inf") for r in eps_rows):
+        fig, ax = plt.subplots(figsize=(6, 4))
+        by_client: dict[int, list[tuple[int, float]]] = {}
+        for r in eps_rows:
+            by_client.setdefault(int(r["client-index"]), []).append((r["round"], r["dp-epsilon"]))
+        for points in by_client.values():
+            points.sort()
+            ax.plot([p[0] for p in points], [p[1] for p in points], marker=".", alpha=0.6)
+        ax.set(xlabel="round", ylabel="record-level ε spent (cumulative)", title="Privacy spent per user")
+        fig.tight_layout()
+        fig.savefig(run_dir / "privacy.png", dpi=100)
+        plt.close(fig)
+        written.append(run_dir / "privacy.png")
     clients = read_clients(run_dir)
     if clients:
         fig, ax = plt.subplots(figsize=(max(6, len(clients) * 0.35), 4))

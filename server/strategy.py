@@ -10,26 +10,38 @@ from __future__ import annotations
 import logging
 import math
 import time
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 from flwr.common import EvaluateIns, EvaluateRes, FitIns, FitRes, Parameters, Scalar
 from flwr.common import ndarrays_to_parameters, parameters_to_ndarrays
 from flwr.server.client_manager import ClientManager
 from flwr.server.client_proxy import ClientProxy
+from flwr.server.criterion import Criterion
 from flwr.server.strategy import Strategy
 
 from server import checkpoint
 from server.aggregation import make_server_optimizer, weighted_mean
+from shared.privacy.user_level import user_epsilon, user_level_mean
 from server.results import RunRecorder
 from shared.config import RunConfig
-from shared.wire import EVAL_METRICS, FIT_METRICS, check_update, keys_digest
+from shared.wire import BUDGET_EXHAUSTED, EVAL_METRICS, FIT_METRICS, check_update, keys_digest
 
 log = logging.getLogger(__name__)
 
 
 class RoundFailedError(RuntimeError):
     """A round produced no valid aggregate: the run stops instead of keeping the old base."""
+
+
+class _HasBudget(Criterion):
+    def __init__(self, exhausted: set[int]) -> None:
+        self.exhausted = exhausted
+
+    def select(self, client: ClientProxy) -> bool:
+        return client.node_id not in self.exhausted
 
 
 class SharedDeltaStrategy(Strategy):
@@ -46,6 +58,11 @@ class SharedDeltaStrategy(Strategy):
         self.optimizer.load_state(opt_state)
         self.recorder = recorder
         self.final_metrics: list[dict[str, Scalar]] = []
+        self.on_round_end: Callable[[dict[str, Any]], None] = lambda row: None
+        self.exhausted: set[int] = set()  # devices that refused: their ε budget is spent
+        self.user_rounds = completed  # DP-FedAvg rounds so far (user-level accounting)
+        self._sampled = self._population = 1
+        self.stopped: str = ""
         self._round_started = time.perf_counter()
 
     def absolute_round(self, server_round: int) -> int:
@@ -59,19 +76,36 @@ class SharedDeltaStrategy(Strategy):
         r = self.absolute_round(server_round)
         if r > self.cfg.num_server_rounds:
             return []  # resumed a finished run: only the final evaluation remains
-        available = client_manager.num_available()
+        if self.stopped:
+            return []
+        total = client_manager.num_available()
+        available = total - len(self.exhausted)
         n = max(self.cfg.min_fit_clients, math.ceil(self.cfg.fraction_fit * available))
+        if self.exhausted and n > available:
+            self.stopped = (f"training stopped before round {r}: {len(self.exhausted)} of {total} devices "
+                            f"exhausted their privacy budget; {available} left < {n} needed")
+            log.warning("%s", self.stopped)
+            return []
         if n > available:
             raise RoundFailedError(f"round {r}: {available} clients available, need {n} (min-fit-clients)")
-        clients = client_manager.sample(num_clients=n, min_num_clients=n)
+        clients = client_manager.sample(num_clients=n, min_num_clients=n, criterion=_HasBudget(self.exhausted))
         self._round_started = time.perf_counter()
-        fit_ins = FitIns(ndarrays_to_parameters(self.theta), {"server-round": r, "final": False})
+        self._sampled, self._population = len(clients), total
+        fit_ins = FitIns(ndarrays_to_parameters(self.theta),
+                         {"server-round": r, "final": False, "sampled-clients": len(clients)})
         return [(c, fit_ins) for c in clients]
 
     def aggregate_fit(self, server_round: int, results: list[tuple[ClientProxy, FitRes]],
                       failures: list[tuple[ClientProxy, FitRes] | BaseException]
                       ) -> tuple[Parameters | None, dict[str, Scalar]]:
         r = self.absolute_round(server_round)
+        refused = [proxy.node_id for proxy, res in (f for f in failures if isinstance(f, tuple))
+                   if res.status.message.startswith(BUDGET_EXHAUSTED)]
+        for node_id in refused:
+            log.warning("round %d: node %s refused to train (%s); it will not be sampled again", r, node_id,
+                        BUDGET_EXHAUSTED)
+        self.exhausted.update(refused)
+        failures = [f for f in failures if not (isinstance(f, tuple) and f[0].node_id in refused)]
         deltas, weights, rejected, byte_counts = [], [], 0, []
         for proxy, res in results:
             arrays = parameters_to_ndarrays(res.parameters)
@@ -92,27 +126,50 @@ class SharedDeltaStrategy(Strategy):
             self.recorder.client_round({"round": r, "node-id": proxy.node_id, "bytes-up": nbytes,
                                         "bytes-down": nbytes, "num-examples": res.num_examples,
                                         **{k: v for k, v in res.metrics.items() if k != "keys-digest"}})
+        if refused and len(deltas) < self.cfg.min_fit_clients:
+            self.stopped = f"round {r}: {len(refused)} devices refused (privacy budget spent); training stopped"
+            log.warning("%s", self.stopped)
+            self.recorder.round({"round": r, "clients": len(deltas), "budget-exhausted": len(self.exhausted),
+                                 "stopped": self.stopped})
+            return ndarrays_to_parameters(self.theta), {}
         if len(deltas) < self.cfg.min_fit_clients:
             raise RoundFailedError(
                 f"round {r}: {len(deltas)} valid updates (min-fit-clients = {self.cfg.min_fit_clients}); "
                 f"{rejected} rejected, {len(failures)} failed: {[str(f)[:200] for f in failures[:3]]}")
-        mean_delta = weighted_mean(deltas, weights)
+        cfg = self.cfg
+        if cfg.user_dp == "off":
+            mean_delta = weighted_mean(deltas, weights)
+        else:  # DP-FedAvg: fixed denominator, uniform weights; the server adds the noise if central
+            central = cfg.user_noise_multiplier * cfg.user_clip if cfg.user_dp == "central" else 0.0
+            mean_delta = user_level_mean(deltas, num_sampled=self._sampled, central_std=central,
+                                         rng=np.random.default_rng())
+            self.user_rounds += 1
         del deltas  # never kept: only the aggregate moves on
         self.theta = self.optimizer.step(self.theta, mean_delta)
         checkpoint.save(Path(self.cfg.run_dir) / "checkpoints", server_round=r, config_hash=self.cfg.model_hash(),
                         names=self.names, theta=self.theta, opt_state=self.optimizer.state())
         row = {"round": r, "clients": len(weights), "rejected": rejected, "failures": len(failures),
+               "budget-exhausted": len(self.exhausted),
                "seconds": time.perf_counter() - self._round_started,
                "delta-norm": float(np.sqrt(sum(float((d * d).sum()) for d in mean_delta))),
                "bytes-up-mean": float(np.mean(byte_counts))}
+        if cfg.user_dp != "off":
+            row["user-epsilon"] = user_epsilon(noise_multiplier=cfg.user_noise_multiplier,
+                                               sample_rate=self._sampled / self._population,
+                                               rounds=self.user_rounds, delta=cfg.dp_delta,
+                                               accountant=cfg.dp_accountant)
+        eps = [float(res.metrics["dp-epsilon"]) for _, res in results if "dp-epsilon" in res.metrics]
+        if eps:
+            row["epsilon-max"] = max(eps)
         for key in ("train-loss", "val-loss-before", "val-loss-after"):
             vals = [(float(res.metrics[key]), res.num_examples) for _, res in results
                     if key in res.metrics and math.isfinite(float(res.metrics[key]))]
             if vals:
                 row[key] = sum(v * w for v, w in vals) / sum(w for _, w in vals)
         self.recorder.round(row)
-        log.info("round %d/%d: %d clients, train loss %.4f, %.1fs", r, self.cfg.num_server_rounds,
-                 len(weights), row.get("train-loss", float("nan")), row["seconds"])
+        self.on_round_end(row)
+        log.info("round %d/%d: %d clients, %.1fs, max record-level ε so far %.2f", r, self.cfg.num_server_rounds,
+                 len(weights), row["seconds"], row.get("epsilon-max", float("inf")))
         return ndarrays_to_parameters(self.theta), {}
 
     def configure_evaluate(self, server_round: int, parameters: Parameters,

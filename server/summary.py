@@ -1,5 +1,5 @@
-"""The end-of-run summary: personalization gain (shared+personal vs shared-only) and
-federation gain (shared+personal vs local-only), per client and aggregated."""
+"""The end-of-run summary: personalization gain (shared+personal vs shared-only),
+federation gain (shared+personal vs local-only) and ε, per client and aggregated."""
 
 from __future__ import annotations
 
@@ -14,10 +14,42 @@ from rich.table import Table
 from server.results import read_clients, read_jsonl
 
 
+def epsilon_by_client(run_dir: Path) -> dict[int, float]:
+    """Each client's cumulative record-level ε, from the last ledger event it reported."""
+    out: dict[int, float] = {}
+    for row in read_jsonl(Path(run_dir) / "client_rounds.jsonl"):
+        if "dp-epsilon" in row:
+            out[int(row["client-index"])] = float(row["dp-epsilon"])
+    return out
+
+
+def privacy_lines(run_dir: Path, rounds: list[dict[str, Any]]) -> list[str]:
+    """What this run protects, said plainly."""
+    cfg = json.loads((Path(run_dir) / "config.json").read_text())
+    eps = sorted(epsilon_by_client(run_dir).values())
+    private = cfg["dp"] == "epsilon" or (cfg["dp"] == "sigma" and cfg["dp-noise-multiplier"] > 0)
+    if private and eps:
+        lines = [f"record-level DP (DP-SGD, {cfg['dp-accountant'].upper()} accountant, δ={cfg['dp-delta']:g}, "
+                 f"C={cfg['dp-clip']}): ε per user min {eps[0]:.2f} / median {statistics.median(eps):.2f} / "
+                 f"max {eps[-1]:.2f} (budget {cfg['dp-epsilon']:g})"]
+    else:
+        lines = ["NOT PRIVATE at record level: no DP-SGD (dp = off or σ = 0)"]
+    user_eps = [r["user-epsilon"] for r in rounds if "user-epsilon" in r]
+    if cfg["user-dp"] != "off":
+        lines.append(f"user-level DP ({cfg['user-dp']} DP-FedAvg, S={cfg['user-clip']}, "
+                     f"z={cfg['user-noise-multiplier']}): ε = {user_eps[-1] if user_eps else 0.0:.2f} per user")
+    lines.append("no secure aggregation yet: the server sees each device's (DP-noised) shared delta")
+    exhausted = max((r.get("budget-exhausted", 0) for r in rounds), default=0)
+    if exhausted:
+        lines.append(f"{exhausted} devices refused to train once their ε budget was spent")
+    lines += [r["stopped"] for r in rounds if r.get("stopped")]
+    return lines
+
+
 def summarize(run_dir: Path) -> dict[str, Any]:
     """Aggregate figures of a finished run (also written to ``summary.json``)."""
     clients = read_clients(run_dir)
-    rounds = read_jsonl(Path(run_dir) / "rounds.jsonl")
+    rounds = [r for r in read_jsonl(Path(run_dir) / "rounds.jsonl") if "bytes-up-mean" in r]
     if not clients:
         raise RuntimeError(f"{run_dir}: no per-client results (clients.csv)")
 
@@ -35,7 +67,8 @@ def summarize(run_dir: Path) -> dict[str, Any]:
         "median-federation-gain": statistics.median(c["local-ppl"] / c["personal-ppl"] for c in clients),
         "skipped-files": sum(int(c.get("skipped-files", 0)) for c in clients),
         "mean-bytes-up-per-client-round": statistics.mean(r["bytes-up-mean"] for r in rounds) if rounds else 0.0,
-        "privacy": "NOT PRIVATE: no differential privacy, no secure aggregation (plain shared deltas)",
+        "epsilon-by-client": epsilon_by_client(run_dir),
+        "privacy": privacy_lines(run_dir, read_jsonl(Path(run_dir) / "rounds.jsonl")),
     }
     (Path(run_dir) / "summary.json").write_text(json.dumps(summary, indent=2))
     return summary
@@ -45,22 +78,27 @@ def print_summary(run_dir: Path, names: dict[int, str] | None = None, console: C
     console = console or Console()
     summary = summarize(run_dir)
     table = Table(title=f"Held-out perplexity per client ({run_dir})")
-    for col in ("client", "base", "shared", "shared+personal", "local-only", "pers. gain", "fed. gain"):
+    eps = summary["epsilon-by-client"]
+    for col in ("client", "base", "shared", "shared+personal", "local-only", "pers. gain", "fed. gain", "ε"):
         table.add_column(col, justify="right" if col != "client" else "left")
     for c in sorted(read_clients(run_dir), key=lambda r: r["client-index"]):
         name = (names or {}).get(int(c["client-index"]), str(c["client-index"]))
         table.add_row(name, f"{c['base-ppl']:.3f}", f"{c['shared-ppl']:.3f}", f"{c['personal-ppl']:.3f}",
                       f"{c['local-ppl']:.3f}", f"{c['shared-ppl'] / c['personal-ppl']:.3f}x",
-                      f"{c['local-ppl'] / c['personal-ppl']:.3f}x")
+                      f"{c['local-ppl'] / c['personal-ppl']:.3f}x",
+                      f"{eps.get(int(c['client-index']), float('inf')):.2f}")
     m = summary["median-ppl"]
     table.add_row("[bold]median", f"{m['base']:.3f}", f"{m['shared']:.3f}", f"{m['personal']:.3f}",
                   f"{m['local']:.3f}", f"{summary['median-personalization-gain']:.3f}x",
-                  f"{summary['median-federation-gain']:.3f}x")
+                  f"{summary['median-federation-gain']:.3f}x",
+                  f"{statistics.median(eps.values()):.2f}" if eps else "inf")
     console.print(table)
     n = summary["clients"]
     console.print(f"shared+personal beats shared-only for {summary['personal-beats-shared']}/{n} clients, "
                   f"beats local-only for {summary['personal-beats-local']}/{n}; "
                   f"{summary['skipped-files']} unreadable files skipped; "
                   f"{summary['mean-bytes-up-per-client-round'] / 1024:.1f} KiB uploaded per client per round.")
-    console.print(f"[bold red]{summary['privacy']}")
+    for line in summary["privacy"]:
+        style = "bold red" if line.startswith(("NOT PRIVATE", "no secure")) else "bold green"
+        console.print(f"[{style}]{line}")
     return summary

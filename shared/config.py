@@ -83,6 +83,15 @@ class RunConfig:
     server_optimizer: str
     server_lr: float
     seed: int
+    dp: str
+    dp_epsilon: float
+    dp_delta: float
+    dp_noise_multiplier: float
+    dp_clip: float
+    dp_accountant: str
+    user_dp: str
+    user_clip: float
+    user_noise_multiplier: float
     run_dir: str
     client_cpus: float
     threads_per_client: int
@@ -121,6 +130,15 @@ class RunConfig:
         need(self.personal_rank >= 1, "personal-rank", "must be >= 1")
         need(self.server_optimizer in {"fedavg", "fedadam"}, "server-optimizer", "valid: fedavg, fedadam")
         need(self.server_lr > 0.0, "server-lr", "must be > 0")
+        need(self.dp in {"epsilon", "sigma", "off"}, "dp", "valid: epsilon, sigma, off")
+        need(self.dp_epsilon > 0.0, "dp-epsilon", "must be > 0")
+        need(0.0 < self.dp_delta < 1.0, "dp-delta", "must be in (0, 1)")
+        need(self.dp_noise_multiplier >= 0.0, "dp-noise-multiplier", "must be >= 0")
+        need(self.dp_clip > 0.0, "dp-clip", "must be > 0")
+        need(self.dp_accountant in {"prv", "rdp"}, "dp-accountant", "valid: prv, rdp")
+        need(self.user_dp in {"off", "central", "distributed"}, "user-dp", "valid: off, central, distributed")
+        need(self.user_clip > 0.0, "user-clip", "must be > 0")
+        need(self.user_noise_multiplier >= 0.0, "user-noise-multiplier", "must be >= 0")
         need(bool(self.run_dir), "run-dir", "must not be empty")
         need(self.client_cpus > 0.0, "client-cpus", "must be > 0")
         need(self.threads_per_client >= 1, "threads-per-client", "must be >= 1")
@@ -144,6 +162,11 @@ class RunConfig:
     def to_toml_dict(self) -> dict[str, Any]:
         """Return the settings under their TOML key names (Flower's run-config form)."""
         return {k.replace("_", "-"): v for k, v in dataclasses.asdict(self).items()}
+
+    @property
+    def record_dp(self) -> bool:
+        """Whether devices run DP-SGD with noise (else the run is NOT PRIVATE at record level)."""
+        return self.dp == "epsilon" or (self.dp == "sigma" and self.dp_noise_multiplier > 0.0)
 
     def model_hash(self) -> str:
         """Hash of every setting that changes what a checkpoint means (not rounds or paths)."""

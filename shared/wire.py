@@ -14,19 +14,25 @@ import hashlib
 
 import numpy as np
 
-DOWNLINK_CONFIG = frozenset({"server-round", "final"})
+DOWNLINK_CONFIG = frozenset({"server-round", "final", "sampled-clients"})
 
 # Plaintext metadata of a training reply: aggregate statistics of the device's round.
 FIT_METRICS = frozenset({
     "client-index",        # simulation partition id (-1 in deployment); the server already knows the node id
     "keys-digest",         # hash of the allowlisted names, so both sides agree on the layout
+    # data-dependent scalars, sent only by runs without DP (NOT PRIVATE anyway):
     "train-loss",          # mean shared-adapter training loss this round
     "val-loss-before",     # loss of the received shared base on the device's validation records
     "val-loss-after",      # loss after this round's shared + personal training
     "personal-best-step",  # early-stopping step kept for the personal part
     "skipped-files",       # unreadable input files skipped on the device
     "train-seconds",       # wall time of the device's local training (benchmarks: share of round time)
+    # the round's privacy-ledger event (record-level DP), see shared/privacy/ledger.py
+    "dp-epsilon", "dp-delta", "dp-sigma", "dp-clip", "dp-sample-rate", "dp-steps", "dp-accountant",
 })
+
+# Status message prefix of a device that refuses to train because its ε budget is spent.
+BUDGET_EXHAUSTED = "budget-exhausted"
 
 # Plaintext metadata of the final evaluation reply: held-out metrics of each model variant.
 EVAL_METRICS = frozenset(

@@ -13,6 +13,7 @@ from client.device import Device
 from shared.adapters import get_tensors
 from shared.population import ensure_population, state_dir
 from shared.presets import PRESETS
+from shared.wire import FIT_METRICS
 
 
 def device(cfg, index: int = 0) -> Device:
@@ -44,8 +45,9 @@ def test_fit_returns_a_delta_over_the_allowlist_only(make_cfg, preset: str) -> N
     if preset == "fedsa-lora":
         assert all(re.search(r"lora_A\.shared", s) for s in sets.send)
         assert all(re.search(r"lora_B\.shared", s) for s in sets.keep)
-    assert set(metrics) <= {"client-index", "keys-digest", "train-loss", "val-loss-before", "val-loss-after",
-                            "personal-best-step", "skipped-files", "train-seconds"}
+    assert set(metrics) <= FIT_METRICS
+    assert not {"train-loss", "val-loss-before", "val-loss-after"} & set(metrics), "DP runs send no losses"
+    assert metrics["dp-epsilon"] <= d.cfg.dp_epsilon
 
 
 def test_personal_part_survives_rounds_and_a_restart(make_cfg) -> None:
@@ -65,7 +67,7 @@ def test_personal_part_survives_rounds_and_a_restart(make_cfg) -> None:
 
 
 def test_personal_early_stopping_keeps_the_best_validation_state(make_cfg) -> None:
-    cfg = make_cfg(personal_max_steps=8, personal_eval_every=2, personal_lr=0.5)  # lr high enough to overfit
+    cfg = make_cfg(personal_max_steps=8, personal_eval_every=2, personal_lr=0.5, dp="off")  # lr high enough to overfit
     d = device(cfg)
     _, _, metrics = d.fit(d.init_send, server_round=1)
     assert metrics["personal-best-step"] in {0, 2, 4, 6, 8}

@@ -11,7 +11,8 @@ import struct
 from pathlib import Path
 
 import pytest
-from flwr.common import serde
+from flwr.common import bytes_to_ndarray, serde
+from flwr.proto.recorddict_pb2 import RecordDict as ProtoRecordDict
 from flwr.compat.common import recorddict_compat as compat
 from flwr.superlink.grid.inmemory_grid import InMemoryGrid
 
@@ -48,7 +49,9 @@ def captured(monkeypatch: pytest.MonkeyPatch) -> list:
 
     def pull(self, message_ids):  # type: ignore[no-untyped-def]
         messages = list(original(self, message_ids))
-        received.extend(messages)
+        for msg in messages:  # serialized now: the workflow consumes the arrays when it converts them
+            if msg.has_content():
+                received.append((msg.metadata.message_type, serde.recorddict_to_proto(msg.content).SerializeToString()))
         return messages
 
     monkeypatch.setattr(InMemoryGrid, "pull_messages", pull)
@@ -58,40 +61,44 @@ def captured(monkeypatch: pytest.MonkeyPatch) -> list:
 def test_nothing_personal_reaches_the_server_and_a_run_resumes(make_cfg, tmp_path: Path, captured: list) -> None:
     # Prepare
     docs = make_users(tmp_path / "users")
-    cfg = make_cfg(data="dir", data_dir=str(tmp_path / "users"), num_server_rounds=1, min_fit_clients=3)
+    # σ given directly with a generous budget, so that the second invocation may add a round
+    privacy = {"dp": "sigma", "dp_noise_multiplier": 1.0, "dp_epsilon": 1000.0}
+    cfg = make_cfg(data="dir", data_dir=str(tmp_path / "users"), num_server_rounds=1, min_fit_clients=3, **privacy)
     built = build_model(cfg)
     params = dict(built.model.named_parameters())
     # Execute
     summary = simulate(cfg)
     # Assert: what the server received
-    replies = [m for m in captured if m.has_content()]
-    assert len(replies) == 2 * len(USERS), "one train and one evaluate reply per user"
-    for msg in replies:
-        wire = serde.recorddict_to_proto(msg.content).SerializeToString()
+    assert len(captured) == 2 * len(USERS), "one train and one evaluate reply per user"
+    for message_type, wire in captured:
+        content = serde.recorddict_from_proto(ProtoRecordDict.FromString(wire))
         for u in USERS:
             for secret in (canary(u), f"PROFILE-{u}-5ac1", docs[u][0][:24]):
                 assert secret.encode() not in wire
             token_ids = struct.pack("<8q", *canary(u).encode()[:8])  # the canary as int64 token ids
             assert token_ids not in wire
-        assert b"personal" not in wire and b"lora_" not in wire
-        if msg.metadata.message_type == "train":
-            res = compat.recorddict_to_fitres(msg.content, keep_input=True)
-            shapes = [serde.bytes_to_ndarray(t).shape for t in res.parameters.tensors]
+        assert b".personal." not in wire and b"lora_" not in wire  # no parameter name at all
+        if message_type == "train":
+            res = compat.recorddict_to_fitres(content, keep_input=True)
+            shapes = [bytes_to_ndarray(t).shape for t in res.parameters.tensors]
             assert shapes == [tuple(params[n].shape) for n in built.sets.send]
             assert set(res.metrics) <= FIT_METRICS
         else:
-            res = compat.recorddict_to_evaluateres(msg.content)
+            res = compat.recorddict_to_evaluateres(content)
             assert set(res.metrics) <= EVAL_METRICS
     assert summary["clients"] == len(USERS)
 
     # A second invocation with more rounds resumes from the round-1 checkpoint.
     ckpt1 = Path(cfg.run_dir) / "checkpoints" / "round_0001.safetensors"
     first_bytes = ckpt1.read_bytes()
-    simulate(make_cfg(data="dir", data_dir=str(tmp_path / "users"), num_server_rounds=2, min_fit_clients=3))
+    simulate(make_cfg(data="dir", data_dir=str(tmp_path / "users"), num_server_rounds=2, min_fit_clients=3,
+                      **privacy))
     assert [r["round"] for r in read_jsonl(Path(cfg.run_dir) / "rounds.jsonl")] == [1, 2]
     assert ckpt1.read_bytes() == first_bytes, "round 1 was not re-run"
     assert (Path(cfg.run_dir) / "checkpoints" / "round_0002.safetensors").is_file()
     for u in USERS:
         meta = json.loads((Path(cfg.run_dir) / "devices" / u / "device.json").read_text())
         assert meta["rounds_trained"] == 2, "the personal state carried over across the two runs"
+        ledger = [json.loads(x) for x in (Path(cfg.run_dir) / "devices" / u / "ledger.jsonl").read_text().splitlines()]
+        assert [e["round"] for e in ledger] == [1, 2] and ledger[1]["epsilon"] > ledger[0]["epsilon"] > 0
     assert (Path(cfg.run_dir) / "rounds.png").is_file() and (Path(cfg.run_dir) / "personalization.png").is_file()

@@ -1,0 +1,122 @@
+"""How a training phase samples batches and steps: without privacy, or DP-SGD with Opacus.
+
+"No privacy" is an explicit object, not an ``if`` in the loop. The training loop asks a
+mechanism for a session and only ever calls ``next_batch``, ``step`` and ``close``.
+Noise is added in Opacus' ``DPOptimizer.add_noise`` (per-sample clip to C, then N(0, σ²C²)
+on the sum, then division by the expected batch size).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import warnings
+from collections.abc import Callable
+
+import torch
+from opacus import PrivacyEngine
+from torch.utils.data import DataLoader, TensorDataset
+
+from shared.privacy.accounting import History, compose
+
+
+class PlainSession:
+    """Uniform random batches of fixed size and AdamW: not private."""
+
+    def __init__(self, params: list[torch.nn.Parameter], records: torch.Tensor, *, batch_size: int, lr: float,
+                 gen: torch.Generator) -> None:
+        self.records, self.batch_size, self.gen = records, batch_size, gen
+        self.optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
+
+    def next_batch(self) -> torch.Tensor:
+        n = self.records.shape[0]
+        return self.records[torch.randint(0, n, (min(self.batch_size, n),), generator=self.gen)]
+
+    def step(self, loss_fn: Callable[[torch.Tensor], torch.Tensor], batch: torch.Tensor) -> float:
+        self.optimizer.zero_grad(set_to_none=True)
+        loss = loss_fn(batch).mean()
+        loss.backward()
+        self.optimizer.step()
+        return loss.item()
+
+    def close(self) -> None:
+        pass
+
+
+@dataclasses.dataclass(frozen=True)
+class NoPrivacy:
+    """Explicitly no differential privacy."""
+
+    private = False
+
+    def open(self, model: torch.nn.Module, params: list[torch.nn.Parameter], records: torch.Tensor, *,
+             batch_size: int, lr: float, gen: torch.Generator) -> PlainSession:
+        return PlainSession(params, records, batch_size=batch_size, lr=lr, gen=gen)
+
+
+class DPSession:
+    """Opacus DP-SGD: Poisson sampling, per-sample gradients by hooks, clip + noise in DPOptimizer."""
+
+    def __init__(self, owner: RecordDP, model: torch.nn.Module, params: list[torch.nn.Parameter],
+                 records: torch.Tensor, *, batch_size: int, lr: float) -> None:
+        self.owner, self.params = owner, params
+        optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
+        loader = DataLoader(TensorDataset(records), batch_size=batch_size)
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message=".*[Ss]ecure RNG.*")  # stated in the audit, see docs/privacy.md
+            self.engine = PrivacyEngine(accountant=owner.accountant, secure_mode=False)
+            self.hooks, self.optimizer, self.loader = self.engine.make_private(
+                module=model, optimizer=optimizer, data_loader=loader, noise_multiplier=owner.noise_multiplier,
+                max_grad_norm=owner.clip, poisson_sampling=True, grad_sample_mode="hooks", wrap_model=False)
+        self._it = iter(self.loader)
+
+    def next_batch(self) -> torch.Tensor:
+        try:
+            (batch,) = next(self._it)
+        except StopIteration:
+            self._it = iter(self.loader)
+            (batch,) = next(self._it)
+        return batch
+
+    def step(self, loss_fn: Callable[[torch.Tensor], torch.Tensor], batch: torch.Tensor) -> float:
+        self.optimizer.zero_grad(set_to_none=True)
+        if batch.shape[0] == 0:
+            # An empty Poisson batch still takes a (noise-only) step, and it is accounted.
+            for p in self.params:
+                p.grad_sample = torch.zeros((0, *p.shape), dtype=p.dtype)
+            loss_value = float("nan")
+        else:
+            loss = loss_fn(batch).mean()  # per-record losses: no record's gradient depends on another's
+            with warnings.catch_warnings():  # LoRA layers' inputs need no grad: expected, harmless
+                warnings.filterwarnings("ignore", message="Full backward hook is firing")
+                loss.backward()
+            loss_value = loss.item()
+        self.optimizer.step()
+        return loss_value
+
+    def close(self) -> None:
+        self.hooks.cleanup()  # one model object serves many phases and rounds
+        # What Opacus' own accountant hook counted (every optimizer step, empty batches included).
+        for sigma, sample_rate, steps in self.engine.accountant.history:
+            self.owner.record(sigma=sigma, sample_rate=sample_rate, steps=steps)
+
+
+class RecordDP:
+    """Record-level DP-SGD. Collects the (σ, q, steps) it spends in ``history``."""
+
+    private = True
+
+    def __init__(self, *, noise_multiplier: float, clip: float, accountant: str, history: History) -> None:
+        if clip <= 0 or noise_multiplier < 0:
+            raise ValueError(f"RecordDP: clip {clip} must be > 0 and noise multiplier {noise_multiplier} >= 0")
+        self.noise_multiplier, self.clip, self.accountant = noise_multiplier, clip, accountant
+        self.history: History = list(history)
+        self.spent: History = []
+
+    def record(self, *, sigma: float, sample_rate: float, steps: int) -> None:
+        self.history = compose(self.history, sigma=sigma, sample_rate=sample_rate, steps=steps)
+        self.spent = compose(self.spent, sigma=sigma, sample_rate=sample_rate, steps=steps)
+
+    def open(self, model: torch.nn.Module, params: list[torch.nn.Parameter], records: torch.Tensor, *,
+             batch_size: int, lr: float, gen: torch.Generator) -> DPSession:
+        del gen  # Poisson sampling and noise draw from torch's PRNG (Opacus' secure_mode needs torchcsprng)
+        return DPSession(self, model, params, records, batch_size=batch_size, lr=lr)

@@ -1,0 +1,80 @@
+"""Which mechanism trains what, per DESIGN.md §2, and the device's DP plan for the whole run."""
+
+from __future__ import annotations
+
+import dataclasses
+
+from shared.config import RunConfig
+from shared.presets import Preset
+from shared.privacy.accounting import calibrate_sigma, compose, epsilon, poisson_sample_rate
+from shared.privacy.mechanism import NoPrivacy, RecordDP
+
+
+class BudgetExhaustedError(RuntimeError):
+    """The next round would spend more than the device's ε budget: the device refuses to train."""
+
+
+def personal_in_shared_forward(preset: Preset) -> bool:
+    """Pattern (b): the personal part sits in the forward pass that produces the shared gradients."""
+    return preset.schedule != "shared-then-personal"
+
+
+def check_pattern(preset: Preset, *, shared: NoPrivacy | RecordDP, personal: NoPrivacy | RecordDP) -> None:
+    """Refuse a configuration whose shared delta would depend on non-DP personal training.
+
+    Under record-level DP everything that influences the shared delta must itself be an
+    output of a DP mechanism: a personal head trained without DP inside the shared
+    forward pass makes the delta depend on every record through it, voiding the guarantee.
+    """
+    if shared.private and personal_in_shared_forward(preset) and not personal.private:
+        raise ValueError(f"preset {preset.name}: the personal part sits in the shared forward pass and would "
+                         "train without DP; that voids the record-level guarantee (DESIGN.md §2 pattern b)")
+
+
+def dp_steps_per_round(cfg: RunConfig, preset: Preset) -> int:
+    """DP-SGD steps a device takes per round: the shared phase, plus a separate personal phase (FedRep)."""
+    return cfg.local_steps + (cfg.personal_max_steps if preset.schedule == "personal-then-shared" else 0)
+
+
+@dataclasses.dataclass(frozen=True)
+class DPPlan:
+    """Planned once per device for the whole run (σ for rounds × steps × q), then stored."""
+
+    noise_multiplier: float
+    sample_rate: float
+    steps_per_round: int
+    rounds: int
+    target_epsilon: float
+
+    @classmethod
+    def make(cls, cfg: RunConfig, preset: Preset, *, num_records: int) -> DPPlan:
+        if not cfg.dp_delta < 1.0 / num_records:
+            raise ValueError(f"config 'dp-delta': {cfg.dp_delta} must be < 1/records = 1/{num_records}")
+        q = poisson_sample_rate(num_records, cfg.batch_size)
+        steps = dp_steps_per_round(cfg, preset)
+        if cfg.dp == "epsilon":
+            sigma = calibrate_sigma(target_epsilon=cfg.dp_epsilon, delta=cfg.dp_delta, sample_rate=q,
+                                    steps=steps * cfg.num_server_rounds, accountant=cfg.dp_accountant)
+        else:
+            sigma = cfg.dp_noise_multiplier
+        return cls(noise_multiplier=sigma, sample_rate=q, steps_per_round=steps, rounds=cfg.num_server_rounds,
+                   target_epsilon=cfg.dp_epsilon)
+
+    def check_config(self, cfg: RunConfig) -> None:
+        """Privacy parameters are never silently changed mid-run: a different config is an error."""
+        if cfg.dp == "epsilon" and cfg.dp_epsilon != self.target_epsilon:
+            raise ValueError(f"config 'dp-epsilon': {cfg.dp_epsilon} differs from the {self.target_epsilon} this "
+                             "device planned its run with; privacy parameters cannot change mid-run")
+        if cfg.dp == "sigma" and cfg.dp_noise_multiplier != self.noise_multiplier:
+            raise ValueError(f"config 'dp-noise-multiplier': {cfg.dp_noise_multiplier} differs from the "
+                             f"{self.noise_multiplier} this device has been using; it cannot change mid-run")
+
+    def check_budget(self, history: list, *, delta: float, accountant: str, budget: float) -> float:
+        """Return ε after one more round; raise ``BudgetExhaustedError`` if it would exceed ``budget``."""
+        nxt = epsilon(compose(history, sigma=self.noise_multiplier, sample_rate=self.sample_rate,
+                              steps=self.steps_per_round), delta=delta, accountant=accountant)
+        if nxt > budget * (1 + 1e-6):
+            now = epsilon(history, delta=delta, accountant=accountant)
+            raise BudgetExhaustedError(f"privacy budget exhausted: ε spent {now:.3f}, the next round would reach "
+                                       f"{nxt:.3f} > budget {budget:.3f} (δ={delta:g}); refusing to train")
+        return nxt

@@ -1,0 +1,46 @@
+"""User-level DP (DP-FedAvg, McMahan et al. 2018): the unit is a user's whole context.
+
+Each device clips its delta to norm S. Gaussian noise of std z·S on the *sum* is added
+either by the server after aggregation (central: trusts the server with the noise) or as
+n shares N(0, z²S²/n) by the n sampled devices (distributed). The mean uses the fixed
+denominator n, so one user changes it by at most S/n. Accounted with client sampling
+q = n / N over rounds, separately from record-level ε.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+
+from shared.privacy.accounting import epsilon
+
+
+def clip_delta(delta: list[np.ndarray], bound: float) -> list[np.ndarray]:
+    """Scale ``delta`` to global L2 norm ≤ ``bound``."""
+    norm = math.sqrt(sum(float((d.astype(np.float64) ** 2).sum()) for d in delta))
+    scale = min(1.0, bound / (norm + 1e-12))
+    return [(d * scale).astype(d.dtype) for d in delta]
+
+
+def add_noise_share(delta: list[np.ndarray], *, std: float, num_clients: int,
+                    rng: np.random.Generator) -> list[np.ndarray]:
+    """Add this device's share N(0, std²/n) of the noise on the sum (distributed DP)."""
+    if num_clients < 1:
+        raise ValueError(f"num_clients must be >= 1, got {num_clients}")
+    share = std / math.sqrt(num_clients)
+    return [(d + rng.normal(0.0, share, size=d.shape)).astype(d.dtype) for d in delta]
+
+
+def user_level_mean(deltas: list[list[np.ndarray]], *, num_sampled: int, central_std: float,
+                    rng: np.random.Generator) -> list[np.ndarray]:
+    """(Σ clipped Δ_i + N(0, central_std²)) / n, with n the number of sampled devices."""
+    total = [sum(d[i].astype(np.float64) for d in deltas) for i in range(len(deltas[0]))]
+    if central_std > 0:
+        total = [t + rng.normal(0.0, central_std, size=t.shape) for t in total]
+    return [t / num_sampled for t in total]
+
+
+def user_epsilon(*, noise_multiplier: float, sample_rate: float, rounds: int, delta: float, accountant: str) -> float:
+    """ε of ``rounds`` DP-FedAvg rounds with client sampling ``sample_rate``."""
+    return epsilon([(noise_multiplier, sample_rate, rounds)] if rounds else [], delta=delta, accountant=accountant)
