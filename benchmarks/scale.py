@@ -57,6 +57,7 @@ def run_one(users: int, fraction: float, out: Path) -> None:
         "data": "synthetic", "num-users": users, "min-records": 30, "num-server-rounds": 2,
         "fraction-fit": fraction, "local-steps": 5, "personal-max-steps": 5, "personal-eval-every": 5,
         "eval-fraction": min(1.0, 4 / users), "run-dir": str(out / f"run-{users}"),
+        "secure-aggregation": False,  # plain uploads: their size is measured here; SecAgg+: benchmarks/secagg.py
     })
     simulate(cfg, fresh=True, console=Console(file=open(os.devnull, "w")))
     stop.set()
@@ -100,7 +101,7 @@ def main() -> None:
                            stdout=subprocess.DEVNULL)
             r = json.loads((Path(tmp) / f"result-{users}.json").read_text())
             table.add_row(*(f"{r[c]:.3f}" if isinstance(r[c], float) else str(r[c]) for c in cols))
-    Console().print(table)
+    Console(width=140).print(table)
     Console().print("updates/s = client updates / summed round wall time; training share = summed device "
                     "training time / concurrent clients / round wall time; model KiB = base + adapters, float32.")
 

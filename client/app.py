@@ -11,10 +11,12 @@ import torch
 from flwr.app import Context
 from flwr.client import Client
 from flwr.clientapp import ClientApp
+from flwr.clientapp.typing import Mod
 from flwr.common import (Code, EvaluateIns, EvaluateRes, FitIns, FitRes, Parameters, Status,
                          ndarrays_to_parameters, parameters_to_ndarrays)
 
 from client.device import Device
+from client.secure_aggregation import secagg_when_asked
 from shared.config import RunConfig
 from shared.privacy.plan import BudgetExhaustedError
 from shared.wire import BUDGET_EXHAUSTED
@@ -53,15 +55,20 @@ def device_for(context: Context, cfg: RunConfig) -> Device:
     return Device(cfg, user_dir=users[index], state_dir=state_dir(cfg, users[index]), client_index=index)
 
 
-def build_app(overrides: Mapping[str, Any] | None = None) -> ClientApp:
-    """A ClientApp; ``overrides`` (TOML keys) win over Flower's run config (used by ``fedpgen``)."""
+def build_app(overrides: Mapping[str, Any] | None = None, mods: list[Mod] | None = None,
+              inner_mods: list[Mod] | None = None) -> ClientApp:
+    """A ClientApp; ``overrides`` (TOML keys) win over Flower's run config (used by ``fedpgen``).
+
+    ``mods`` wrap the SecAgg+ mod, ``inner_mods`` sit between it and the app (tests use them
+    to simulate dropouts and to record what a device computed).
+    """
 
     def client_fn(context: Context) -> Client:
         cfg = RunConfig.from_mapping({**dict(context.run_config), **dict(overrides or {})})
         torch.set_num_threads(cfg.threads_per_client)
         return DeviceClient(lambda: device_for(context, cfg))
 
-    return ClientApp(client_fn=client_fn)
+    return ClientApp(client_fn=client_fn, mods=[*(mods or []), secagg_when_asked, *(inner_mods or [])])
 
 
 app = build_app()

@@ -165,7 +165,16 @@ class Device:
         if not privacy.private:  # data-dependent scalars: sent only by runs that are not private anyway
             metrics.update({"train-loss": shared_res.mean_loss, "val-loss-before": before, "val-loss-after": after,
                             "personal-best-step": personal_res.best_step})
-        return delta, self.data.num_train, metrics
+        return delta, self._weight(), metrics
+
+    def _weight(self) -> int:
+        """The aggregation weight sent as ``num_examples``: uniform under user-level DP (its
+        sensitivity needs it), capped at SecAgg+'s ``max_weight`` under secure aggregation."""
+        if self.cfg.user_dp != "off":
+            return 1
+        if self.cfg.secure_aggregation:
+            return min(self.data.num_train, int(self.cfg.secagg_max_weight))
+        return self.data.num_train
 
     def _ledger_event(self, server_round: int, privacy: Mechanism, plan: DPPlan | None) -> PrivacyEvent:
         """Append this round's privacy event to the on-device ledger (before anything is sent)."""

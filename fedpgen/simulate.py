@@ -9,6 +9,7 @@ import warnings
 from pathlib import Path
 from typing import Any
 
+from flwr.clientapp.typing import Mod
 from rich.console import Console
 
 from client.app import build_app as build_client_app
@@ -39,8 +40,12 @@ def prepare_run_dir(cfg: RunConfig, *, fresh: bool) -> bool:
     return resuming
 
 
-def simulate(cfg: RunConfig, *, fresh: bool = False, console: Console | None = None) -> dict[str, Any]:
-    """Run a whole simulation and return its summary (also in ``<run-dir>/summary.json``)."""
+def simulate(cfg: RunConfig, *, fresh: bool = False, console: Console | None = None,
+             client_mods: tuple[list[Mod], list[Mod]] = ([], [])) -> dict[str, Any]:
+    """Run a whole simulation and return its summary (also in ``<run-dir>/summary.json``).
+
+    ``client_mods``: (outer, inner) mods around the SecAgg+ mod of every device (tests only).
+    """
     console = console or Console()
     users = ensure_population(cfg)
     console.print(f"[bold]{len(users)} users[/] ({cfg.data}) task={cfg.task} preset={cfg.preset} "
@@ -50,13 +55,14 @@ def simulate(cfg: RunConfig, *, fresh: bool = False, console: Console | None = N
     if prepare_run_dir(cfg, fresh=fresh):
         console.print("resuming from the newest checkpoint in the run dir (use --fresh to start over)")
     overrides = cfg.to_toml_dict()
+    os.environ.setdefault("RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO", "0")  # silence a Ray FutureWarning
     backend = {"client_resources": {"num_cpus": cfg.client_cpus, "num_gpus": 0.0},
                "init_args": {"num_cpus": os.cpu_count() or 1, "include_dashboard": False}}
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", DeprecationWarning)
         from flwr.simulation import run_simulation
 
-        run_simulation(server_app=build_server_app(overrides), client_app=build_client_app(overrides),
+        run_simulation(server_app=build_server_app(overrides), client_app=build_client_app(overrides, mods=client_mods[0], inner_mods=client_mods[1]),
                        num_supernodes=len(users), backend_config=backend)
     plot_run(Path(cfg.run_dir))
     return print_summary(Path(cfg.run_dir), names={i: u.name for i, u in enumerate(users)}, console=console)

@@ -13,6 +13,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 
 from server import checkpoint
 from server.results import RunRecorder
+from server.secure_aggregation import LoudSecAggPlus
 from server.strategy import SharedDeltaStrategy
 from shared.adapters import get_arrays
 from shared.config import RunConfig
@@ -47,7 +48,8 @@ def run_server(grid: Grid, context: Context, cfg: RunConfig) -> SharedDeltaStrat
                             description=f"round {row['round']}: max ε {row.get('epsilon-max', float('inf')):.2f}")
 
         strategy.on_round_end = advance
-        DefaultWorkflow()(grid, legacy)
+        fit_workflow = LoudSecAggPlus(cfg, strategy) if cfg.secure_aggregation else None
+        DefaultWorkflow(fit_workflow=fit_workflow)(grid, legacy)
     if not strategy.final_metrics:
         raise RuntimeError("the final evaluation returned no client metrics")
     return strategy

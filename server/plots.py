@@ -16,17 +16,21 @@ def plot_run(run_dir: Path) -> list[Path]:
     """Write ``rounds.png`` and ``personalization.png``; return the paths written."""
     run_dir = Path(run_dir)
     written = []
-    rounds = [r for r in read_jsonl(run_dir / "rounds.jsonl") if "bytes-up-mean" in r]
+    rounds = [r for r in read_jsonl(run_dir / "rounds.jsonl") if "bytes-down-mean" in r]
     if rounds:
         fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(10, 4))
         xs = [r["round"] for r in rounds]
-        for key in ("train-loss", "val-loss-before", "val-loss-after"):
-            if rounds and all(key in r for r in rounds):
-                ax1.plot(xs, [r[key] for r in rounds], marker="o", label=key)
-        ax1.set(xlabel="round", ylabel="loss (weighted mean over clients)", title="Training")
-        ax1.legend()
-        ax2.plot(xs, [r["bytes-up-mean"] / 1024 for r in rounds], marker="o")
-        ax2.set(xlabel="round", ylabel="KiB uploaded per client", title="Upload per client")
+        keys = [k for k in ("train-loss", "val-loss-before", "val-loss-after") if all(k in r for r in rounds)]
+        for key in keys:
+            ax1.plot(xs, [r[key] for r in rounds], marker="o", label=key)
+        if keys:
+            ax1.set(xlabel="round", ylabel="loss (weighted mean over clients)", title="Training (no DP)")
+            ax1.legend()
+        else:  # DP runs send no losses: show the mean delta norm the server aggregated instead
+            ax1.plot(xs, [r["delta-norm"] for r in rounds], marker="o")
+            ax1.set(xlabel="round", ylabel="norm of the aggregated delta", title="Training (DP: no losses sent)")
+        ax2.plot(xs, [r["seconds"] for r in rounds], marker="o")
+        ax2.set(xlabel="round", ylabel="seconds", title="Round wall time")
         fig.tight_layout()
         fig.savefig(run_dir / "rounds.png", dpi=100)
         plt.close(fig)

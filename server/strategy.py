@@ -61,6 +61,7 @@ class SharedDeltaStrategy(Strategy):
         self.on_round_end: Callable[[dict[str, Any]], None] = lambda row: None
         self.exhausted: set[int] = set()  # devices that refused: their ε budget is spent
         self.user_rounds = completed  # DP-FedAvg rounds so far (user-level accounting)
+        self.configured_rounds = self.aggregated_rounds = self.last_configured_round = 0  # loud-failure checks
         self._sampled = self._population = 1
         self.stopped: str = ""
         self._round_started = time.perf_counter()
@@ -91,6 +92,8 @@ class SharedDeltaStrategy(Strategy):
         clients = client_manager.sample(num_clients=n, min_num_clients=n, criterion=_HasBudget(self.exhausted))
         self._round_started = time.perf_counter()
         self._sampled, self._population = len(clients), total
+        self.configured_rounds += 1
+        self.last_configured_round = r
         fit_ins = FitIns(ndarrays_to_parameters(self.theta),
                          {"server-round": r, "final": False, "sampled-clients": len(clients)})
         return [(c, fit_ins) for c in clients]
@@ -101,6 +104,10 @@ class SharedDeltaStrategy(Strategy):
         r = self.absolute_round(server_round)
         refused = [proxy.node_id for proxy, res in (f for f in failures if isinstance(f, tuple))
                    if res.status.message.startswith(BUDGET_EXHAUSTED)]
+        refused_unknown = sum(1 for f in failures if isinstance(f, BaseException) and BUDGET_EXHAUSTED in str(f))
+        if refused_unknown:
+            log.warning("round %d: %d devices refused to train (%s) inside secure aggregation", r, refused_unknown,
+                        BUDGET_EXHAUSTED)
         for node_id in refused:
             log.warning("round %d: node %s refused to train (%s); it will not be sampled again", r, node_id,
                         BUDGET_EXHAUSTED)
@@ -121,10 +128,11 @@ class SharedDeltaStrategy(Strategy):
                 continue
             deltas.append(arrays)
             weights.append(float(res.num_examples))
-            nbytes = sum(len(t) for t in res.parameters.tensors)
+            nbytes = sum(len(t) for t in res.parameters.tensors)  # under SecAgg+: the aggregate's size
             byte_counts.append(nbytes)
-            self.recorder.client_round({"round": r, "node-id": proxy.node_id, "bytes-up": nbytes,
-                                        "bytes-down": nbytes, "num-examples": res.num_examples,
+            self.recorder.client_round({"round": r, "node-id": proxy.node_id, "bytes-down": nbytes,
+                                        "num-examples": res.num_examples,
+                                        **({} if self.cfg.secure_aggregation else {"bytes-up": nbytes}),
                                         **{k: v for k, v in res.metrics.items() if k != "keys-digest"}})
         if refused and len(deltas) < self.cfg.min_fit_clients:
             self.stopped = f"round {r}: {len(refused)} devices refused (privacy budget spent); training stopped"
@@ -137,7 +145,17 @@ class SharedDeltaStrategy(Strategy):
                 f"round {r}: {len(deltas)} valid updates (min-fit-clients = {self.cfg.min_fit_clients}); "
                 f"{rejected} rejected, {len(failures)} failed: {[str(f)[:200] for f in failures[:3]]}")
         cfg = self.cfg
-        if cfg.user_dp == "off":
+        if cfg.secure_aggregation:
+            # SecAgg+ hands every result the same unmasked aggregate: the weighted mean, never one delta.
+            if any(not all(np.array_equal(a, b) for a, b in zip(d, deltas[0], strict=True)) for d in deltas[1:]):
+                raise RoundFailedError(f"round {r}: secure aggregation returned differing aggregates")
+            mean_delta = [d.astype(np.float64) for d in deltas[0]]
+            if cfg.user_dp != "off":  # devices sent weight 1: rescale to the fixed denominator n
+                mean_delta = user_level_mean([[d * len(deltas) for d in mean_delta]], num_sampled=self._sampled,
+                                             central_std=cfg.user_noise_multiplier * cfg.user_clip
+                                             if cfg.user_dp == "central" else 0.0, rng=np.random.default_rng())
+                self.user_rounds += 1
+        elif cfg.user_dp == "off":
             mean_delta = weighted_mean(deltas, weights)
         else:  # DP-FedAvg: fixed denominator, uniform weights; the server adds the noise if central
             central = cfg.user_noise_multiplier * cfg.user_clip if cfg.user_dp == "central" else 0.0
@@ -152,7 +170,9 @@ class SharedDeltaStrategy(Strategy):
                "budget-exhausted": len(self.exhausted),
                "seconds": time.perf_counter() - self._round_started,
                "delta-norm": float(np.sqrt(sum(float((d * d).sum()) for d in mean_delta))),
-               "bytes-up-mean": float(np.mean(byte_counts))}
+               "bytes-down-mean": float(np.mean(byte_counts)), "secure-aggregation": self.cfg.secure_aggregation}
+        if not self.cfg.secure_aggregation:
+            row["bytes-up-mean"] = row["bytes-down-mean"]
         if cfg.user_dp != "off":
             row["user-epsilon"] = user_epsilon(noise_multiplier=cfg.user_noise_multiplier,
                                                sample_rate=self._sampled / self._population,
@@ -167,6 +187,7 @@ class SharedDeltaStrategy(Strategy):
             if vals:
                 row[key] = sum(v * w for v, w in vals) / sum(w for _, w in vals)
         self.recorder.round(row)
+        self.aggregated_rounds += 1
         self.on_round_end(row)
         log.info("round %d/%d: %d clients, %.1fs, max record-level ε so far %.2f", r, self.cfg.num_server_rounds,
                  len(weights), row["seconds"], row.get("epsilon-max", float("inf")))

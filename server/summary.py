@@ -38,7 +38,15 @@ def privacy_lines(run_dir: Path, rounds: list[dict[str, Any]]) -> list[str]:
     if cfg["user-dp"] != "off":
         lines.append(f"user-level DP ({cfg['user-dp']} DP-FedAvg, S={cfg['user-clip']}, "
                      f"z={cfg['user-noise-multiplier']}): ε = {user_eps[-1] if user_eps else 0.0:.2f} per user")
-    lines.append("no secure aggregation yet: the server sees each device's (DP-noised) shared delta")
+    if cfg.get("secure-aggregation"):
+        lines.append(f"secure aggregation (Flower SecAgg+, num-shares {cfg['secagg-num-shares']:g}, threshold "
+                     f"{cfg['secagg-threshold']:g}): the server unmasked only the weighted sum of deltas. Still seen in "
+                     "plaintext: each device's number of examples, its dp-* ledger fields, counts, timings and "
+                     "final evaluation metrics. Assumes an honest-but-curious server; Flower seeds its masks from "
+                     "32 bits of the shared secret (docs/wire.md)")
+    else:
+        lines.append("NO secure aggregation (secure-aggregation = false): the server sees each device's "
+                     "(DP-noised) shared delta")
     exhausted = max((r.get("budget-exhausted", 0) for r in rounds), default=0)
     if exhausted:
         lines.append(f"{exhausted} devices refused to train once their ε budget was spent")
@@ -49,7 +57,7 @@ def privacy_lines(run_dir: Path, rounds: list[dict[str, Any]]) -> list[str]:
 def summarize(run_dir: Path) -> dict[str, Any]:
     """Aggregate figures of a finished run (also written to ``summary.json``)."""
     clients = read_clients(run_dir)
-    rounds = [r for r in read_jsonl(Path(run_dir) / "rounds.jsonl") if "bytes-up-mean" in r]
+    rounds = [r for r in read_jsonl(Path(run_dir) / "rounds.jsonl") if "bytes-down-mean" in r]
     if not clients:
         raise RuntimeError(f"{run_dir}: no per-client results (clients.csv)")
 
@@ -66,7 +74,7 @@ def summarize(run_dir: Path) -> dict[str, Any]:
         "median-personalization-gain": statistics.median(c["shared-ppl"] / c["personal-ppl"] for c in clients),
         "median-federation-gain": statistics.median(c["local-ppl"] / c["personal-ppl"] for c in clients),
         "skipped-files": sum(int(c.get("skipped-files", 0)) for c in clients),
-        "mean-bytes-up-per-client-round": statistics.mean(r["bytes-up-mean"] for r in rounds) if rounds else 0.0,
+        "mean-bytes-down-per-client-round": statistics.mean(r["bytes-down-mean"] for r in rounds) if rounds else 0.0,
         "epsilon-by-client": epsilon_by_client(run_dir),
         "privacy": privacy_lines(run_dir, read_jsonl(Path(run_dir) / "rounds.jsonl")),
     }
@@ -97,8 +105,9 @@ def print_summary(run_dir: Path, names: dict[int, str] | None = None, console: C
     console.print(f"shared+personal beats shared-only for {summary['personal-beats-shared']}/{n} clients, "
                   f"beats local-only for {summary['personal-beats-local']}/{n}; "
                   f"{summary['skipped-files']} unreadable files skipped; "
-                  f"{summary['mean-bytes-up-per-client-round'] / 1024:.1f} KiB uploaded per client per round.")
+                  f"{summary['mean-bytes-down-per-client-round'] / 1024:.1f} KiB shared base sent to each device "
+                  "per round.")
     for line in summary["privacy"]:
-        style = "bold red" if line.startswith(("NOT PRIVATE", "no secure")) else "bold green"
+        style = "bold red" if line.startswith(("NOT PRIVATE", "NO secure")) else "bold green"
         console.print(f"[{style}]{line}")
     return summary

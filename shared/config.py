@@ -92,6 +92,12 @@ class RunConfig:
     user_dp: str
     user_clip: float
     user_noise_multiplier: float
+    secure_aggregation: bool
+    secagg_num_shares: float
+    secagg_threshold: float
+    secagg_clip: float
+    secagg_max_weight: float
+    secagg_quantization: int
     run_dir: str
     client_cpus: float
     threads_per_client: int
@@ -139,6 +145,15 @@ class RunConfig:
         need(self.user_dp in {"off", "central", "distributed"}, "user-dp", "valid: off, central, distributed")
         need(self.user_clip > 0.0, "user-clip", "must be > 0")
         need(self.user_noise_multiplier >= 0.0, "user-noise-multiplier", "must be >= 0")
+        shares, threshold = self.secagg_num_shares, self.secagg_threshold
+        need(shares > 0 and (shares <= 1 or (shares.is_integer() and int(shares) % 2 == 1 and shares >= 3)),
+             "secagg-num-shares", "a fraction in (0, 1] or an odd integer >= 3 (an even integer makes SecAgg+ "
+             "fail every round silently)")
+        need(threshold > 0 and (threshold < 1 or (threshold.is_integer() and (shares <= 1 or threshold <= shares))),
+             "secagg-threshold", "a fraction in (0, 1) or an integer count <= secagg-num-shares")
+        need(self.secagg_clip >= 0.0, "secagg-clip", "must be >= 0 (0 = derived)")
+        need(self.secagg_max_weight >= 1.0, "secagg-max-weight", "must be >= 1")
+        need(self.secagg_quantization >= 2**8, "secagg-quantization", "must be >= 256")
         need(bool(self.run_dir), "run-dir", "must not be empty")
         need(self.client_cpus > 0.0, "client-cpus", "must be > 0")
         need(self.threads_per_client >= 1, "threads-per-client", "must be >= 1")
@@ -167,6 +182,17 @@ class RunConfig:
     def record_dp(self) -> bool:
         """Whether devices run DP-SGD with noise (else the run is NOT PRIVATE at record level)."""
         return self.dp == "epsilon" or (self.dp == "sigma" and self.dp_noise_multiplier > 0.0)
+
+    @property
+    def secagg_clipping_range(self) -> float:
+        """Clipping range of a weighted delta element: given, or 4·local-steps·lr (AdamW moves a weight
+        by about lr per step; weights n/max-weight <= 1 only shrink it), widened for user-level DP."""
+        if self.secagg_clip > 0:
+            return self.secagg_clip
+        derived = 4.0 * self.local_steps * self.lr
+        if self.user_dp != "off":
+            derived = max(derived, self.user_clip * (1.0 + 4.0 * self.user_noise_multiplier))
+        return derived
 
     def model_hash(self) -> str:
         """Hash of every setting that changes what a checkpoint means (not rounds or paths)."""

@@ -13,6 +13,7 @@ from pathlib import Path
 import pytest
 from flwr.common import bytes_to_ndarray, serde
 from flwr.proto.recorddict_pb2 import RecordDict as ProtoRecordDict
+from flwr.common.secure_aggregation.secaggplus_constants import RECORD_KEY_CONFIGS, Key
 from flwr.compat.common import recorddict_compat as compat
 from flwr.superlink.grid.inmemory_grid import InMemoryGrid
 
@@ -69,7 +70,9 @@ def test_nothing_personal_reaches_the_server_and_a_run_resumes(make_cfg, tmp_pat
     # Execute
     summary = simulate(cfg)
     # Assert: what the server received
-    assert len(captured) == 2 * len(USERS), "one train and one evaluate reply per user"
+    # SecAgg+ (the default): 4 protocol replies per device (keys, shares, masked vector, unmask) + 1 evaluation
+    assert len(captured) == 5 * len(USERS)
+    masked_stage = 0
     for message_type, wire in captured:
         content = serde.recorddict_from_proto(ProtoRecordDict.FromString(wire))
         for u in USERS:
@@ -78,14 +81,18 @@ def test_nothing_personal_reaches_the_server_and_a_run_resumes(make_cfg, tmp_pat
             token_ids = struct.pack("<8q", *canary(u).encode()[:8])  # the canary as int64 token ids
             assert token_ids not in wire
         assert b".personal." not in wire and b"lora_" not in wire  # no parameter name at all
-        if message_type == "train":
+        if message_type == "train" and "fitres.metrics" in content.config_records:  # the masked-vector stage
             res = compat.recorddict_to_fitres(content, keep_input=True)
-            shapes = [bytes_to_ndarray(t).shape for t in res.parameters.tensors]
-            assert shapes == [tuple(params[n].shape) for n in built.sets.send]
+            assert res.parameters.tensors == [], "no plaintext delta next to the masked one"
+            masked = content.config_records[RECORD_KEY_CONFIGS][Key.MASKED_PARAMETERS]
+            sizes = sorted(bytes_to_ndarray(t).size for t in masked)
+            assert sizes[-len(built.sets.send):] == sorted(params[n].numel() for n in built.sets.send)
             assert set(res.metrics) <= FIT_METRICS
-        else:
+            masked_stage += 1
+        elif message_type == "evaluate":
             res = compat.recorddict_to_evaluateres(content)
             assert set(res.metrics) <= EVAL_METRICS
+    assert masked_stage == len(USERS)
     assert summary["clients"] == len(USERS)
 
     # A second invocation with more rounds resumes from the round-1 checkpoint.

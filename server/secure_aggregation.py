@@ -1,0 +1,82 @@
+"""Secure aggregation with Flower's SecAgg+, driven as the legacy fit workflow, failing loudly.
+
+Flower 1.42's ``SecAggPlusWorkflow`` runs only on the legacy path (``LegacyContext`` +
+a legacy strategy); key agreement, secret sharing, encryption and masking are Flower's
+(built on ``cryptography``), nothing here is a cryptographic primitive. Two upstream traps
+are closed here: a round in which SecAgg+ halts (too few devices for the threshold,
+dropouts, an even integer ``num_shares``) returns silently and keeps the old shared base —
+we raise instead; and ``num_shares`` is validated in the run config.
+
+Known limit, stated in the audit: Flower derives the masks with numpy's ``RandomState``
+seeded from 32 bits of the shared secret, weaker than its key agreement.
+"""
+
+from __future__ import annotations
+
+from flwr.app import Context
+from flwr.server import Grid
+from flwr.server.workflow import SecAggPlusWorkflow
+from flwr.server.workflow.secure_aggregation.secaggplus_workflow import WorkflowState
+
+from server.strategy import RoundFailedError, SharedDeltaStrategy
+from shared.config import RunConfig
+
+
+def secagg_parameters(cfg: RunConfig) -> dict[str, float | int]:
+    """SecAgg+ parameters derived from the validated run config."""
+    shares = cfg.secagg_num_shares
+    threshold = cfg.secagg_threshold
+    return {
+        "num_shares": int(shares) if shares > 1 else float(shares),
+        "reconstruction_threshold": int(threshold) if threshold >= 1 else float(threshold),
+        "clipping_range": cfg.secagg_clipping_range,
+        "quantization_range": cfg.secagg_quantization,
+        "max_weight": cfg.secagg_max_weight,
+    }
+
+
+def error_bound(*, num_clients: int, weights: list[float], clipping_range: float, quantization_range: int,
+                max_weight: float, max_abs_delta: float) -> float:
+    """Bound on |secure aggregate − plain weighted mean| per element.
+
+    Each device sends stochastic-rounded levels of (w_i/max_weight)·Δ_i (error < one level
+    2C/Q each) with its weight itself rounded to 1/Q; the sum is divided by Σ w_i/max_weight.
+    """
+    total = sum(weights) / max_weight
+    level = 2.0 * clipping_range / quantization_range
+    return (num_clients * level + 2.0 * num_clients * max_abs_delta / quantization_range) / total
+
+
+class _SecAggPlus(SecAggPlusWorkflow):
+    """Flower's workflow with one upstream fix: dropouts before key sharing completes.
+
+    In Flower 1.42 a device that answered the setup stage but not the share-keys stage stays
+    in the sampled set; at the unmask stage every survivor is then asked for key shares of
+    that device that it never received, raises, and the whole round halts. Such a device
+    holds no mask in anyone's vector: it is removed from the sampled set and from every
+    neighbourhood once key sharing is over.
+    """
+
+    def share_keys_stage(self, grid: Grid, context: Context, state: WorkflowState) -> bool:  # type: ignore[override]
+        ok = super().share_keys_stage(grid, context, state)  # type: ignore[arg-type]
+        state.sampled_node_ids = set(state.active_node_ids)
+        for neighbours in state.nid_to_neighbours.values():
+            neighbours &= state.active_node_ids
+        return ok
+
+
+class LoudSecAggPlus:
+    """SecAgg+ as the fit workflow, raising when a configured round aggregated nothing."""
+
+    def __init__(self, cfg: RunConfig, strategy: SharedDeltaStrategy) -> None:
+        self.inner = _SecAggPlus(**secagg_parameters(cfg))  # type: ignore[arg-type]
+        self.strategy = strategy
+
+    def __call__(self, grid: Grid, context: Context) -> None:
+        configured, aggregated = self.strategy.configured_rounds, self.strategy.aggregated_rounds
+        self.inner(grid, context)
+        if self.strategy.configured_rounds > configured and self.strategy.aggregated_rounds == aggregated:
+            raise RoundFailedError(
+                f"round {self.strategy.last_configured_round}: secure aggregation halted — too few devices "
+                "answered for the reconstruction threshold (dropouts, or too few sampled); the shared base "
+                "was NOT updated")

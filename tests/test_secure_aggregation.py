@@ -1,0 +1,159 @@
+"""Secure aggregation (Flower SecAgg+): right aggregate, dropout-tolerant, useless alone, loud on failure."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import ray.cloudpickle
+from flwr.app import Context, Message
+from flwr.clientapp.typing import ClientAppCallable
+from flwr.common import bytes_to_ndarray, parameters_to_ndarrays, serde
+from flwr.common.secure_aggregation.quantization import dequantize
+from flwr.common.secure_aggregation.secaggplus_constants import RECORD_KEY_CONFIGS, Key, Stage
+from flwr.compat.common import recorddict_compat as compat
+from flwr.superlink.grid.inmemory_grid import InMemoryGrid
+
+from fedpgen.simulate import simulate
+from server import checkpoint
+from server.secure_aggregation import error_bound
+from server.strategy import RoundFailedError
+from shared.adapters import get_arrays
+from shared.config import RunConfig
+from shared.model import build_model
+
+pytestmark = pytest.mark.slow
+ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])  # the mods below run in Ray workers
+
+
+class Dropout:
+    """A device that disappears at a given SecAgg+ stage (raises: Flower sees a failed reply)."""
+
+    def __init__(self, partitions: set[int], stage: str) -> None:
+        self.partitions, self.stage = partitions, stage
+
+    def __call__(self, msg: Message, ctxt: Context, call_next: ClientAppCallable) -> Message:
+        configs = msg.content.config_records.get(RECORD_KEY_CONFIGS) if msg.has_content() else None
+        here = int(ctxt.node_config["partition-id"])
+        if configs is not None and configs.get(Key.STAGE) == self.stage and here in self.partitions:
+            raise ConnectionError(f"device {ctxt.node_config['partition-id']} dropped at {self.stage}")
+        return call_next(msg, ctxt)
+
+
+class RecordPlainDelta:
+    """Test instrumentation inside SecAgg+: writes each device's plain delta, as the device knows it."""
+
+    def __init__(self, folder: str) -> None:
+        self.folder = folder
+
+    def __call__(self, msg: Message, ctxt: Context, call_next: ClientAppCallable) -> Message:
+        out = call_next(msg, ctxt)
+        if msg.metadata.message_type == "train" and out.has_content():
+            res = compat.recorddict_to_fitres(out.content, keep_input=True)
+            arrays = parameters_to_ndarrays(res.parameters)
+            np.savez(Path(self.folder) / f"{msg.metadata.dst_node_id}.npz", *arrays, weight=res.num_examples)
+        return out
+
+
+def secagg_mods(tmp_path: Path, dropout: Dropout | None = None) -> tuple[list, list]:
+    """Outer mods see the protocol (dropouts); inner ones sit between SecAgg+ and the app (recorder)."""
+    (tmp_path / "plain").mkdir(exist_ok=True)
+    return [m for m in (dropout,) if m], [RecordPlainDelta(str(tmp_path / "plain"))]
+
+
+@pytest.fixture
+def uploads(monkeypatch: pytest.MonkeyPatch) -> dict:
+    """Masked vectors the server receives (stage 2), by node id, serialized at arrival."""
+    got: dict[int, list[np.ndarray]] = {}
+    original = InMemoryGrid.pull_messages
+
+    def pull(self, message_ids):  # type: ignore[no-untyped-def]
+        messages = list(original(self, message_ids))
+        for msg in messages:
+            if msg.has_content() and RECORD_KEY_CONFIGS in msg.content.config_records:
+                cfg = msg.content.config_records[RECORD_KEY_CONFIGS]
+                if Key.MASKED_PARAMETERS in cfg:
+                    got[msg.metadata.src_node_id] = [bytes_to_ndarray(b) for b in cfg[Key.MASKED_PARAMETERS]]
+        return messages
+
+    monkeypatch.setattr(InMemoryGrid, "pull_messages", pull)
+    return got
+
+
+def theta_before_after(cfg: RunConfig) -> tuple[list[np.ndarray], list[np.ndarray]]:
+    built = build_model(cfg)
+    ckpt = checkpoint.latest(Path(cfg.run_dir) / "checkpoints", config_hash=cfg.model_hash(), names=built.sets.send)
+    return get_arrays(built.model, built.sets.send), ckpt.theta if ckpt else []
+
+
+def plain_mean(folder: Path) -> tuple[list[np.ndarray], list[float], float]:
+    files = sorted(folder.glob("*.npz"))
+    loaded = [np.load(f) for f in files]
+    deltas = [[z[f"arr_{i}"] for i in range(len(z.files) - 1)] for z in loaded]
+    weights = [float(z["weight"]) for z in loaded]
+    mean = [sum(w * d[i] for d, w in zip(deltas, weights)) / sum(weights) for i in range(len(deltas[0]))]
+    return mean, weights, max(float(np.abs(a).max()) for d in deltas for a in d)
+
+
+def test_config_rejects_even_shares_and_a_threshold_above_the_shares() -> None:
+    with pytest.raises(ValueError, match="'secagg-num-shares'.*even integer"):
+        RunConfig.from_mapping({"secagg-num-shares": 4})
+    with pytest.raises(ValueError, match="'secagg-threshold'"):
+        RunConfig.from_mapping({"secagg-num-shares": 5, "secagg-threshold": 7})
+    RunConfig.from_mapping({"secagg-num-shares": 5, "secagg-threshold": 3})
+
+
+def test_secure_aggregate_equals_plain_weighted_fedavg_within_the_quantization_bound(make_cfg, tmp_path: Path) -> None:
+    plain_cfg = make_cfg(num_server_rounds=1, min_fit_clients=2, run_dir=str(tmp_path / "plain-run"), dp="sigma",
+                         dp_noise_multiplier=1.0, dp_epsilon=1000.0, secure_aggregation=False)
+    simulate(plain_cfg)
+    theta0, plain = theta_before_after(plain_cfg)
+    cfg = make_cfg(num_server_rounds=1, min_fit_clients=2, run_dir=str(tmp_path / "secure"), dp="sigma",
+                   dp_noise_multiplier=1.0, dp_epsilon=1000.0)
+    simulate(cfg, client_mods=secagg_mods(tmp_path))
+    _, secure = theta_before_after(cfg)
+    expected, weights, max_abs = plain_mean(tmp_path / "plain")
+    bound = error_bound(num_clients=len(weights), weights=weights, clipping_range=cfg.secagg_clipping_range,
+                        quantization_range=cfg.secagg_quantization, max_weight=cfg.secagg_max_weight,
+                        max_abs_delta=max_abs)
+    for t0, p, s, e in zip(theta0, plain, secure, expected):
+        np.testing.assert_allclose(p - t0, e, atol=1e-6)  # the plain run saw the very same deltas
+        assert float(np.abs((s - t0) - e).max()) <= bound
+    assert max(float(np.abs(s - t0).max()) for t0, s in zip(theta0, secure)) > 10 * bound, "a real update"
+
+
+@pytest.mark.parametrize(("stage", "dropped"), [(Stage.UNMASK, {1, 3}), (Stage.SHARE_KEYS, {2})])
+def test_the_round_completes_with_the_survivors_aggregate(make_cfg, tmp_path: Path, uploads: dict,
+                                                          stage: str, dropped: set[int]) -> None:
+    cfg = make_cfg(num_users=5, num_server_rounds=1, min_fit_clients=2, run_dir=str(tmp_path / "run"), dp="sigma",
+                   dp_noise_multiplier=1.0, dp_epsilon=1000.0)
+    simulate(cfg, client_mods=secagg_mods(tmp_path, Dropout(dropped, stage)))
+    theta0, theta1 = theta_before_after(cfg)
+    expected, weights, max_abs = plain_mean(tmp_path / "plain")
+    # Dropping after the masked vectors: their vectors still count; before sharing keys: they are out.
+    assert len(weights) == (5 if stage == Stage.UNMASK else 5 - len(dropped))
+    bound = error_bound(num_clients=len(weights), weights=weights, clipping_range=cfg.secagg_clipping_range,
+                        quantization_range=cfg.secagg_quantization, max_weight=cfg.secagg_max_weight,
+                        max_abs_delta=max_abs)
+    for t0, t1, e in zip(theta0, theta1, expected):
+        assert float(np.abs((t1 - t0) - e).max()) <= bound
+    if stage == Stage.UNMASK:  # one device's masked upload, alone, says nothing about its delta
+        node = next(iter(uploads))
+        z = np.load(tmp_path / "plain" / f"{node}.npz")
+        delta = np.concatenate([z[f"arr_{i}"].ravel() for i in range(len(z.files) - 1)])
+        masked = np.concatenate([m.ravel() for m in uploads[node]]).astype(np.float64)[-delta.size:]
+        assert abs(np.corrcoef(masked, delta)[0, 1]) < 0.05
+        ratio = float(z["weight"]) / cfg.secagg_max_weight
+        decoded = np.concatenate([d.ravel() for d in dequantize(
+            [m % cfg.secagg_quantization for m in uploads[node]], cfg.secagg_clipping_range,
+            cfg.secagg_quantization)])[-delta.size:] / ratio
+        assert np.linalg.norm(decoded - delta) > 10 * np.linalg.norm(delta)  # measured: about 66x
+
+
+def test_too_many_dropouts_fail_loudly_instead_of_keeping_the_old_base(make_cfg, tmp_path: Path) -> None:
+    cfg = make_cfg(num_users=5, num_server_rounds=1, min_fit_clients=2, run_dir=str(tmp_path / "run"))
+    with pytest.raises(RoundFailedError, match="secure aggregation halted"):
+        simulate(cfg, client_mods=secagg_mods(tmp_path, Dropout({0, 1, 2}, Stage.SHARE_KEYS)))
+    assert not list((tmp_path / "run" / "checkpoints").glob("*.safetensors"))
