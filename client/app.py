@@ -8,20 +8,21 @@ from typing import Any
 
 import numpy as np
 import torch
-from flwr.app import Context
+from flwr.app import Context, Message
 from flwr.client import Client
 from flwr.clientapp import ClientApp
-from flwr.clientapp.typing import Mod
+from flwr.clientapp.typing import ClientAppCallable, Mod
 from flwr.common import (Code, EvaluateIns, EvaluateRes, FitIns, FitRes, Parameters, Status,
                          ndarrays_to_parameters, parameters_to_ndarrays)
+from flwr.common.secure_aggregation.secaggplus_constants import RECORD_KEY_CONFIGS, Key, Stage
 
 from client.device import Device
 from client.secure_aggregation import secagg_when_asked
 from shared.config import RunConfig
-from shared.privacy.plan import BudgetExhaustedError
-from shared.wire import BUDGET_EXHAUSTED
 from shared.data.user_folder import list_user_dirs
 from shared.population import population_dir, state_dir
+from shared.privacy.plan import BudgetExhaustedError, check_stored_budget
+from shared.wire import BUDGET_EXHAUSTED
 
 
 class DeviceClient(Client):
@@ -43,16 +44,41 @@ class DeviceClient(Client):
         return EvaluateRes(Status(Code.OK, "ok"), loss, int(metrics["num-heldout"]), metrics)
 
 
-def device_for(context: Context, cfg: RunConfig) -> Device:
-    """Deployment: node-config names ``data-dir`` and ``state-dir``; simulation: ``partition-id``."""
+def device_paths(context: Context, cfg: RunConfig) -> tuple[Path, Path, int]:
+    """(user folder, state-dir, client index). Deployment: node-config names ``data-dir`` and
+    ``state-dir``; simulation: ``partition-id`` picks a user folder."""
     node = dict(context.node_config)
     if "data-dir" in node:
-        return Device(cfg, user_dir=Path(str(node["data-dir"])), state_dir=Path(str(node["state-dir"])))
+        return Path(str(node["data-dir"])), Path(str(node["state-dir"])), -1
     index = int(node["partition-id"])
     users = list_user_dirs(population_dir(cfg))  # materialized by `fedpgen simulate` before the run
     if index >= len(users):
         raise ValueError(f"partition-id {index} but only {len(users)} user folders")
-    return Device(cfg, user_dir=users[index], state_dir=state_dir(cfg, users[index]), client_index=index)
+    return users[index], state_dir(cfg, users[index]), index
+
+
+def device_for(context: Context, cfg: RunConfig) -> Device:
+    user_dir, state, index = device_paths(context, cfg)
+    return Device(cfg, user_dir=user_dir, state_dir=state, client_index=index)
+
+
+def budget_gate(cfg: RunConfig) -> Mod:
+    """Refuse at SecAgg+'s setup stage when the ε budget is spent, naming this node.
+
+    Inside SecAgg+ a refusal can only be a failed message; refusing before any key is
+    exchanged, with the node id in the error, lets the server stop sampling this device.
+    """
+
+    def gate(msg: Message, ctxt: Context, call_next: ClientAppCallable) -> Message:
+        configs = msg.content.config_records.get(RECORD_KEY_CONFIGS) if msg.has_content() else None
+        if configs is not None and configs.get(Key.STAGE) == Stage.SETUP:
+            try:
+                check_stored_budget(cfg, device_paths(ctxt, cfg)[1])
+            except BudgetExhaustedError as exc:
+                raise BudgetExhaustedError(f"{BUDGET_EXHAUSTED} node={msg.metadata.dst_node_id}: {exc}") from None
+        return call_next(msg, ctxt)
+
+    return gate
 
 
 def build_app(overrides: Mapping[str, Any] | None = None, mods: list[Mod] | None = None,
@@ -68,7 +94,11 @@ def build_app(overrides: Mapping[str, Any] | None = None, mods: list[Mod] | None
         torch.set_num_threads(cfg.threads_per_client)
         return DeviceClient(lambda: device_for(context, cfg))
 
-    return ClientApp(client_fn=client_fn, mods=[*(mods or []), secagg_when_asked, *(inner_mods or [])])
+    def gate(msg: Message, ctxt: Context, call_next: ClientAppCallable) -> Message:
+        cfg = RunConfig.from_mapping({**dict(ctxt.run_config), **dict(overrides or {})})
+        return budget_gate(cfg)(msg, ctxt, call_next)
+
+    return ClientApp(client_fn=client_fn, mods=[*(mods or []), gate, secagg_when_asked, *(inner_mods or [])])
 
 
 app = build_app()

@@ -18,7 +18,7 @@ from flwr.server import Grid
 from flwr.server.workflow import SecAggPlusWorkflow
 from flwr.server.workflow.secure_aggregation.secaggplus_workflow import WorkflowState
 
-from server.strategy import RoundFailedError, SharedDeltaStrategy
+from server.strategy import RoundFailedError, SharedDeltaStrategy, refusals_in
 from shared.config import RunConfig
 
 
@@ -57,6 +57,17 @@ class _SecAggPlus(SecAggPlusWorkflow):
     neighbourhood once key sharing is over.
     """
 
+    def __init__(self, strategy: SharedDeltaStrategy, **kwargs: float | int) -> None:
+        super().__init__(**kwargs)  # type: ignore[arg-type]
+        self.strategy = strategy
+
+    def setup_stage(self, grid: Grid, context: Context, state: WorkflowState) -> bool:  # type: ignore[override]
+        ok = super().setup_stage(grid, context, state)  # type: ignore[arg-type]
+        refused = refusals_in(state.failures)  # devices whose ε budget is spent refuse here, by node id
+        if refused:
+            self.strategy.mark_exhausted(refused, self.strategy.last_configured_round)
+        return ok
+
     def share_keys_stage(self, grid: Grid, context: Context, state: WorkflowState) -> bool:  # type: ignore[override]
         ok = super().share_keys_stage(grid, context, state)  # type: ignore[arg-type]
         state.sampled_node_ids = set(state.active_node_ids)
@@ -69,13 +80,21 @@ class LoudSecAggPlus:
     """SecAgg+ as the fit workflow, raising when a configured round aggregated nothing."""
 
     def __init__(self, cfg: RunConfig, strategy: SharedDeltaStrategy) -> None:
-        self.inner = _SecAggPlus(**secagg_parameters(cfg))  # type: ignore[arg-type]
+        self.inner = _SecAggPlus(strategy, **secagg_parameters(cfg))
         self.strategy = strategy
 
     def __call__(self, grid: Grid, context: Context) -> None:
         configured, aggregated = self.strategy.configured_rounds, self.strategy.aggregated_rounds
         self.inner(grid, context)
-        if self.strategy.configured_rounds > configured and self.strategy.aggregated_rounds == aggregated:
+        if self.strategy.stopped:
+            return
+        halted = self.strategy.configured_rounds > configured and self.strategy.aggregated_rounds == aggregated
+        r = self.strategy.last_configured_round
+        if halted and self.strategy.refused_round == r:  # devices refused (budget spent), too few left
+            self.strategy.stop(r, "devices refused (privacy budget spent) and too few were left for secure "
+                                  "aggregation; training stopped")
+            return
+        if halted:
             raise RoundFailedError(
                 f"round {self.strategy.last_configured_round}: secure aggregation halted — too few devices "
                 "answered for the reconstruction threshold (dropouts, or too few sampled); the shared base "

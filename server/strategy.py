@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import math
+import re
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -34,6 +35,12 @@ log = logging.getLogger(__name__)
 
 class RoundFailedError(RuntimeError):
     """A round produced no valid aggregate: the run stops instead of keeping the old base."""
+
+
+def refusals_in(failures: list[Any]) -> list[int]:
+    """Node ids of budget refusals that arrived as failed messages (inside SecAgg+)."""
+    found = (re.search(rf"{BUDGET_EXHAUSTED} node=(\d+)", str(f)) for f in failures if isinstance(f, BaseException))
+    return [int(m.group(1)) for m in found if m]
 
 
 class _HasBudget(Criterion):
@@ -64,6 +71,7 @@ class SharedDeltaStrategy(Strategy):
         self.configured_rounds = self.aggregated_rounds = self.last_configured_round = 0  # loud-failure checks
         self._sampled = self._population = 1
         self.stopped: str = ""
+        self.refused_round = 0
         self._round_started = time.perf_counter()
 
     def absolute_round(self, server_round: int) -> int:
@@ -71,6 +79,21 @@ class SharedDeltaStrategy(Strategy):
 
     def initialize_parameters(self, client_manager: ClientManager) -> Parameters | None:
         return ndarrays_to_parameters(self.theta)
+
+    def mark_exhausted(self, node_ids: list[int], r: int) -> None:
+        """Devices that refused because their ε budget is spent: never sampled again."""
+        for node_id in node_ids:
+            log.warning("round %d: node %s refused to train (%s); it will not be sampled again", r, node_id,
+                        BUDGET_EXHAUSTED)
+        self.exhausted.update(node_ids)
+        if node_ids:
+            self.refused_round = r
+
+    def stop(self, r: int, why: str) -> None:
+        """Stop training (the final evaluation still runs), and say so in the results."""
+        self.stopped = f"round {r}: {why}"
+        log.warning("%s", self.stopped)
+        self.recorder.round({"round": r, "budget-exhausted": len(self.exhausted), "stopped": self.stopped})
 
     def configure_fit(self, server_round: int, parameters: Parameters,
                       client_manager: ClientManager) -> list[tuple[ClientProxy, FitIns]]:
@@ -104,15 +127,10 @@ class SharedDeltaStrategy(Strategy):
         r = self.absolute_round(server_round)
         refused = [proxy.node_id for proxy, res in (f for f in failures if isinstance(f, tuple))
                    if res.status.message.startswith(BUDGET_EXHAUSTED)]
-        refused_unknown = sum(1 for f in failures if isinstance(f, BaseException) and BUDGET_EXHAUSTED in str(f))
-        if refused_unknown:
-            log.warning("round %d: %d devices refused to train (%s) inside secure aggregation", r, refused_unknown,
-                        BUDGET_EXHAUSTED)
-        for node_id in refused:
-            log.warning("round %d: node %s refused to train (%s); it will not be sampled again", r, node_id,
-                        BUDGET_EXHAUSTED)
-        self.exhausted.update(refused)
-        failures = [f for f in failures if not (isinstance(f, tuple) and f[0].node_id in refused)]
+        refused += refusals_in(failures)
+        self.mark_exhausted(refused, r)
+        failures = [f for f in failures if not (isinstance(f, tuple) and f[0].node_id in refused)
+                    and not (isinstance(f, BaseException) and BUDGET_EXHAUSTED in str(f))]
         deltas, weights, rejected, byte_counts = [], [], 0, []
         for proxy, res in results:
             arrays = parameters_to_ndarrays(res.parameters)
@@ -135,10 +153,7 @@ class SharedDeltaStrategy(Strategy):
                                         **({} if self.cfg.secure_aggregation else {"bytes-up": nbytes}),
                                         **{k: v for k, v in res.metrics.items() if k != "keys-digest"}})
         if refused and len(deltas) < self.cfg.min_fit_clients:
-            self.stopped = f"round {r}: {len(refused)} devices refused (privacy budget spent); training stopped"
-            log.warning("%s", self.stopped)
-            self.recorder.round({"round": r, "clients": len(deltas), "budget-exhausted": len(self.exhausted),
-                                 "stopped": self.stopped})
+            self.stop(r, f"{len(refused)} devices refused (privacy budget spent); training stopped")
             return ndarrays_to_parameters(self.theta), {}
         if len(deltas) < self.cfg.min_fit_clients:
             raise RoundFailedError(

@@ -56,7 +56,7 @@ def main() -> None:
         table.add_row(f"{r['epsilon']:g}", f"{r['spent-median']:.2f}", f"{r['base-ppl']:.3f}",
                       f"{r['shared-ppl']:.3f}", f"{r['personal-ppl']:.3f}", f"{r['local-ppl']:.3f}",
                       f"{r['personal-beats-shared']}/{r['clients']}")
-    Console().print(table)
+    Console(width=140).print(table)
     fig, ax = plt.subplots(figsize=(6, 4))
     labels = [f"{r['epsilon']:g}" for r in rows]
     for key, label in (("shared-ppl", "shared only"), ("personal-ppl", "shared + personal"),

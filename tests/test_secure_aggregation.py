@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import sys
 from pathlib import Path
 
@@ -157,3 +158,25 @@ def test_too_many_dropouts_fail_loudly_instead_of_keeping_the_old_base(make_cfg,
     with pytest.raises(RoundFailedError, match="secure aggregation halted"):
         simulate(cfg, client_mods=secagg_mods(tmp_path, Dropout({0, 1, 2}, Stage.SHARE_KEYS)))
     assert not list((tmp_path / "run" / "checkpoints").glob("*.safetensors"))
+
+
+def test_devices_out_of_budget_refuse_inside_secagg_and_training_stops_cleanly(make_cfg, tmp_path: Path) -> None:
+    from client.device import Device
+    from shared.population import ensure_population
+    from shared.privacy.accounting import epsilon, poisson_sample_rate
+
+    probe = make_cfg(run_dir=str(tmp_path / "run"))
+    rates = [poisson_sample_rate(Device(probe, user_dir=u, state_dir=tmp_path / "probe" / u.name).data.num_train, 8)
+             for u in ensure_population(probe)]
+    one = max(epsilon([(1.0, q, 3)], delta=1e-5, accountant="prv") for q in rates)
+    two = min(epsilon([(1.0, q, 6)], delta=1e-5, accountant="prv") for q in rates)
+    assert one < two
+    cfg = make_cfg(num_server_rounds=3, min_fit_clients=2, run_dir=str(tmp_path / "run"), dp="sigma",
+                   dp_noise_multiplier=1.0, dp_epsilon=(one + two) / 2, local_steps=3)
+    summary = simulate(cfg)  # no exception: the run stops training and still evaluates
+    rounds = [json.loads(x) for x in (Path(cfg.run_dir) / "rounds.jsonl").read_text().splitlines()]
+    assert rounds[0]["round"] == 1 and "stopped" in rounds[-1] and rounds[-1]["budget-exhausted"] == 3
+    assert any("refused" in line for line in summary["privacy"])
+    for device_dir in (Path(cfg.run_dir) / "devices").iterdir():
+        events = (device_dir / "ledger.jsonl").read_text().splitlines()
+        assert len(events) == 1 and json.loads(events[0])["epsilon"] <= cfg.dp_epsilon

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+from pathlib import Path
 
 from shared.config import RunConfig
 from shared.presets import Preset
@@ -78,3 +79,19 @@ class DPPlan:
             raise BudgetExhaustedError(f"privacy budget exhausted: ε spent {now:.3f}, the next round would reach "
                                        f"{nxt:.3f} > budget {budget:.3f} (δ={delta:g}); refusing to train")
         return nxt
+
+
+def check_stored_budget(cfg: RunConfig, state_dir: Path) -> None:
+    """Raise ``BudgetExhaustedError`` if this device's stored plan cannot afford another round.
+
+    Cheap (no model, no data): reads the device's plan and accountant history only.
+    """
+    from shared.privacy.ledger import PrivacyLedger
+
+    if not cfg.record_dp:
+        return
+    ledger = PrivacyLedger(state_dir)
+    stored = ledger.plan()
+    if stored:
+        DPPlan(**stored).check_budget(ledger.history(), delta=cfg.dp_delta, accountant=cfg.dp_accountant,
+                                      budget=cfg.dp_epsilon)

@@ -1,0 +1,85 @@
+"""Secure aggregation cost: round time and bytes uploaded per device, with and without SecAgg+.
+
+For 10, 50 and 100 devices at the text task's shared-adapter size, measured in one run
+(both modes per size, back to back). Bytes are the serialized replies the server pulls
+from the link for the training round (all four SecAgg+ stages, or the one plain reply).
+Training is kept short (2 DP-free local steps) so the protocol's own cost shows; the ratio
+with full local training is smaller. Prints a table; asserts nothing.
+
+    python benchmarks/secagg.py [--sizes 10 50 100] [--set secagg-num-shares=0.2]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import sys
+import tempfile
+from collections import defaultdict
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+
+def run(users: int, secure: bool, out: Path, extra: dict[str, str]) -> dict[str, float]:
+    from flwr.common import serde
+    from flwr.superlink.grid.inmemory_grid import InMemoryGrid
+    from rich.console import Console
+
+    from fedpgen.simulate import simulate
+    from server.results import read_jsonl
+    from shared.config import RunConfig
+
+    sent: dict[int, int] = defaultdict(int)
+    original = InMemoryGrid.pull_messages
+
+    def pull(self, message_ids):  # type: ignore[no-untyped-def]
+        messages = list(original(self, message_ids))
+        for msg in messages:
+            if msg.has_content() and msg.metadata.message_type == "train":
+                sent[msg.metadata.src_node_id] += len(serde.recorddict_to_proto(msg.content).SerializeToString())
+        return messages
+
+    InMemoryGrid.pull_messages = pull  # type: ignore[method-assign]
+    try:
+        cfg = RunConfig.from_mapping({
+            "data": "synthetic", "num-users": users, "min-records": 30, "num-server-rounds": 1, "local-steps": 2,
+            "personal-max-steps": 0, "dp": "off", "eval-fraction": min(1.0, 2 / users),
+            "secure-aggregation": secure, "run-dir": str(out / f"{users}-{secure}"), **extra})
+        simulate(cfg, fresh=True, console=Console(file=open(os.devnull, "w")))
+    finally:
+        InMemoryGrid.pull_messages = original  # type: ignore[method-assign]
+    rounds = read_jsonl(Path(cfg.run_dir) / "rounds.jsonl")
+    return {"seconds": rounds[0]["seconds"], "bytes": statistics.mean(sent.values())}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--sizes", type=int, nargs="*", default=[10, 50, 100])
+    parser.add_argument("--set", dest="sets", action="append", default=[], help="key=value override")
+    args = parser.parse_args()
+    from rich.console import Console
+    from rich.table import Table
+
+    extra = dict(s.split("=", 1) for s in args.sets)
+    rows = []
+    with tempfile.TemporaryDirectory() as tmp:
+        for users in args.sizes:
+            plain = run(users, False, Path(tmp), extra)
+            secure = run(users, True, Path(tmp), extra)
+            rows.append((users, plain, secure))
+            print(json.dumps({"users": users, "plain": plain, "secure": secure}), flush=True)
+    table = Table(title="SecAgg+ cost per training round (text task shared adapter, 2 local steps, no DP)")
+    for col in ("devices", "round s (plain)", "round s (SecAgg+)", "time ratio", "KiB up/device (plain)",
+                "KiB up/device (SecAgg+)", "bytes ratio"):
+        table.add_column(col, justify="right")
+    for users, p, s in rows:
+        table.add_row(str(users), f"{p['seconds']:.1f}", f"{s['seconds']:.1f}", f"{s['seconds'] / p['seconds']:.2f}x",
+                      f"{p['bytes'] / 1024:.1f}", f"{s['bytes'] / 1024:.1f}", f"{s['bytes'] / p['bytes']:.2f}x")
+    Console(width=140).print(table)
+
+
+if __name__ == "__main__":
+    main()
