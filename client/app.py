@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
@@ -95,6 +96,7 @@ def build_app(overrides: Mapping[str, Any] | None = None, mods: list[Mod] | None
         return DeviceClient(lambda: device_for(context, cfg))
 
     def gate(msg: Message, ctxt: Context, call_next: ClientAppCallable) -> Message:
+        logging.getLogger("flwr").setLevel(logging.INFO)  # SecAgg+ logs every stage at DEBUG on each device
         cfg = RunConfig.from_mapping({**dict(ctxt.run_config), **dict(overrides or {})})
         return budget_gate(cfg)(msg, ctxt, call_next)
 

@@ -70,6 +70,7 @@ class SharedDeltaStrategy(Strategy):
         self.user_rounds = completed  # DP-FedAvg rounds so far (user-level accounting)
         self.configured_rounds = self.aggregated_rounds = self.last_configured_round = 0  # loud-failure checks
         self._sampled = self._population = 1
+        self._bytes_down = 0
         self.stopped: str = ""
         self.refused_round = 0
         self._round_started = time.perf_counter()
@@ -117,8 +118,9 @@ class SharedDeltaStrategy(Strategy):
         self._sampled, self._population = len(clients), total
         self.configured_rounds += 1
         self.last_configured_round = r
-        fit_ins = FitIns(ndarrays_to_parameters(self.theta),
-                         {"server-round": r, "final": False, "sampled-clients": len(clients)})
+        base = ndarrays_to_parameters(self.theta)
+        self._bytes_down = sum(len(t) for t in base.tensors)
+        fit_ins = FitIns(base, {"server-round": r, "final": False, "sampled-clients": len(clients)})
         return [(c, fit_ins) for c in clients]
 
     def aggregate_fit(self, server_round: int, results: list[tuple[ClientProxy, FitRes]],
@@ -146,9 +148,9 @@ class SharedDeltaStrategy(Strategy):
                 continue
             deltas.append(arrays)
             weights.append(float(res.num_examples))
-            nbytes = sum(len(t) for t in res.parameters.tensors)  # under SecAgg+: the aggregate's size
+            nbytes = sum(len(t) for t in res.parameters.tensors)  # under SecAgg+: the aggregate, not an upload
             byte_counts.append(nbytes)
-            self.recorder.client_round({"round": r, "node-id": proxy.node_id, "bytes-down": nbytes,
+            self.recorder.client_round({"round": r, "node-id": proxy.node_id, "bytes-down": self._bytes_down,
                                         "num-examples": res.num_examples,
                                         **({} if self.cfg.secure_aggregation else {"bytes-up": nbytes}),
                                         **{k: v for k, v in res.metrics.items() if k != "keys-digest"}})
@@ -185,9 +187,9 @@ class SharedDeltaStrategy(Strategy):
                "budget-exhausted": len(self.exhausted),
                "seconds": time.perf_counter() - self._round_started,
                "delta-norm": float(np.sqrt(sum(float((d * d).sum()) for d in mean_delta))),
-               "bytes-down-mean": float(np.mean(byte_counts)), "secure-aggregation": self.cfg.secure_aggregation}
+               "bytes-down-mean": float(self._bytes_down), "secure-aggregation": self.cfg.secure_aggregation}
         if not self.cfg.secure_aggregation:
-            row["bytes-up-mean"] = row["bytes-down-mean"]
+            row["bytes-up-mean"] = float(np.mean(byte_counts))
         if cfg.user_dp != "off":
             row["user-epsilon"] = user_epsilon(noise_multiplier=cfg.user_noise_multiplier,
                                                sample_rate=self._sampled / self._population,
