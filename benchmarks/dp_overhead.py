@@ -107,7 +107,7 @@ def main() -> None:
     table.add_row("step time (ms, median of repeats)", f"{plain * 1e3:.1f}", f"{dp * 1e3:.1f}", f"{dp / plain:.2f}x")
     table.add_row("peak RSS while training, above the loaded model (MiB)", f"{mem['plain'] / 1024:.1f}", f"{mem['dp'] / 1024:.1f}",
                   f"{mem['dp'] / max(mem['plain'], 1):.2f}x")
-    Console().print(table)
+    Console(width=120).print(table)
     Console().print("DP batches are Poisson-sampled (expected size = batch size); target: time ratio <= 1.2x.")
 
 
