@@ -41,10 +41,6 @@ def attach_adapters(base: torch.nn.Module, *, preset: Preset, targets: dict[str,
     return model
 
 
-def adapter_names(model: PeftModel) -> list[str]:
-    return list(model.peft_config)
-
-
 def param_sets(model: PeftModel, preset: Preset) -> ParamSets:
     """Select the parameter sets by the preset's patterns over parameter names."""
     names = [n for n, _ in model.named_parameters() if ".lora_" in n]

@@ -11,7 +11,7 @@ import pytest
 import ray.cloudpickle
 from flwr.app import Context, Message
 from flwr.clientapp.typing import ClientAppCallable
-from flwr.common import bytes_to_ndarray, parameters_to_ndarrays, serde
+from flwr.common import bytes_to_ndarray, parameters_to_ndarrays
 from flwr.common.secure_aggregation.quantization import dequantize
 from flwr.common.secure_aggregation.secaggplus_constants import RECORD_KEY_CONFIGS, Key, Stage
 from flwr.compat.common import recorddict_compat as compat

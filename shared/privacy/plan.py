@@ -8,6 +8,7 @@ from pathlib import Path
 from shared.config import RunConfig
 from shared.presets import Preset
 from shared.privacy.accounting import calibrate_sigma, compose, epsilon, poisson_sample_rate
+from shared.privacy.ledger import PrivacyLedger
 from shared.privacy.mechanism import NoPrivacy, RecordDP
 
 
@@ -86,8 +87,6 @@ def check_stored_budget(cfg: RunConfig, state_dir: Path) -> None:
 
     Cheap (no model, no data): reads the device's plan and accountant history only.
     """
-    from shared.privacy.ledger import PrivacyLedger
-
     if not cfg.record_dp:
         return
     ledger = PrivacyLedger(state_dir)
