@@ -25,9 +25,9 @@ from flwr.server.strategy import Strategy
 
 from server import checkpoint
 from server.aggregation import make_server_optimizer, weighted_mean
-from shared.privacy.user_level import user_epsilon, user_level_mean
 from server.results import RunRecorder
 from shared.config import RunConfig
+from shared.privacy.user_level import user_epsilon, user_level_mean
 from shared.wire import BUDGET_EXHAUSTED, EVAL_METRICS, FIT_METRICS, check_update, keys_digest
 
 log = logging.getLogger(__name__)
@@ -107,9 +107,8 @@ class SharedDeltaStrategy(Strategy):
         available = total - len(self.exhausted)
         n = max(self.cfg.min_fit_clients, math.ceil(self.cfg.fraction_fit * available))
         if self.exhausted and n > available:
-            self.stopped = (f"training stopped before round {r}: {len(self.exhausted)} of {total} devices "
-                            f"exhausted their privacy budget; {available} left < {n} needed")
-            log.warning("%s", self.stopped)
+            self.stop(r, f"training stopped: {len(self.exhausted)} of {total} devices exhausted their privacy "
+                         f"budget; {available} left < {n} needed")
             return []
         if n > available:
             raise RoundFailedError(f"round {r}: {available} clients available, need {n} (min-fit-clients)")
