@@ -7,7 +7,6 @@ from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 from flwr.app import Context, Message
 from flwr.client import Client
@@ -17,18 +16,20 @@ from flwr.common import (Code, EvaluateIns, EvaluateRes, FitIns, FitRes, Paramet
                          ndarrays_to_parameters, parameters_to_ndarrays)
 from flwr.common.secure_aggregation.secaggplus_constants import RECORD_KEY_CONFIGS, Key, Stage
 
-from client.device import Device
+from client.device import Device, check_usable
 from client.secure_aggregation import secagg_when_asked
 from shared.config import RunConfig
 from shared.data.user_folder import list_user_dirs
 from shared.population import population_dir, state_dir
 from shared.privacy.plan import BudgetExhaustedError, check_stored_budget
-from shared.wire import BUDGET_EXHAUSTED
+from shared.tasks import NoUsableDataError, get_task
+from shared.wire import BUDGET_EXHAUSTED, NO_USABLE_DATA
 
 
 class DeviceClient(Client):
-    def __init__(self, device_factory: Callable[[], Device]) -> None:
+    def __init__(self, device_factory: Callable[[], Device], primary: str) -> None:
         self._factory = device_factory
+        self._primary = primary
 
     def fit(self, ins: FitIns) -> FitRes:
         try:
@@ -37,11 +38,16 @@ class DeviceClient(Client):
                                                     sampled_clients=int(ins.config["sampled-clients"]))
         except BudgetExhaustedError as exc:  # a clear refusal, not a crash
             return FitRes(Status(Code.FIT_NOT_IMPLEMENTED, f"{BUDGET_EXHAUSTED}: {exc}"), Parameters([], ""), 0, {})
+        except NoUsableDataError as exc:
+            return FitRes(Status(Code.FIT_NOT_IMPLEMENTED, f"{NO_USABLE_DATA}: {exc}"), Parameters([], ""), 0, {})
         return FitRes(Status(Code.OK, "ok"), ndarrays_to_parameters(delta), n, metrics)
 
     def evaluate(self, ins: EvaluateIns) -> EvaluateRes:
-        metrics = self._factory().evaluate(parameters_to_ndarrays(ins.parameters))
-        loss = float(np.log(float(metrics["personal-ppl"])))
+        try:
+            metrics = self._factory().evaluate(parameters_to_ndarrays(ins.parameters))
+        except NoUsableDataError as exc:
+            return EvaluateRes(Status(Code.EVALUATE_NOT_IMPLEMENTED, f"{NO_USABLE_DATA}: {exc}"), 0.0, 0, {})
+        loss = float(metrics[f"personal-{self._primary}"])  # the task's primary held-out metric
         return EvaluateRes(Status(Code.OK, "ok"), loss, int(metrics["num-heldout"]), metrics)
 
 
@@ -64,7 +70,8 @@ def device_for(context: Context, cfg: RunConfig) -> Device:
 
 
 def budget_gate(cfg: RunConfig) -> Mod:
-    """Refuse at SecAgg+'s setup stage when the ε budget is spent, naming this node.
+    """Refuse at SecAgg+'s setup stage when the ε budget is spent or the device has no
+    usable data, naming this node.
 
     Inside SecAgg+ a refusal can only be a failed message; refusing before any key is
     exchanged, with the node id in the error, lets the server stop sampling this device.
@@ -73,10 +80,16 @@ def budget_gate(cfg: RunConfig) -> Mod:
     def gate(msg: Message, ctxt: Context, call_next: ClientAppCallable) -> Message:
         configs = msg.content.config_records.get(RECORD_KEY_CONFIGS) if msg.has_content() else None
         if configs is not None and configs.get(Key.STAGE) == Stage.SETUP:
+            user_dir, state, _ = device_paths(ctxt, cfg)
+            node = msg.metadata.dst_node_id
             try:
-                check_stored_budget(cfg, device_paths(ctxt, cfg)[1])
+                check_stored_budget(cfg, state)
             except BudgetExhaustedError as exc:
-                raise BudgetExhaustedError(f"{BUDGET_EXHAUSTED} node={msg.metadata.dst_node_id}: {exc}") from None
+                raise BudgetExhaustedError(f"{BUDGET_EXHAUSTED} node={node}: {exc}") from None
+            try:
+                check_usable(cfg, user_dir, state)
+            except NoUsableDataError as exc:
+                raise NoUsableDataError(f"{NO_USABLE_DATA} node={node}: {exc}") from None
         return call_next(msg, ctxt)
 
     return gate
@@ -93,7 +106,7 @@ def build_app(overrides: Mapping[str, Any] | None = None, mods: list[Mod] | None
     def client_fn(context: Context) -> Client:
         cfg = RunConfig.from_mapping({**dict(context.run_config), **dict(overrides or {})})
         torch.set_num_threads(cfg.threads_per_client)
-        return DeviceClient(lambda: device_for(context, cfg))
+        return DeviceClient(lambda: device_for(context, cfg), primary=get_task(cfg.task).primary)
 
     def gate(msg: Message, ctxt: Context, call_next: ClientAppCallable) -> Message:
         logging.getLogger("flwr").setLevel(logging.INFO)  # SecAgg+ logs every stage at DEBUG on each device

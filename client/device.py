@@ -24,6 +24,7 @@ from shared.privacy.mechanism import NoPrivacy, RecordDP
 from shared.privacy.plan import DPPlan, check_pattern, personal_in_shared_forward
 from shared.privacy.user_level import add_noise_share, clip_delta
 from shared.store import DeviceStore
+from shared.tasks import get_task
 from shared.training import TrainResult, mean_loss, train
 from shared.wire import keys_digest
 
@@ -31,6 +32,16 @@ log = logging.getLogger(__name__)
 
 SHARED, BOTH = ["shared"], ["shared", "personal"]
 Mechanism = NoPrivacy | RecordDP
+
+
+def check_usable(cfg: RunConfig, user_dir: Path, state_dir: Path) -> None:
+    """Raise ``NoUsableDataError`` if this device's folder cannot train (no model built).
+
+    A device that already trained is known to be usable; otherwise its folder is read once."""
+    if int(DeviceStore(state_dir).load_meta().get("rounds_trained", 0)) > 0:
+        return
+    task = get_task(cfg.task)
+    task.read_user(Path(user_dir), cfg, base_path=task.base_model_path(cfg))
 
 
 class Device:
@@ -160,12 +171,16 @@ class Device:
         self.store.save_meta(meta)
         metrics: dict[str, object] = {
             "client-index": self.client_index, "keys-digest": keys_digest(self.sets.send),
-            "skipped-files": self.data.skipped, "train-seconds": train_seconds, **event.wire(),
+            "train-seconds": train_seconds, **self._skipped(), **event.wire(),
         }
         if not privacy.private:  # data-dependent scalars: sent only by runs that are not private anyway
             metrics.update({"train-loss": shared_res.mean_loss, "val-loss-before": before, "val-loss-after": after,
                             "personal-best-step": personal_res.best_step})
         return delta, self._weight(), metrics
+
+    def _skipped(self) -> dict[str, int]:
+        """The data-quality report: bad inputs skipped on this device, counted by reason."""
+        return {f"skipped-{reason}": count for reason, count in self.data.skipped.items()}
 
     def _weight(self) -> int:
         """The aggregation weight sent as ``num_examples``: uniform under user-level DP (its
@@ -198,7 +213,7 @@ class Device:
         """Held-out metrics of base, shared-only, shared+personal and local-only models."""
         held = self.data.heldout
         out: dict[str, object] = {"client-index": self.client_index, "num-heldout": int(held.shape[0]),
-                                  "skipped-files": self.data.skipped}
+                                  **self._skipped()}
 
         def record(variant: str, adapters: list[str] | None) -> None:
             if adapters is None:

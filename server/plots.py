@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import matplotlib
@@ -10,6 +11,8 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
 from server.results import read_clients, read_jsonl  # noqa: E402
+from shared.tasks import get_task  # noqa: E402
+from shared.wire import VARIANTS  # noqa: E402
 
 
 def plot_run(run_dir: Path) -> list[Path]:
@@ -51,16 +54,17 @@ def plot_run(run_dir: Path) -> list[Path]:
         written.append(run_dir / "privacy.png")
     clients = read_clients(run_dir)
     if clients:
+        task = get_task(json.loads((run_dir / "config.json").read_text())["task"])
         fig, ax = plt.subplots(figsize=(max(6, len(clients) * 0.35), 4))
-        variants = ["base", "shared", "personal", "local"]
         width = 0.2
-        for i, v in enumerate(variants):
-            ax.bar([c + (i - 1.5) * width for c in range(len(clients))], [r[f"{v}-ppl"] for r in clients],
+        metric = f"{task.primary_label} ({'higher' if task.higher_is_better else 'lower'} is better)"
+        for i, v in enumerate(VARIANTS):
+            ax.bar([c + (i - 1.5) * width for c in range(len(clients))], [r[f"{v}-{task.primary}"] for r in clients],
                    width=width, label=v)
-        ax.set(xlabel="client", ylabel="held-out perplexity (lower is better)", title="Personalization")
-        lo = min(r[f"{v}-ppl"] for r in clients for v in variants)
-        hi = max(r[f"{v}-ppl"] for r in clients for v in variants)
-        ax.set_ylim(lo * 0.95, hi * 1.02)
+        ax.set(xlabel="client", ylabel=metric, title="Personalization")
+        lo = min(r[f"{v}-{task.primary}"] for r in clients for v in VARIANTS)
+        hi = max(r[f"{v}-{task.primary}"] for r in clients for v in VARIANTS)
+        ax.set_ylim(0.0 if task.higher_is_better else lo * 0.95, hi * 1.02)
         ax.legend()
         fig.tight_layout()
         fig.savefig(run_dir / "personalization.png", dpi=100)

@@ -63,9 +63,9 @@ class _SecAggPlus(SecAggPlusWorkflow):
 
     def setup_stage(self, grid: Grid, context: Context, state: WorkflowState) -> bool:  # type: ignore[override]
         ok = super().setup_stage(grid, context, state)  # type: ignore[arg-type]
-        refused = refusals_in(state.failures)  # devices whose ε budget is spent refuse here, by node id
+        refused = refusals_in(state.failures)  # devices refuse here, by node id (budget spent, no usable data)
         if refused:
-            self.strategy.mark_exhausted(refused, self.strategy.last_configured_round)
+            self.strategy.mark_refused(refused, self.strategy.last_configured_round)
         return ok
 
     def share_keys_stage(self, grid: Grid, context: Context, state: WorkflowState) -> bool:  # type: ignore[override]

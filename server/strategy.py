@@ -28,7 +28,8 @@ from server.aggregation import make_server_optimizer, weighted_mean
 from server.results import RunRecorder
 from shared.config import RunConfig
 from shared.privacy.user_level import user_epsilon, user_level_mean
-from shared.wire import BUDGET_EXHAUSTED, EVAL_METRICS, FIT_METRICS, check_update, keys_digest
+from shared.tasks import TASKS
+from shared.wire import BUDGET_EXHAUSTED, FIT_METRICS, NO_USABLE_DATA, REFUSALS, check_update, eval_metrics, keys_digest
 
 log = logging.getLogger(__name__)
 
@@ -37,18 +38,27 @@ class RoundFailedError(RuntimeError):
     """A round produced no valid aggregate: the run stops instead of keeping the old base."""
 
 
-def refusals_in(failures: list[Any]) -> list[int]:
-    """Node ids of budget refusals that arrived as failed messages (inside SecAgg+)."""
-    found = (re.search(rf"{BUDGET_EXHAUSTED} node=(\d+)", str(f)) for f in failures if isinstance(f, BaseException))
-    return [int(m.group(1)) for m in found if m]
+_REFUSAL = re.compile(rf"({'|'.join(REFUSALS)}) node=(\d+)")
+_REASONS = {BUDGET_EXHAUSTED: "privacy budget spent", NO_USABLE_DATA: "no usable data"}
 
 
-class _HasBudget(Criterion):
-    def __init__(self, exhausted: set[int]) -> None:
-        self.exhausted = exhausted
+def refusals_in(failures: list[Any]) -> dict[int, str]:
+    """{node id: reason} of refusals that arrived as failed messages (inside SecAgg+)."""
+    found = (_REFUSAL.search(str(f)) for f in failures if isinstance(f, BaseException))
+    return {int(m.group(2)): m.group(1) for m in found if m}
+
+
+def refusal_of(res: FitRes) -> str:
+    """The refusal reason of a fit reply, or ``""``."""
+    return next((r for r in REFUSALS if res.status.message.startswith(r)), "")
+
+
+class _NotRefused(Criterion):
+    def __init__(self, refused: dict[int, str]) -> None:
+        self.refused = refused
 
     def select(self, client: ClientProxy) -> bool:
-        return client.node_id not in self.exhausted
+        return client.node_id not in self.refused
 
 
 class SharedDeltaStrategy(Strategy):
@@ -66,7 +76,8 @@ class SharedDeltaStrategy(Strategy):
         self.recorder = recorder
         self.final_metrics: list[dict[str, Scalar]] = []
         self.on_round_end: Callable[[dict[str, Any]], None] = lambda row: None
-        self.exhausted: set[int] = set()  # devices that refused: their ε budget is spent
+        self.refused: dict[int, str] = {}  # devices that refused, and why (shared.wire.REFUSALS)
+        self.eval_schema = eval_metrics(TASKS[cfg.task].metric_names)
         self.user_rounds = completed  # DP-FedAvg rounds so far (user-level accounting)
         self.configured_rounds = self.aggregated_rounds = self.last_configured_round = 0  # loud-failure checks
         self._sampled = self._population = 1
@@ -81,20 +92,30 @@ class SharedDeltaStrategy(Strategy):
     def initialize_parameters(self, client_manager: ClientManager) -> Parameters | None:
         return ndarrays_to_parameters(self.theta)
 
-    def mark_exhausted(self, node_ids: list[int], r: int) -> None:
-        """Devices that refused because their ε budget is spent: never sampled again."""
-        for node_id in node_ids:
-            log.warning("round %d: node %s refused to train (%s); it will not be sampled again", r, node_id,
-                        BUDGET_EXHAUSTED)
-        self.exhausted.update(node_ids)
-        if node_ids:
+    @property
+    def exhausted(self) -> set[int]:
+        """Devices whose ε budget is spent."""
+        return {n for n, why in self.refused.items() if why == BUDGET_EXHAUSTED}
+
+    def refusal_counts(self) -> dict[str, int]:
+        return {reason: sum(why == reason for why in self.refused.values()) for reason in REFUSALS}
+
+    def mark_refused(self, refused: dict[int, str], r: int) -> None:
+        """Devices that refused (budget spent, no usable data): never sampled again."""
+        for node_id, why in refused.items():
+            log.warning("round %d: node %s refused to train (%s); it will not be sampled again", r, node_id, why)
+        self.refused.update(refused)
+        if refused:
             self.refused_round = r
+
+    def _refusal_text(self) -> str:
+        return ", ".join(f"{n} {_REASONS[why]}" for why, n in self.refusal_counts().items() if n)
 
     def stop(self, r: int, why: str) -> None:
         """Stop training (the final evaluation still runs), and say so in the results."""
         self.stopped = f"round {r}: {why}"
         log.warning("%s", self.stopped)
-        self.recorder.round({"round": r, "budget-exhausted": len(self.exhausted), "stopped": self.stopped})
+        self.recorder.round({"round": r, **self.refusal_counts(), "stopped": self.stopped})
 
     def configure_fit(self, server_round: int, parameters: Parameters,
                       client_manager: ClientManager) -> list[tuple[ClientProxy, FitIns]]:
@@ -104,15 +125,15 @@ class SharedDeltaStrategy(Strategy):
         if self.stopped:
             return []
         total = client_manager.num_available()
-        available = total - len(self.exhausted)
+        available = total - len(self.refused)
         n = max(self.cfg.min_fit_clients, math.ceil(self.cfg.fraction_fit * available))
-        if self.exhausted and n > available:
-            self.stop(r, f"training stopped: {len(self.exhausted)} of {total} devices exhausted their privacy "
-                         f"budget; {available} left < {n} needed")
+        if self.refused and n > available:
+            self.stop(r, f"training stopped: {len(self.refused)} of {total} devices refused "
+                         f"({self._refusal_text()}); {available} left < {n} needed")
             return []
         if n > available:
             raise RoundFailedError(f"round {r}: {available} clients available, need {n} (min-fit-clients)")
-        clients = client_manager.sample(num_clients=n, min_num_clients=n, criterion=_HasBudget(self.exhausted))
+        clients = client_manager.sample(num_clients=n, min_num_clients=n, criterion=_NotRefused(self.refused))
         self._round_started = time.perf_counter()
         self._sampled, self._population = len(clients), total
         self.configured_rounds += 1
@@ -126,12 +147,12 @@ class SharedDeltaStrategy(Strategy):
                       failures: list[tuple[ClientProxy, FitRes] | BaseException]
                       ) -> tuple[Parameters | None, dict[str, Scalar]]:
         r = self.absolute_round(server_round)
-        refused = [proxy.node_id for proxy, res in (f for f in failures if isinstance(f, tuple))
-                   if res.status.message.startswith(BUDGET_EXHAUSTED)]
-        refused += refusals_in(failures)
-        self.mark_exhausted(refused, r)
+        refused = {proxy.node_id: refusal_of(res) for proxy, res in (f for f in failures if isinstance(f, tuple))
+                   if refusal_of(res)}
+        refused.update(refusals_in(failures))
+        self.mark_refused(refused, r)
         failures = [f for f in failures if not (isinstance(f, tuple) and f[0].node_id in refused)
-                    and not (isinstance(f, BaseException) and BUDGET_EXHAUSTED in str(f))]
+                    and not (isinstance(f, BaseException) and _REFUSAL.search(str(f)))]
         deltas, weights, rejected, byte_counts = [], [], 0, []
         for proxy, res in results:
             arrays = parameters_to_ndarrays(res.parameters)
@@ -154,7 +175,7 @@ class SharedDeltaStrategy(Strategy):
                                         **({} if self.cfg.secure_aggregation else {"bytes-up": nbytes}),
                                         **{k: v for k, v in res.metrics.items() if k != "keys-digest"}})
         if refused and len(deltas) < self.cfg.min_fit_clients:
-            self.stop(r, f"{len(refused)} devices refused (privacy budget spent); training stopped")
+            self.stop(r, f"{len(refused)} devices refused ({self._refusal_text()}); training stopped")
             return ndarrays_to_parameters(self.theta), {}
         if len(deltas) < self.cfg.min_fit_clients:
             raise RoundFailedError(
@@ -183,7 +204,7 @@ class SharedDeltaStrategy(Strategy):
         checkpoint.save(Path(self.cfg.run_dir) / "checkpoints", server_round=r, config_hash=self.cfg.model_hash(),
                         names=self.names, theta=self.theta, opt_state=self.optimizer.state())
         row = {"round": r, "clients": len(weights), "rejected": rejected, "failures": len(failures),
-               "budget-exhausted": len(self.exhausted),
+               **self.refusal_counts(),
                "seconds": time.perf_counter() - self._round_started,
                "delta-norm": float(np.sqrt(sum(float((d * d).sum()) for d in mean_delta))),
                "bytes-down-mean": float(self._bytes_down), "secure-aggregation": self.cfg.secure_aggregation}
@@ -213,8 +234,11 @@ class SharedDeltaStrategy(Strategy):
                            client_manager: ClientManager) -> list[tuple[ClientProxy, EvaluateIns]]:
         if self.absolute_round(server_round) < self.cfg.num_server_rounds:
             return []
-        available = client_manager.num_available()
-        clients = client_manager.sample(num_clients=max(1, math.ceil(self.cfg.eval_fraction * available)))
+        no_data = {n for n, why in self.refused.items() if why == NO_USABLE_DATA}  # nothing to evaluate there
+        available = client_manager.num_available() - len(no_data)
+        n = max(1, math.ceil(self.cfg.eval_fraction * available))
+        clients = client_manager.sample(num_clients=n, min_num_clients=n,
+                                        criterion=_NotRefused({k: v for k, v in self.refused.items() if k in no_data}))
         ins = EvaluateIns(ndarrays_to_parameters(self.theta), {"server-round": self.cfg.num_server_rounds,
                                                               "final": True})
         return [(c, ins) for c in clients]
@@ -224,7 +248,7 @@ class SharedDeltaStrategy(Strategy):
                            ) -> tuple[float | None, dict[str, Scalar]]:
         rows = []
         for proxy, res in results:
-            extra = set(res.metrics) - EVAL_METRICS
+            extra = set(res.metrics) - self.eval_schema
             if extra:
                 log.warning("evaluation from node %s rejected: metrics outside the wire schema %s",
                             proxy.node_id, sorted(extra))
@@ -236,7 +260,7 @@ class SharedDeltaStrategy(Strategy):
         self.recorder.final_clients(rows)
         if not rows:
             return None, {}
-        return float(np.mean([float(r["personal-ppl"]) for r in rows])), {}
+        return float(np.mean([float(r[f"personal-{TASKS[self.cfg.task].primary}"]) for r in rows])), {}
 
     def evaluate(self, server_round: int, parameters: Parameters) -> tuple[float, dict[str, Scalar]] | None:
         return None

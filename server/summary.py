@@ -12,6 +12,8 @@ from rich.console import Console
 from rich.table import Table
 
 from server.results import read_clients, read_jsonl
+from shared.tasks import Task, get_task
+from shared.wire import BUDGET_EXHAUSTED, NO_USABLE_DATA, REFUSALS, SKIP_REASONS, VARIANTS
 
 
 def epsilon_by_client(run_dir: Path) -> dict[int, float]:
@@ -47,11 +49,21 @@ def privacy_lines(run_dir: Path, rounds: list[dict[str, Any]]) -> list[str]:
     else:
         lines.append("NO secure aggregation (secure-aggregation = false): the server sees each device's "
                      "(DP-noised) shared delta")
-    exhausted = max((r.get("budget-exhausted", 0) for r in rounds), default=0)
+    exhausted = max((r.get(BUDGET_EXHAUSTED, 0) for r in rounds), default=0)
     if exhausted:
         lines.append(f"{exhausted} devices refused to train once their ε budget was spent")
     lines += [r["stopped"] for r in rounds if r.get("stopped")]
     return lines
+
+
+def _gain(task: Task, shared: float, personal: float) -> float:
+    """How much better ``personal`` is than ``shared``: a ratio for lower-is-better metrics
+    (perplexity), a difference for rates that may be 0 (HR@10)."""
+    return personal - shared if task.higher_is_better else shared / personal
+
+
+def _fmt_gain(task: Task, gain: float) -> str:
+    return f"{gain:+.3f}" if task.higher_is_better else f"{gain:.3f}x"
 
 
 def summarize(run_dir: Path) -> dict[str, Any]:
@@ -60,23 +72,33 @@ def summarize(run_dir: Path) -> dict[str, Any]:
     rounds = [r for r in read_jsonl(Path(run_dir) / "rounds.jsonl") if "bytes-down-mean" in r]
     if not clients:
         raise RuntimeError(f"{run_dir}: no per-client results (clients.csv)")
+    cfg = json.loads((Path(run_dir) / "config.json").read_text())
+    task = get_task(cfg["task"])
+    p = task.primary
 
     def med(key: str) -> float:
         return statistics.median(float(c[key]) for c in clients)
 
+    all_rounds = read_jsonl(Path(run_dir) / "rounds.jsonl")
     summary = {
+        "task": task.name,
+        "primary-metric": p,
+        "higher-is-better": task.higher_is_better,
         "clients": len(clients),
         "rounds": len(rounds),
-        "median-ppl": {v: med(f"{v}-ppl") for v in ("base", "shared", "personal", "local")},
-        "median-acc": {v: med(f"{v}-acc") for v in ("base", "shared", "personal", "local")},
-        "personal-beats-shared": sum(c["personal-ppl"] < c["shared-ppl"] for c in clients),
-        "personal-beats-local": sum(c["personal-ppl"] < c["local-ppl"] for c in clients),
-        "median-personalization-gain": statistics.median(c["shared-ppl"] / c["personal-ppl"] for c in clients),
-        "median-federation-gain": statistics.median(c["local-ppl"] / c["personal-ppl"] for c in clients),
-        "skipped-files": sum(int(c.get("skipped-files", 0)) for c in clients),
+        **{f"median-{m}": {v: med(f"{v}-{m}") for v in VARIANTS} for m in task.metric_names
+           if all(f"{v}-{m}" in c for c in clients for v in VARIANTS)},
+        "personal-beats-shared": sum(task.better(c[f"personal-{p}"], c[f"shared-{p}"]) for c in clients),
+        "personal-beats-local": sum(task.better(c[f"personal-{p}"], c[f"local-{p}"]) for c in clients),
+        "median-personalization-gain": statistics.median(_gain(task, c[f"shared-{p}"], c[f"personal-{p}"])
+                                                         for c in clients),
+        "median-federation-gain": statistics.median(_gain(task, c[f"local-{p}"], c[f"personal-{p}"])
+                                                    for c in clients),
+        "skipped": {r: n for r in SKIP_REASONS if (n := sum(int(c.get(f"skipped-{r}") or 0) for c in clients))},
+        "refused": {r: max((int(row.get(r, 0)) for row in all_rounds), default=0) for r in REFUSALS},
         "mean-bytes-down-per-client-round": statistics.mean(r["bytes-down-mean"] for r in rounds) if rounds else 0.0,
         "epsilon-by-client": epsilon_by_client(run_dir),
-        "privacy": privacy_lines(run_dir, read_jsonl(Path(run_dir) / "rounds.jsonl")),
+        "privacy": privacy_lines(run_dir, all_rounds),
     }
     (Path(run_dir) / "summary.json").write_text(json.dumps(summary, indent=2))
     return summary
@@ -85,28 +107,40 @@ def summarize(run_dir: Path) -> dict[str, Any]:
 def print_summary(run_dir: Path, names: dict[int, str] | None = None, console: Console | None = None) -> dict:
     console = console or Console()
     summary = summarize(run_dir)
-    table = Table(title=f"Held-out perplexity per client ({run_dir})")
+    task = get_task(summary["task"])
+    p = task.primary
+    direction = "higher" if task.higher_is_better else "lower"
+    label = task.primary_label[:1].upper() + task.primary_label[1:]
+    table = Table(title=f"{label} per client, {direction} is better ({run_dir})")
     eps = summary["epsilon-by-client"]
     for col in ("client", "base", "shared", "shared+personal", "local-only", "pers. gain", "fed. gain", "ε"):
         table.add_column(col, justify="right" if col != "client" else "left")
     for c in sorted(read_clients(run_dir), key=lambda r: r["client-index"]):
         name = (names or {}).get(int(c["client-index"]), str(c["client-index"]))
-        table.add_row(name, f"{c['base-ppl']:.3f}", f"{c['shared-ppl']:.3f}", f"{c['personal-ppl']:.3f}",
-                      f"{c['local-ppl']:.3f}", f"{c['shared-ppl'] / c['personal-ppl']:.3f}x",
-                      f"{c['local-ppl'] / c['personal-ppl']:.3f}x",
+        table.add_row(name, *(f"{c[f'{v}-{p}']:.3f}" for v in VARIANTS),
+                      _fmt_gain(task, _gain(task, c[f"shared-{p}"], c[f"personal-{p}"])),
+                      _fmt_gain(task, _gain(task, c[f"local-{p}"], c[f"personal-{p}"])),
                       f"{eps.get(int(c['client-index']), float('inf')):.2f}")
-    m = summary["median-ppl"]
-    table.add_row("[bold]median", f"{m['base']:.3f}", f"{m['shared']:.3f}", f"{m['personal']:.3f}",
-                  f"{m['local']:.3f}", f"{summary['median-personalization-gain']:.3f}x",
-                  f"{summary['median-federation-gain']:.3f}x",
+    m = summary[f"median-{p}"]
+    table.add_row("[bold]median", *(f"{m[v]:.3f}" for v in VARIANTS),
+                  _fmt_gain(task, summary["median-personalization-gain"]),
+                  _fmt_gain(task, summary["median-federation-gain"]),
                   f"{statistics.median(eps.values()):.2f}" if eps else "inf")
     console.print(table)
+    others = [m for m in task.metric_names if m != p and f"median-{m}" in summary]
+    for metric in others:
+        med = summary[f"median-{metric}"]
+        console.print(f"median {metric}: " + ", ".join(f"{v} {med[v]:.3f}" for v in VARIANTS))
     n = summary["clients"]
+    skipped = ", ".join(f"{k} {v}" for k, v in summary["skipped"].items()) or "none"
     console.print(f"shared+personal beats shared-only for {summary['personal-beats-shared']}/{n} clients, "
                   f"beats local-only for {summary['personal-beats-local']}/{n}; "
-                  f"{summary['skipped-files']} unreadable files skipped; "
+                  f"bad inputs skipped on devices: {skipped}; "
                   f"{summary['mean-bytes-down-per-client-round'] / 1024:.1f} KiB shared base sent to each device "
                   "per round.")
+    if summary["refused"].get(NO_USABLE_DATA):
+        console.print(f"[bold yellow]{summary['refused'][NO_USABLE_DATA]} devices had no usable data "
+                      "(empty or unusable logs/documents) and refused to take part")
     for line in summary["privacy"]:
         style = "bold red" if line.startswith(("NOT PRIVATE", "NO secure")) else "bold green"
         console.print(f"[{style}]{line}")

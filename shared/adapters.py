@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import re
+import warnings
 from collections.abc import Iterator
 
 import numpy as np
@@ -33,7 +34,9 @@ def attach_adapters(base: torch.nn.Module, *, preset: Preset, targets: dict[str,
     """
     torch.manual_seed(seed)
     shared = LoraConfig(r=rank, lora_alpha=alpha, lora_dropout=0.0, target_modules=targets["shared"])
-    model = get_peft_model(base, shared, adapter_name="shared")
+    with warnings.catch_warnings():  # PEFT 0.21 reads a property transformers 5 deprecated: not ours to fix
+        warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
+        model = get_peft_model(base, shared, adapter_name="shared")
     if preset.personal_targets:
         personal = LoraConfig(r=personal_rank, lora_alpha=alpha, lora_dropout=0.0,
                               target_modules=targets[preset.personal_targets])

@@ -113,7 +113,9 @@ class RunConfig:
 
         need(self.task in TASKS, "task", f"unknown task; valid: {', '.join(sorted(TASKS))}")
         need(self.preset in PRESETS, "preset", f"unknown preset; valid: {', '.join(sorted(PRESETS))}")
-        need(self.data in {"shakespeare", "synthetic", "dir"}, "data", "valid: shakespeare, synthetic, dir")
+        if self.task in TASKS:
+            valid = (*TASKS[self.task].datasets, "dir")
+            need(self.data in valid, "data", f"task {self.task!r} takes data: {', '.join(valid)}")
         need(self.data != "dir" or bool(self.data_dir), "data-dir", "data = 'dir' needs a data-dir")
         need(self.num_users >= 1, "num-users", "must be >= 1")
         need(self.min_records >= 2, "min-records", "must be >= 2")

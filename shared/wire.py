@@ -14,6 +14,16 @@ import hashlib
 
 import numpy as np
 
+# Bad inputs a device skipped, counted by reason (a data-quality report: counts only).
+SKIP_REASONS = (
+    "unreadable-file",     # binary, not UTF-8, wrong extension
+    "malformed-profile",   # profile.json that is not a JSON object
+    "malformed-line",      # behavior.jsonl: not JSON, no item, no numeric ts
+    "unknown-item",        # behavior.jsonl: an item id the catalog does not know
+    "out-of-order",        # behavior.jsonl: a timestamp earlier than an event before it
+    "empty-log",           # behavior.jsonl: missing or without a usable event
+)
+
 DOWNLINK_CONFIG = frozenset({"server-round", "final", "sampled-clients"})
 
 # Plaintext metadata of a training reply: aggregate statistics of the device's round.
@@ -25,20 +35,24 @@ FIT_METRICS = frozenset({
     "val-loss-before",     # loss of the received shared base on the device's validation records
     "val-loss-after",      # loss after this round's shared + personal training
     "personal-best-step",  # early-stopping step kept for the personal part
-    "skipped-files",       # unreadable input files skipped on the device
     "train-seconds",       # wall time of the device's local training (benchmarks: share of round time)
     # the round's privacy-ledger event (record-level DP), see shared/privacy/ledger.py
     "dp-epsilon", "dp-delta", "dp-sigma", "dp-clip", "dp-sample-rate", "dp-steps", "dp-accountant",
-})
+}) | frozenset(f"skipped-{reason}" for reason in SKIP_REASONS)
 
-# Status message prefix of a device that refuses to train because its ε budget is spent.
+# Status message prefixes of a device that refuses to train: its ε budget is spent, or its
+# folder holds too little usable data. The server stops sampling it and reports why.
 BUDGET_EXHAUSTED = "budget-exhausted"
+NO_USABLE_DATA = "no-usable-data"
+REFUSALS = (BUDGET_EXHAUSTED, NO_USABLE_DATA)
 
-# Plaintext metadata of the final evaluation reply: held-out metrics of each model variant.
-EVAL_METRICS = frozenset(
-    {"client-index", "num-heldout", "skipped-files"}
-    | {f"{variant}-{metric}" for variant in ("base", "shared", "personal", "local") for metric in ("ppl", "acc")}
-)
+VARIANTS = ("base", "shared", "personal", "local")
+
+
+def eval_metrics(metric_names: tuple[str, ...]) -> frozenset[str]:
+    """Plaintext metadata of the final evaluation reply: the task's held-out metrics per variant."""
+    return (frozenset({"client-index", "num-heldout"}) | {f"skipped-{r}" for r in SKIP_REASONS}
+            | {f"{variant}-{metric}" for variant in VARIANTS for metric in metric_names})
 
 
 def keys_digest(names: tuple[str, ...]) -> str:

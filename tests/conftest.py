@@ -19,6 +19,19 @@ TINY = {
     "personal-eval-every": 2, "lora-rank": 4, "personal-rank": 4,
 }
 
+# Per-task overrides on top of TINY: tests that specify the shared machinery run on every task.
+TASK_CASES = {
+    "text": {},
+    "behavior": {"task": "behavior", "seq-len": 8, "min-records": 10, "heldout-fraction": 0.1,
+                 "val-fraction": 0.1},
+}
+
+
+@pytest.fixture(params=sorted(TASK_CASES))
+def task_case(request: pytest.FixtureRequest) -> dict[str, Any]:
+    """Overrides selecting one task (parametrizes a test over every registered task)."""
+    return {k.replace("-", "_"): v for k, v in TASK_CASES[request.param].items()}
+
 
 @pytest.fixture
 def make_cfg(tmp_path: Path) -> Any:

@@ -3,12 +3,20 @@
 from __future__ import annotations
 
 import json
+import types
 from pathlib import Path
 
+import numpy as np
 import pytest
+from flwr.common import Code, EvaluateIns, FitIns, FitRes, Parameters, Status, ndarrays_to_parameters
+from flwr.server.client_manager import SimpleClientManager
 
+from client.app import DeviceClient
 from client.device import Device
+from server.results import RunRecorder
+from server.strategy import SharedDeltaStrategy
 from shared.data.user_folder import list_user_dirs, read_documents, read_profile
+from shared.wire import NO_USABLE_DATA, keys_digest
 
 
 def write_docs(user: Path, n: int = 12) -> None:
@@ -56,4 +64,32 @@ def test_device_counts_skipped_files_in_its_report(make_cfg, tmp_path: Path) -> 
     cfg = make_cfg(data="dir", data_dir=str(tmp_path / "users"))
     d = Device(cfg, user_dir=user, state_dir=tmp_path / "state")
     _, _, metrics = d.fit(d.init_send, server_round=1)
-    assert metrics["skipped-files"] == 1
+    assert metrics["skipped-unreadable-file"] == 1
+
+
+def test_a_device_without_usable_data_refuses_and_is_never_sampled_again(make_cfg, tmp_path: Path) -> None:
+    # Prepare: one user folder with nothing usable in it
+    (tmp_path / "users" / "bob").mkdir(parents=True)
+    cfg = make_cfg(data="dir", data_dir=str(tmp_path / "users"), min_fit_clients=1)
+    client = DeviceClient(lambda: Device(cfg, user_dir=tmp_path / "users" / "bob", state_dir=tmp_path / "s"),
+                          primary="ppl")
+    # Execute
+    res = client.fit(FitIns(Parameters([], ""), {"server-round": 1, "sampled-clients": 2}))
+    ev = client.evaluate(EvaluateIns(Parameters([], ""), {}))
+    # Assert: a refusal naming the reason, not an exception; the server then skips the node
+    assert res.status.code != Code.OK and res.status.message.startswith(NO_USABLE_DATA)
+    assert ev.status.code != Code.OK and ev.status.message.startswith(NO_USABLE_DATA)
+    names = ("a.lora_A.shared.weight",)
+    strategy = SharedDeltaStrategy(cfg=cfg, names=names, theta=[np.zeros(2, np.float32)], completed=0,
+                                   opt_state={}, recorder=RunRecorder(tmp_path / "run", cfg))
+    manager = SimpleClientManager()
+    proxies = [types.SimpleNamespace(node_id=i, cid=str(i)) for i in range(2)]
+    for p in proxies:
+        manager.register(p)  # type: ignore[arg-type]
+    ok = FitRes(Status(Code.OK, ""), ndarrays_to_parameters([np.ones(2, np.float32)]), 5,
+                {"keys-digest": keys_digest(names)})
+    strategy.aggregate_fit(1, [(proxies[0], ok)], [(proxies[1], res)])  # type: ignore[list-item]
+    assert strategy.refused == {1: NO_USABLE_DATA} and strategy.exhausted == set()
+    assert {c.node_id for c, _ in strategy.configure_fit(2, None, manager)} == {0}  # type: ignore[arg-type]
+    strategy.completed = cfg.num_server_rounds  # the final evaluation round
+    assert {c.node_id for c, _ in strategy.configure_evaluate(1, None, manager)} == {0}  # type: ignore[arg-type]

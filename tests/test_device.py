@@ -12,7 +12,7 @@ from client.device import Device
 from shared.adapters import get_tensors
 from shared.population import ensure_population, state_dir
 from shared.presets import PRESETS
-from shared.wire import FIT_METRICS
+from shared.wire import FIT_METRICS, VARIANTS, eval_metrics
 
 
 def device(cfg, index: int = 0) -> Device:
@@ -21,9 +21,9 @@ def device(cfg, index: int = 0) -> Device:
 
 
 @pytest.mark.parametrize("preset", sorted(PRESETS))
-def test_fit_returns_a_delta_over_the_allowlist_only(make_cfg, preset: str) -> None:
+def test_fit_returns_a_delta_over_the_allowlist_only(make_cfg, task_case, preset: str) -> None:
     # Prepare
-    d = device(make_cfg(preset=preset))
+    d = device(make_cfg(preset=preset, **task_case))
     sets = d.sets
     before = get_tensors(d.model, tuple(n for n, _ in d.model.named_parameters()))
     # Execute
@@ -73,11 +73,16 @@ def test_personal_early_stopping_keeps_the_best_validation_state(make_cfg) -> No
     assert metrics["val-loss-after"] <= metrics["val-loss-before"] + 1e-6 or metrics["personal-best-step"] == 0
 
 
-def test_final_evaluation_reports_the_four_variants(make_cfg) -> None:
-    d = device(make_cfg())
+def test_final_evaluation_reports_the_four_variants(make_cfg, task_case) -> None:
+    d = device(make_cfg(**task_case))
     delta, _, _ = d.fit(d.init_send, server_round=1)
     shared = [a + b for a, b in zip(d.init_send, delta)]
     out = d.evaluate(shared)
-    for v in ("base", "shared", "personal", "local"):
-        assert out[f"{v}-ppl"] > 1.0 and 0.0 <= out[f"{v}-acc"] <= 1.0
-    assert out["shared-ppl"] != out["base-ppl"]
+    assert set(out) <= eval_metrics(d.task.metric_names)
+    for v in VARIANTS:
+        if d.task.name == "text":
+            assert out[f"{v}-ppl"] > 1.0 and 0.0 <= out[f"{v}-acc"] <= 1.0
+        else:
+            assert 0.0 <= out[f"{v}-ndcg10"] <= out[f"{v}-hr10"] <= 1.0 and 0.0 < out[f"{v}-cov10"] <= 1.0
+    likelihood = {"text": "ppl", "behavior": "nll"}[d.task.name]  # continuous: any change shows
+    assert out[f"shared-{likelihood}"] != out[f"base-{likelihood}"], "the shared delta changed nothing"

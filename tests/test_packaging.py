@@ -26,3 +26,10 @@ def test_pyproject_declares_the_flower_app_and_every_config_key() -> None:
     assert keys == {f.name for f in dataclasses.fields(RunConfig)}
     assert data["project"]["scripts"]["fedpgen"] == "fedpgen.cli:main"
     assert set(data["tool"]["setuptools"]["packages"]) >= {"server", "client", "shared", "fedpgen"}
+
+
+def test_every_package_folder_is_declared_for_non_editable_installs() -> None:
+    declared = set(tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"]["packages"])
+    found = {str(p.parent.relative_to(ROOT)).replace("/", ".") for top in ("fedpgen", "server", "client", "shared")
+             for p in (ROOT / top).rglob("__init__.py")}
+    assert found == declared, f"undeclared: {sorted(found - declared)}, stale: {sorted(declared - found)}"

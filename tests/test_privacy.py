@@ -29,9 +29,9 @@ def device(cfg: RunConfig, index: int = 0, state: Path | None = None) -> Device:
     return Device(cfg, user_dir=users[index], state_dir=state or state_dir(cfg, users[index]), client_index=index)
 
 
-def test_per_sample_gradients_are_exact_and_clipped_to_c(make_cfg) -> None:
+def test_per_sample_gradients_are_exact_and_clipped_to_c(make_cfg, task_case) -> None:
     # Prepare: a hand-made batch of 4 records, σ = 0 so the step is exactly the clipped mean
-    d = device(make_cfg(dp="sigma", dp_noise_multiplier=0.0))
+    d = device(make_cfg(dp="sigma", dp_noise_multiplier=0.0, **task_case))
     batch = d.data.train[:4]
     clip = 0.05
     with active(d.model, ["shared"], d.sets.shared_trainable) as params:

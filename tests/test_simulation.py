@@ -17,10 +17,11 @@ from flwr.common.secure_aggregation.secaggplus_constants import RECORD_KEY_CONFI
 from flwr.compat.common import recorddict_compat as compat
 from flwr.superlink.grid.inmemory_grid import InMemoryGrid
 
+from conftest import TASK_CASES
 from fedpgen.simulate import simulate
 from server.results import read_jsonl
 from shared.model import build_model
-from shared.wire import EVAL_METRICS, FIT_METRICS
+from shared.wire import FIT_METRICS, eval_metrics
 
 pytestmark = pytest.mark.slow
 
@@ -91,7 +92,7 @@ def test_nothing_personal_reaches_the_server_and_a_run_resumes(make_cfg, tmp_pat
             masked_stage += 1
         elif message_type == "evaluate":
             res = compat.recorddict_to_evaluateres(content)
-            assert set(res.metrics) <= EVAL_METRICS
+            assert set(res.metrics) <= eval_metrics(built.task.metric_names)
     assert masked_stage == len(USERS)
     assert summary["clients"] == len(USERS)
 
@@ -109,3 +110,41 @@ def test_nothing_personal_reaches_the_server_and_a_run_resumes(make_cfg, tmp_pat
         ledger = [json.loads(x) for x in (Path(cfg.run_dir) / "devices" / u / "ledger.jsonl").read_text().splitlines()]
         assert [e["round"] for e in ledger] == [1, 2] and ledger[1]["epsilon"] > ledger[0]["epsilon"] > 0
     assert (Path(cfg.run_dir) / "rounds.png").is_file() and (Path(cfg.run_dir) / "personalization.png").is_file()
+
+
+def test_behavior_sequences_never_reach_the_server_and_bad_logs_are_reported(make_cfg, tmp_path: Path,
+                                                                             captured: list) -> None:
+    task_case = {k.replace("-", "_"): v for k, v in TASK_CASES["behavior"].items()}
+    # Prepare: three users, each re-playing a unique 12-item sequence; one more with an empty log
+    cfg = make_cfg(data="dir", data_dir=str(tmp_path / "users"), num_server_rounds=1, min_fit_clients=3,
+                   dp="sigma", dp_noise_multiplier=1.0, dp_epsilon=1000.0, **task_case)
+    built = build_model(cfg)
+    catalog = [json.loads(x)["item"] for x in (built.base_path / "catalog.jsonl").read_text().splitlines()]
+    layout = built.task.layout
+    sequences = {}
+    for k, u in enumerate(USERS):
+        seq = [(37 * k + 11 * j * j + 5) % len(catalog) for j in range(12)]
+        sequences[u] = seq
+        lines = [json.dumps({"item": catalog[seq[j % 12]], "ts": 1000 + j, "event": "play"}) for j in range(240)]
+        lines.insert(50, "{broken")  # one malformed line per user: counted in the summary
+        (tmp_path / "users" / u).mkdir(parents=True)
+        (tmp_path / "users" / u / "behavior.jsonl").write_text("\n".join(lines))
+        (tmp_path / "users" / u / "profile.json").write_text(json.dumps({"home": f"PROFILE-{u}-5ac1"}))
+    (tmp_path / "users" / "zed").mkdir()
+    (tmp_path / "users" / "zed" / "behavior.jsonl").write_text("")
+    # Execute
+    summary = simulate(cfg)
+    # Assert: no item sequence, id string or profile value on the wire, in any encoding
+    assert len(captured) == 5 * len(USERS), "4 SecAgg+ replies and 1 evaluation per usable device"
+    for _, wire in captured:
+        for u, seq in sequences.items():
+            assert " ".join(catalog[i] for i in seq[:4]).encode() not in wire
+            assert catalog[seq[0]].encode() not in wire
+            tokens = [layout.item_base + i for i in seq[:6]]
+            assert struct.pack("<6q", *tokens) not in wire and struct.pack("<6i", *tokens) not in wire
+            assert f"PROFILE-{u}-5ac1".encode() not in wire
+        assert b".personal." not in wire and b"lora_" not in wire
+    assert summary["clients"] == len(USERS)
+    assert summary["refused"]["no-usable-data"] == 1, "the empty log is reported, not a crash"
+    assert summary["skipped"] == {"malformed-line": len(USERS)}
+    assert 0.0 <= summary["median-hr10"]["personal"] <= 1.0

@@ -6,6 +6,7 @@ for Poisson-subsampled Gaussian steps. Accounting is valid only with Poisson sam
 
 from __future__ import annotations
 
+import functools
 import math
 import warnings
 
@@ -28,8 +29,15 @@ def epsilon(history: History, *, delta: float, accountant: str) -> float:
         return 0.0
     if any(sigma <= 0 for sigma, _, _ in history):
         return math.inf
-    acc = create_accountant(mechanism=check_accountant(accountant))
-    acc.history = [(float(s), float(q), int(n)) for s, q, n in history]  # a copy: never alias the caller's list
+    return _epsilon(tuple((float(s), float(q), int(n)) for s, q, n in history), delta, check_accountant(accountant))
+
+
+# PRV costs about half a second per call; these are pure functions of their arguments, and
+# devices with as many records share (σ, q, steps): a simulation worker computes each once.
+@functools.lru_cache(maxsize=1024)
+def _epsilon(history: tuple[tuple[float, float, int], ...], delta: float, accountant: str) -> float:
+    acc = create_accountant(mechanism=accountant)
+    acc.history = list(history)  # a copy: never alias the caller's list
     return float(acc.get_epsilon(delta=delta))
 
 
@@ -44,6 +52,7 @@ def compose(history: History, *, sigma: float, sample_rate: float, steps: int) -
     return [(float(s), float(q), int(n)) for s, q, n in out]
 
 
+@functools.lru_cache(maxsize=256)
 def calibrate_sigma(*, target_epsilon: float, delta: float, sample_rate: float, steps: int, accountant: str) -> float:
     """Smallest σ (to Opacus' tolerance) whose ``steps`` steps at ``sample_rate`` spend ≤ ``target_epsilon``.
 

@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
-from shared.tasks.base import Task, UserData
+from shared.tasks.base import NoUsableDataError, Task, UserData
+from shared.tasks.behavior import BehaviorTask
 from shared.tasks.text import TextTask
 
-TASKS: dict[str, type[Task]] = {"text": TextTask}
+TASKS: dict[str, type[Task]] = {"text": TextTask, "behavior": BehaviorTask}
 
 
 def get_task(name: str) -> Task:
@@ -15,4 +16,4 @@ def get_task(name: str) -> Task:
     return TASKS[name]()
 
 
-__all__ = ["TASKS", "Task", "UserData", "get_task"]
+__all__ = ["TASKS", "NoUsableDataError", "Task", "UserData", "get_task"]

@@ -13,14 +13,28 @@ if TYPE_CHECKING:
     from shared.config import RunConfig
 
 
+# LoRA targets by architecture, shared by every task built on these architectures:
+# attention is shared, the MLP or the output head personal.
+LORA_TARGETS = {
+    "llama": {"shared": ["q_proj", "k_proj", "v_proj", "o_proj"],
+              "mlp": ["gate_proj", "up_proj", "down_proj"], "head": ["lm_head"]},
+    "gpt2": {"shared": ["c_attn", "attn.c_proj"], "mlp": ["c_fc", "mlp.c_proj"], "head": ["lm_head"]},
+}
+
+
+class NoUsableDataError(ValueError):
+    """A device folder holds too little usable data to train or evaluate: the device refuses."""
+
+
 @dataclasses.dataclass
 class UserData:
-    """One user's records, split on the device. ``skipped`` counts unreadable inputs."""
+    """One user's records, split on the device. ``skipped`` counts bad inputs by reason
+    (one of ``shared.wire.SKIP_REASONS``)."""
 
     train: torch.Tensor
     val: torch.Tensor
     heldout: torch.Tensor
-    skipped: int = 0
+    skipped: dict[str, int] = dataclasses.field(default_factory=dict)
 
     @property
     def num_train(self) -> int:
@@ -31,6 +45,22 @@ class Task(abc.ABC):
     """A modality: base model, LoRA targets, device-folder reader, loss and metrics."""
 
     name: str = ""
+    datasets: tuple[str, ...] = ()  # built-in populations (``data``), besides "dir"
+    metric_names: tuple[str, ...] = ()  # what ``metrics`` returns, in display order
+    primary: str = ""  # the metric the summary ranks variants by
+    higher_is_better: bool = False
+    primary_label: str = ""  # e.g. "held-out perplexity"
+
+    def lora_targets(self, model: torch.nn.Module) -> dict[str, list[str]]:
+        """Module names for LoRA (keys ``shared``, ``mlp``, ``head``), by the model's architecture."""
+        kind = getattr(getattr(model, "config", None), "model_type", "")
+        if kind not in LORA_TARGETS:
+            raise ValueError(f"{self.name} task: no LoRA targets for model_type {kind!r}; known: {sorted(LORA_TARGETS)}")
+        return LORA_TARGETS[kind]
+
+    def better(self, a: float, b: float) -> bool:
+        """Whether metric value ``a`` is strictly better than ``b`` (the primary metric's direction)."""
+        return a > b if self.higher_is_better else a < b
 
     @abc.abstractmethod
     def base_model_path(self, cfg: RunConfig) -> Path:
@@ -41,16 +71,14 @@ class Task(abc.ABC):
         """Load the frozen base model from a local checkpoint directory."""
 
     @abc.abstractmethod
-    def lora_targets(self, model: torch.nn.Module) -> dict[str, list[str]]:
-        """Module names for LoRA: keys ``shared``, ``mlp`` and ``head``."""
-
-    @abc.abstractmethod
     def materialize_users(self, cfg: RunConfig, dest: Path) -> list[Path]:
         """Write the configured built-in population as user device folders under ``dest``."""
 
     @abc.abstractmethod
     def read_user(self, user_dir: Path, cfg: RunConfig, *, base_path: Path) -> UserData:
-        """Read one device folder into train / val / held-out records; count skipped files."""
+        """Read one device folder into train / val / held-out records; count skipped inputs.
+
+        Raises ``NoUsableDataError`` when too little is usable (the device then refuses)."""
 
     @abc.abstractmethod
     def per_record_loss(self, model: torch.nn.Module, batch: torch.Tensor) -> torch.Tensor:

@@ -19,19 +19,13 @@ from transformers import AutoModelForCausalLM
 
 from shared.data import shakespeare, synthetic_text
 from shared.data.user_folder import read_documents, read_profile, write_user
-from shared.tasks.base import Task, UserData
+from shared.tasks.base import NoUsableDataError, Task, UserData
 from shared.tasks.text_base import ensure_base
 from shared.tasks.text_tokenizer import load_tokenizer
 
 if TYPE_CHECKING:
     from shared.config import RunConfig
 
-# LoRA targets by architecture: attention is shared, the MLP or the output head personal.
-_TARGETS = {
-    "llama": {"shared": ["q_proj", "k_proj", "v_proj", "o_proj"],
-              "mlp": ["gate_proj", "up_proj", "down_proj"], "head": ["lm_head"]},
-    "gpt2": {"shared": ["c_attn", "attn.c_proj"], "mlp": ["c_fc", "mlp.c_proj"], "head": ["lm_head"]},
-}
 _MIN_RECORD_TOKENS = 8
 EVAL_BATCH = 64
 
@@ -49,6 +43,9 @@ def split_records(records: torch.Tensor, *, key: str, heldout: float, val: float
 
 class TextTask(Task):
     name = "text"
+    datasets = ("shakespeare", "synthetic")
+    metric_names = ("ppl", "acc")
+    primary, higher_is_better, primary_label = "ppl", False, "held-out perplexity"
     pad_id = -1  # set by load_base from the checkpoint's tokenizer
 
     def base_model_path(self, cfg: RunConfig) -> Path:
@@ -64,12 +61,6 @@ class TextTask(Task):
         self.pad_id = load_tokenizer(path).pad_id
         model.requires_grad_(False)
         return model.eval()
-
-    def lora_targets(self, model: torch.nn.Module) -> dict[str, list[str]]:
-        kind = getattr(getattr(model, "config", None), "model_type", "")
-        if kind not in _TARGETS:
-            raise ValueError(f"text task: no LoRA targets for model_type {kind!r}; known: {sorted(_TARGETS)}")
-        return _TARGETS[kind]
 
     def materialize_users(self, cfg: RunConfig, dest: Path) -> list[Path]:
         if cfg.data == "shakespeare":
@@ -93,11 +84,12 @@ class TextTask(Task):
                 if len(chunk) - len(prefix) >= _MIN_RECORD_TOKENS:
                     windows.append(chunk + [tok.pad_id] * (cfg.seq_len - len(chunk)))
         if len(windows) < 3:
-            raise ValueError(f"user {user_dir.name}: {len(windows)} usable records (need >= 3)")
+            raise NoUsableDataError(f"user {user_dir.name}: {len(windows)} usable records (need >= 3)")
         records = torch.tensor(windows, dtype=torch.long)
         train, val, held = split_records(records, key=user_dir.name, heldout=cfg.heldout_fraction,
                                          val=cfg.val_fraction)
-        return UserData(train=train, val=val, heldout=held, skipped=skipped + bad_profile)
+        counts = {"unreadable-file": skipped, "malformed-profile": bad_profile}
+        return UserData(train=train, val=val, heldout=held, skipped={k: v for k, v in counts.items() if v})
 
     def _token_losses(self, model: torch.nn.Module, batch: torch.Tensor) -> tuple[torch.Tensor, ...]:
         logits = model(input_ids=batch).logits[:, :-1]

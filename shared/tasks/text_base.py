@@ -7,12 +7,9 @@ hash of its settings. Never committed.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import math
-import os
-import shutil
 import time
 from pathlib import Path
 
@@ -21,6 +18,7 @@ from rich.progress import Progress
 from transformers import LlamaConfig, LlamaForCausalLM
 
 from shared.data import shakespeare
+from shared.tasks.cache import MARKER, ensure_built
 from shared.tasks.text_tokenizer import ByteTokenizer
 
 log = logging.getLogger(__name__)
@@ -31,37 +29,11 @@ PRETRAIN_BATCH = 32
 PRETRAIN_LR = 3e-3
 
 
-def cache_root() -> Path:
-    return Path(os.environ.get("FEDPGEN_CACHE", Path.home() / ".cache" / "fedpgen"))
-
-
-def model_config(seq_len: int) -> LlamaConfig:
-    tok = ByteTokenizer()
-    return LlamaConfig(vocab_size=tok.vocab_size, max_position_embeddings=seq_len,
-                       tie_word_embeddings=False, bos_token_id=tok.bos_id, eos_token_id=None,
-                       pad_token_id=None, **ARCH)
-
-
-def base_path(*, steps: int, seq_len: int, seed: int) -> Path:
-    key = json.dumps({"arch": ARCH, "steps": steps, "seq_len": seq_len, "seed": seed,
-                      "batch": PRETRAIN_BATCH, "lr": PRETRAIN_LR, "v": 1}, sort_keys=True)
-    return cache_root() / "base" / f"text-{hashlib.sha256(key.encode()).hexdigest()[:12]}"
-
-
 def ensure_base(*, steps: int, seq_len: int, seed: int) -> Path:
     """Return the cached base checkpoint folder, pre-training it first if absent."""
-    dest = base_path(steps=steps, seq_len=seq_len, seed=seed)
-    if (dest / "fedpgen_base.json").is_file():
-        return dest
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    tmp = dest.with_name(f"{dest.name}.tmp{os.getpid()}")
-    shutil.rmtree(tmp, ignore_errors=True)
-    pretrain(tmp, steps=steps, seq_len=seq_len, seed=seed)
-    try:
-        os.rename(tmp, dest)
-    except OSError:  # another process finished first: theirs is identical
-        shutil.rmtree(tmp, ignore_errors=True)
-    return dest
+    key = {"arch": ARCH, "steps": steps, "seq_len": seq_len, "seed": seed, "batch": PRETRAIN_BATCH,
+           "lr": PRETRAIN_LR, "v": 1}
+    return ensure_built("text", key, lambda dest: pretrain(dest, steps=steps, seq_len=seq_len, seed=seed))
 
 
 def _windows(data: torch.Tensor, n: int, seq_len: int, gen: torch.Generator) -> torch.Tensor:
@@ -104,5 +76,5 @@ def pretrain(dest: Path, *, steps: int, seq_len: int, seed: int) -> None:
     meta = {"steps": steps, "seq_len": seq_len, "seed": seed, "public_heldout_ppl": held_ppl,
             "seconds": time.perf_counter() - start, "parameters": sum(p.numel() for p in model.parameters()),
             "text_bytes": int(data.numel())}
-    (dest / "fedpgen_base.json").write_text(json.dumps(meta, indent=2))
+    (dest / MARKER).write_text(json.dumps(meta, indent=2))
     log.info("pre-trained base: %d steps, public held-out byte perplexity %.3f", steps, held_ppl)

@@ -1,0 +1,111 @@
+"""A synthetic population of interaction logs with known latent tastes.
+
+The generative story (so tests and simulations know what can be learned, and by whom):
+
+- **Catalog**: ``num_items`` items in ``num_genres`` genres; popularity is Zipf-skewed
+  over a random ranking. The *public* population (pre-training the base) uses another
+  ranking: last season's trends, which the federation has to learn anew.
+- **Clusters**: each user belongs to one of ``num_clusters`` taste clusters (a genre
+  distribution concentrated on a few genres); the profile's ``region`` attribute agrees
+  with the cluster 70% of the time, ``age`` is noise.
+- **Individual drift**: each user's genre mix is their cluster's mixed with a personal
+  Dirichlet draw, and each user has a handful of personal favourites re-consumed often.
+  The favourites are what only the personal part can learn well.
+- **Sequences**: the next event stays in the previous genre with probability
+  ``stickiness`` (what a sequence model learns from context), re-plays a favourite with
+  probability ``p_favourite``, else draws a genre from the user's mix; items within a genre
+  follow popularity.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import numpy as np
+
+EVENTS = ("view", "click", "purchase", "play")
+_REGIONS = ("north", "south", "east", "west", "coast", "hills", "city", "plains")
+_AGES = ("18-24", "25-34", "35-49", "50+")
+
+
+@dataclasses.dataclass(frozen=True)
+class World:
+    num_items: int = 400
+    num_genres: int = 10
+    num_clusters: int = 8
+    zipf: float = 0.9
+    stickiness: float = 0.45
+    p_favourite: float = 0.3
+    num_favourites: int = 8
+
+
+def item_id(i: int) -> str:
+    return f"i{i:04d}"
+
+
+def catalog(world: World, seed: int) -> list[dict[str, str]]:
+    """Item ids, titles and genres (public information, shipped with the base model)."""
+    genres = _genres(world, seed)
+    return [{"item": item_id(i), "title": f"Title {i} ({_genre_name(g)})", "genre": _genre_name(g)}
+            for i, g in enumerate(genres)]
+
+
+def _genre_name(g: int) -> str:
+    return f"genre-{g:02d}"
+
+
+def _genres(world: World, seed: int) -> np.ndarray:
+    return np.random.default_rng([seed, 1]).integers(0, world.num_genres, world.num_items)
+
+
+def _popularity(world: World, seed: int, *, public: bool) -> np.ndarray:
+    rank = np.random.default_rng([seed, 2, int(public)]).permutation(world.num_items)
+    return 1.0 / (rank + 1.0) ** world.zipf
+
+
+def _cluster_tastes(world: World, seed: int) -> np.ndarray:
+    rng = np.random.default_rng([seed, 3])
+    return rng.dirichlet(np.full(world.num_genres, 0.3), size=world.num_clusters)
+
+
+def users(*, num_users: int, events_per_user: tuple[int, int], seed: int, world: World = World(),
+          public: bool = False) -> dict[str, tuple[list[dict], dict[str, str]]]:
+    """Generate ``{name: (events, profile)}``; events are dicts in timestamp order."""
+    genres = _genres(world, seed)
+    pop = _popularity(world, seed, public=public)
+    by_genre = [np.flatnonzero(genres == g) for g in range(world.num_genres)]
+    within = [pop[idx] / pop[idx].sum() if idx.size else idx for idx in by_genre]
+    tastes = _cluster_tastes(world, seed)
+    out: dict[str, tuple[list[dict], dict[str, str]]] = {}
+    prefix = "public" if public else "user"
+    for u in range(num_users):
+        rng = np.random.default_rng([seed, 4, int(public), u])
+        cluster = int(rng.integers(world.num_clusters))
+        mix = 0.6 * tastes[cluster] + 0.4 * rng.dirichlet(np.full(world.num_genres, 0.5))
+        mix = np.where([idx.size > 0 for idx in by_genre], mix, 0.0)
+        mix /= mix.sum()
+        favourite_genres = rng.choice(world.num_genres, size=world.num_favourites, p=mix)
+        favourites = [int(rng.choice(by_genre[g], p=within[g])) for g in favourite_genres]
+        n = int(rng.integers(events_per_user[0], events_per_user[1] + 1))
+        ts = 1_700_000_000 + int(rng.integers(0, 10**6))
+        genre = int(rng.choice(world.num_genres, p=mix))
+        events = []
+        for _ in range(n):
+            draw = rng.random()
+            if draw < world.p_favourite:
+                item = favourites[int(rng.integers(len(favourites)))]
+            else:
+                if draw > world.p_favourite + world.stickiness:
+                    genre = int(rng.choice(world.num_genres, p=mix))
+                item = int(rng.choice(by_genre[genre], p=within[genre]))
+            genre = int(genres[item])
+            ts += int(rng.exponential(3600)) + 1
+            event = {"item": item_id(item), "ts": ts, "event": EVENTS[int(rng.integers(len(EVENTS)))]}
+            if event["event"] == "purchase":
+                event["rating"] = int(rng.integers(3, 6))
+            events.append(event)
+        region = _REGIONS[cluster % len(_REGIONS)] if rng.random() < 0.7 else _REGIONS[int(rng.integers(8))]
+        profile = {"region": region, "age": _AGES[int(rng.integers(len(_AGES)))]}
+        out[f"{prefix}{u:04d}"] = (events, profile)
+    return out
+

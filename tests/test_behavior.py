@@ -1,0 +1,158 @@
+"""The behavior task: log reading and its bad inputs, records, HR@10 / NDCG@10, the item model."""
+
+from __future__ import annotations
+
+import json
+import math
+import types
+from pathlib import Path
+
+import pytest
+import torch
+
+from client.device import Device
+from shared.data.behavior_log import CATALOG_FILE, read_catalog, read_log
+from shared.tasks import NoUsableDataError, get_task
+from shared.tasks.behavior import BehaviorTask, Layout
+
+from conftest import TASK_CASES
+
+BEHAVIOR = {k.replace("-", "_"): v for k, v in TASK_CASES["behavior"].items()}
+
+
+def write_lines(user: Path, lines: list[str]) -> None:
+    user.mkdir(parents=True, exist_ok=True)
+    (user / "behavior.jsonl").write_text("\n".join(lines) + "\n")
+
+
+def event(item: str, ts: float, kind: str = "play") -> str:
+    return json.dumps({"item": item, "ts": ts, "event": kind})
+
+
+def test_bad_log_lines_are_skipped_and_counted_by_reason(tmp_path: Path) -> None:
+    # Prepare: 5 good events, 2 malformed, 1 unknown item, 1 out of order
+    index = {"a": 0, "b": 1, "c": 2}
+    lines = [event("a", 10), "{not json", event("b", 20), json.dumps({"ts": 25}), event("zzz", 30),
+             event("c", 40), event("a", 35), event("b", 50), "", event("c", 60, "purchase")]
+    write_lines(tmp_path / "u", lines)
+    # Execute
+    items, skipped = read_log(tmp_path / "u", index)
+    # Assert
+    assert items == [0, 1, 2, 1, 2]
+    assert skipped == {"malformed-line": 2, "unknown-item": 1, "out-of-order": 1}
+
+
+def test_empty_missing_and_undecodable_logs_are_counted(tmp_path: Path) -> None:
+    write_lines(tmp_path / "empty", [])
+    assert read_log(tmp_path / "empty", {"a": 0}) == ([], {"empty-log": 1})
+    (tmp_path / "none").mkdir()
+    assert read_log(tmp_path / "none", {"a": 0}) == ([], {"empty-log": 1})
+    (tmp_path / "bin").mkdir()
+    (tmp_path / "bin" / "behavior.jsonl").write_bytes(b"\xff\xfe\x00\x01")
+    assert read_log(tmp_path / "bin", {"a": 0}) == ([], {"unreadable-file": 1, "empty-log": 1})
+
+
+def test_an_empty_log_is_no_usable_data_and_bad_lines_reach_the_report(make_cfg, tmp_path: Path) -> None:
+    cfg = make_cfg(data="dir", data_dir=str(tmp_path / "users"), **BEHAVIOR)
+    task = get_task("behavior")
+    base = task.base_model_path(cfg)
+    catalog = read_catalog(base / CATALOG_FILE)
+    write_lines(tmp_path / "users" / "empty", [])
+    with pytest.raises(NoUsableDataError, match="user empty: 0 usable events"):
+        Device(cfg, user_dir=tmp_path / "users" / "empty", state_dir=tmp_path / "s1")
+    good = [event(catalog[(7 * i) % 50], 1000 + i) for i in range(120)]
+    write_lines(tmp_path / "users" / "messy", [*good, "garbage", event("no-such-item", 5000), event(catalog[1], 1)])
+    (tmp_path / "users" / "messy" / "profile.json").write_text("[1, 2]")
+    d = Device(cfg, user_dir=tmp_path / "users" / "messy", state_dir=tmp_path / "s2")
+    _, _, metrics = d.fit(d.init_send, server_round=1)
+    assert {k: v for k, v in metrics.items() if k.startswith("skipped-")} == {
+        "skipped-malformed-line": 1, "skipped-unknown-item": 1, "skipped-out-of-order": 1,
+        "skipped-malformed-profile": 1}
+
+
+def test_records_score_disjoint_training_chunks_and_one_last_event_each(make_cfg) -> None:
+    cfg = make_cfg(**BEHAVIOR)
+    d = Device(cfg, user_dir=_first_user(cfg), state_dir=Path(cfg.run_dir) / "s")
+    layout = d.task.layout
+    train, val, held = d.data.train, d.data.val, d.data.heldout
+    assert train.shape[1:] == (2, layout.length)
+    # every training event is scored exactly once; validation / held-out records score one event each
+    events = int(train[:, 1].sum()) + val.shape[0] + held.shape[0]
+    log_len = sum(1 for _ in (_first_user(cfg) / "behavior.jsonl").open())
+    assert events == log_len
+    assert (val[:, 1].sum(1) == 1).all() and (held[:, 1].sum(1) == 1).all()
+    # the held-out event of the last record is the log's last event
+    last_item = json.loads((_first_user(cfg) / "behavior.jsonl").read_text().splitlines()[-1])["item"]
+    catalog = read_catalog(d.base_path / CATALOG_FILE)
+    pos = int(held[-1, 1].nonzero()[0]) + 1
+    assert catalog[int(held[-1, 0, pos]) - layout.item_base] == last_item
+
+
+def _first_user(cfg) -> Path:  # type: ignore[no-untyped-def]
+    from shared.population import ensure_population
+
+    return ensure_population(cfg)[0]
+
+
+def test_hit_rate_and_ndcg_match_a_hand_computed_ranking() -> None:
+    # Prepare: 3 records whose targets rank 0, 3 and 15 among 20 items
+    layout = Layout(num_items=20, seq_len=2)
+    task = BehaviorTask()
+    task.layout = layout
+    prefix = layout.prefix({})
+    records = torch.tensor([layout.record(prefix, [5, t], range(1, 2)) for t in (0, 1, 2)])
+    ranks = {0: 0, 1: 3, 2: 15}
+
+    def forward(input_ids: torch.Tensor) -> types.SimpleNamespace:
+        logits = torch.zeros(*input_ids.shape, layout.vocab_size)
+        for b in range(input_ids.shape[0]):
+            target = int(input_ids[b, len(prefix) + 1]) - layout.item_base
+            order = [i for i in range(20) if i != target]
+            order.insert(ranks[target], target)
+            for rank, item in enumerate(order):
+                logits[b, :, layout.item_base + item] = 100.0 - rank
+        return types.SimpleNamespace(logits=logits)
+
+    # Execute
+    out = task.metrics(forward, records)  # type: ignore[arg-type]
+    # Assert
+    assert out["hr10"] == pytest.approx(2 / 3)
+    assert out["ndcg10"] == pytest.approx((1.0 + 1.0 / math.log2(5)) / 3)
+    assert out["cov10"] == pytest.approx(11 / 20)  # top-10 lists: 0-9, 0-9, and 0-10 without 2
+    assert out["nll"] == pytest.approx(float(sum(torch.logsumexp(100.0 - torch.arange(20.0), 0) - (100.0 - r)
+                                                 for r in ranks.values())) / 3, rel=1e-5)
+
+
+def test_the_item_model_has_no_padding_idx_and_one_is_refused(make_cfg, tmp_path: Path) -> None:
+    cfg = make_cfg(**BEHAVIOR)
+    task = get_task("behavior")
+    path = task.base_model_path(cfg)
+    model = task.load_base(path)
+    assert model.get_input_embeddings().padding_idx is None  # DESIGN.md §6: per-sample grads stay exact
+    bad = tmp_path / "bad"
+    model.config.pad_token_id = 0
+    type(model)(model.config).save_pretrained(bad)
+    for name in ("fedpgen_behavior.json", CATALOG_FILE):
+        (bad / name).write_bytes((path / name).read_bytes())
+    with pytest.raises(ValueError, match="padding_idx"):
+        task.load_base(bad)
+
+
+def test_a_local_behavior_checkpoint_is_loaded_and_an_incomplete_one_named(make_cfg, tmp_path: Path) -> None:
+    built = get_task("behavior").base_model_path(make_cfg(**BEHAVIOR))
+    cfg = make_cfg(base_model=str(built), **BEHAVIOR)
+    assert get_task("behavior").base_model_path(cfg) == built
+    (tmp_path / "half").mkdir()
+    (tmp_path / "half" / "config.json").write_text("{}")
+    with pytest.raises(FileNotFoundError, match="fedpgen_behavior.json"):
+        get_task("behavior").base_model_path(make_cfg(base_model=str(tmp_path / "half"), **BEHAVIOR))
+
+
+def test_generate_continues_a_history_with_catalog_items(make_cfg) -> None:
+    cfg = make_cfg(**BEHAVIOR)
+    d = Device(cfg, user_dir=_first_user(cfg), state_dir=Path(cfg.run_dir) / "s")
+    catalog = set(read_catalog(d.base_path / CATALOG_FILE))
+    out = d.task.generate(d.model, d.base_path, "i0001 i0002 i0003", max_new_items=4).split()
+    assert len(out) == 4 and set(out) <= catalog
+    with pytest.raises(ValueError, match="unknown item ids"):
+        d.task.generate(d.model, d.base_path, "i0001 nope")
