@@ -16,15 +16,18 @@ from flwr.common import (Code, EvaluateIns, EvaluateRes, FitIns, FitRes, Paramet
                          ndarrays_to_parameters, parameters_to_ndarrays)
 from flwr.common.secure_aggregation.secaggplus_constants import RECORD_KEY_CONFIGS, Key, Stage
 
-from client.device import Device, check_usable
+from client.device import Device, check_usable, verify_state
 from client.secure_aggregation import secagg_when_asked
 from shared.config import RunConfig
 from shared.data.user_folder import list_user_dirs
 from shared.population import population_dir, state_dir
 from shared.privacy.plan import BudgetExhaustedError, check_stored_budget
 from shared.tasks import NoUsableDataError, get_task
-from shared.wire import BUDGET_EXHAUSTED, NO_USABLE_DATA
+from shared.sealing import TamperedStateError
+from shared.wire import BUDGET_EXHAUSTED, NO_USABLE_DATA, STATE_TAMPERED
 
+
+log = logging.getLogger(__name__)
 
 class DeviceClient(Client):
     def __init__(self, device_factory: Callable[[], Device], primary: str) -> None:
@@ -40,6 +43,9 @@ class DeviceClient(Client):
             return FitRes(Status(Code.FIT_NOT_IMPLEMENTED, f"{BUDGET_EXHAUSTED}: {exc}"), Parameters([], ""), 0, {})
         except NoUsableDataError as exc:
             return FitRes(Status(Code.FIT_NOT_IMPLEMENTED, f"{NO_USABLE_DATA}: {exc}"), Parameters([], ""), 0, {})
+        except TamperedStateError as exc:  # never train on (or send anything derived from) garbage
+            log.error("refusing to train: %s", exc)
+            return FitRes(Status(Code.FIT_NOT_IMPLEMENTED, f"{STATE_TAMPERED}: {exc}"), Parameters([], ""), 0, {})
         return FitRes(Status(Code.OK, "ok"), ndarrays_to_parameters(delta), n, metrics)
 
     def evaluate(self, ins: EvaluateIns) -> EvaluateRes:
@@ -47,31 +53,36 @@ class DeviceClient(Client):
             metrics = self._factory().evaluate(parameters_to_ndarrays(ins.parameters))
         except NoUsableDataError as exc:
             return EvaluateRes(Status(Code.EVALUATE_NOT_IMPLEMENTED, f"{NO_USABLE_DATA}: {exc}"), 0.0, 0, {})
+        except TamperedStateError as exc:
+            log.error("refusing to evaluate: %s", exc)
+            return EvaluateRes(Status(Code.EVALUATE_NOT_IMPLEMENTED, f"{STATE_TAMPERED}: {exc}"), 0.0, 0, {})
         loss = float(metrics[f"personal-{self._primary}"])  # the task's primary held-out metric
         return EvaluateRes(Status(Code.OK, "ok"), loss, int(metrics["num-heldout"]), metrics)
 
 
-def device_paths(context: Context, cfg: RunConfig) -> tuple[Path, Path, int]:
-    """(user folder, state-dir, client index). Deployment: node-config names ``data-dir`` and
-    ``state-dir``; simulation: ``partition-id`` picks a user folder."""
+def device_paths(context: Context, cfg: RunConfig) -> tuple[Path, Path, int, Path | None]:
+    """(user folder, state-dir, client index, device key file). Deployment: node-config names
+    ``data-dir``, ``state-dir`` and optionally ``key-file``; simulation: ``partition-id`` picks
+    a user folder (key in the state-dir)."""
     node = dict(context.node_config)
     if "data-dir" in node:
-        return Path(str(node["data-dir"])), Path(str(node["state-dir"])), -1
+        key = Path(str(node["key-file"])) if node.get("key-file") else None
+        return Path(str(node["data-dir"])), Path(str(node["state-dir"])), -1, key
     index = int(node["partition-id"])
     users = list_user_dirs(population_dir(cfg))  # materialized by `fedpgen simulate` before the run
     if index >= len(users):
         raise ValueError(f"partition-id {index} but only {len(users)} user folders")
-    return users[index], state_dir(cfg, users[index]), index
+    return users[index], state_dir(cfg, users[index]), index, None
 
 
 def device_for(context: Context, cfg: RunConfig) -> Device:
-    user_dir, state, index = device_paths(context, cfg)
-    return Device(cfg, user_dir=user_dir, state_dir=state, client_index=index)
+    user_dir, state, index, key_file = device_paths(context, cfg)
+    return Device(cfg, user_dir=user_dir, state_dir=state, client_index=index, key_file=key_file)
 
 
 def budget_gate(cfg: RunConfig) -> Mod:
-    """Refuse at SecAgg+'s setup stage when the ε budget is spent or the device has no
-    usable data, naming this node.
+    """Refuse at SecAgg+'s setup stage when the device's sealed state fails authentication,
+    its ε budget is spent or it has no usable data, naming this node.
 
     Inside SecAgg+ a refusal can only be a failed message; refusing before any key is
     exchanged, with the node id in the error, lets the server stop sampling this device.
@@ -80,16 +91,19 @@ def budget_gate(cfg: RunConfig) -> Mod:
     def gate(msg: Message, ctxt: Context, call_next: ClientAppCallable) -> Message:
         configs = msg.content.config_records.get(RECORD_KEY_CONFIGS) if msg.has_content() else None
         if configs is not None and configs.get(Key.STAGE) == Stage.SETUP:
-            user_dir, state, _ = device_paths(ctxt, cfg)
+            user_dir, state, _, key_file = device_paths(ctxt, cfg)
             node = msg.metadata.dst_node_id
             try:
-                check_stored_budget(cfg, state)
+                verify_state(state, key_file)
+                check_stored_budget(cfg, state, key_file)
+                check_usable(cfg, user_dir, state, key_file)
             except BudgetExhaustedError as exc:
                 raise BudgetExhaustedError(f"{BUDGET_EXHAUSTED} node={node}: {exc}") from None
-            try:
-                check_usable(cfg, user_dir, state)
             except NoUsableDataError as exc:
                 raise NoUsableDataError(f"{NO_USABLE_DATA} node={node}: {exc}") from None
+            except TamperedStateError as exc:
+                log.error("refusing to train: %s", exc)
+                raise TamperedStateError(f"{STATE_TAMPERED} node={node}: {exc}") from None
         return call_next(msg, ctxt)
 
     return gate

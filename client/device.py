@@ -23,7 +23,7 @@ from shared.privacy.ledger import PrivacyEvent, PrivacyLedger
 from shared.privacy.mechanism import NoPrivacy, RecordDP
 from shared.privacy.plan import DPPlan, check_pattern, personal_in_shared_forward
 from shared.privacy.user_level import add_noise_share, clip_delta
-from shared.store import DeviceStore
+from shared.store import DeviceStore, device_sealer
 from shared.tasks import get_task
 from shared.training import TrainResult, mean_loss, train
 from shared.wire import keys_digest
@@ -34,11 +34,18 @@ SHARED, BOTH = ["shared"], ["shared", "personal"]
 Mechanism = NoPrivacy | RecordDP
 
 
-def check_usable(cfg: RunConfig, user_dir: Path, state_dir: Path) -> None:
+def verify_state(state_dir: Path, key_file: Path | None = None) -> None:
+    """Open every sealed file of the state-dir; raise ``TamperedStateError`` if one fails authentication."""
+    sealer = device_sealer(state_dir, key_file)
+    store, ledger = DeviceStore(state_dir, sealer), PrivacyLedger(state_dir, sealer)
+    store.load_personal(), store.load_meta(), ledger.events(), ledger.history(), ledger.plan()
+
+
+def check_usable(cfg: RunConfig, user_dir: Path, state_dir: Path, key_file: Path | None = None) -> None:
     """Raise ``NoUsableDataError`` if this device's folder cannot train (no model built).
 
     A device that already trained is known to be usable; otherwise its folder is read once."""
-    if int(DeviceStore(state_dir).load_meta().get("rounds_trained", 0)) > 0:
+    if int(DeviceStore(state_dir, device_sealer(state_dir, key_file)).load_meta().get("rounds_trained", 0)) > 0:
         return
     task = get_task(cfg.task)
     task.read_user(Path(user_dir), cfg, base_path=task.base_model_path(cfg))
@@ -47,7 +54,8 @@ def check_usable(cfg: RunConfig, user_dir: Path, state_dir: Path) -> None:
 class Device:
     """A user's device: its raw context, its personal part and its store never leave it."""
 
-    def __init__(self, cfg: RunConfig, *, user_dir: Path, state_dir: Path, client_index: int = -1) -> None:
+    def __init__(self, cfg: RunConfig, *, user_dir: Path, state_dir: Path, client_index: int = -1,
+                 key_file: Path | None = None) -> None:
         self.cfg = cfg
         self.client_index = client_index
         built = build_model(cfg)
@@ -55,8 +63,9 @@ class Device:
         self.model, self.sets = built.model, built.sets
         self.init_send = get_arrays(self.model, self.sets.send)
         self.init_keep = get_tensors(self.model, self.sets.keep)
-        self.store = DeviceStore(state_dir)
-        self.ledger = PrivacyLedger(state_dir)
+        sealer = device_sealer(state_dir, key_file)  # everything in the state-dir is sealed with the device key
+        self.store = DeviceStore(state_dir, sealer)
+        self.ledger = PrivacyLedger(state_dir, sealer)
         self.data = self.task.read_user(Path(user_dir), cfg, base_path=self.base_path)
         self.key = Path(user_dir).name
 

@@ -57,6 +57,29 @@ def summary(run_dir: Path) -> None:
     print_summary(run_dir, console=console)
 
 
+@cli.command()
+def ledger(state_dir: Path,
+           key_file: Annotated[Optional[Path], typer.Option(help="device key (default <state-dir>/device.key)")] = None,
+           ) -> None:
+    """Verify and print a device's privacy ledger (for auditors; needs the device key)."""
+    from rich.table import Table
+
+    from shared.privacy.ledger import PrivacyLedger
+    from shared.store import device_sealer
+
+    if not state_dir.is_dir():
+        raise FileNotFoundError(f"state dir not found: {state_dir}")
+    events = PrivacyLedger(state_dir, device_sealer(state_dir, key_file, create=False)).events()
+    table = Table(title=f"Privacy ledger of {state_dir} ({len(events)} events, chain verified)")
+    for col in ("round", "unit", "mechanism", "σ", "C", "q", "steps", "δ", "ε (cumulative)", "accountant"):
+        table.add_column(col)
+    for e in events:
+        table.add_row(str(e.round), e.unit, e.mechanism, f"{e.noise_multiplier:.4g}", f"{e.clip:g}",
+                      f"{e.sample_rate:.4g}", str(e.steps), f"{e.delta:g}",
+                      f"{e.epsilon:.3f}" if e.private else "inf (NOT PRIVATE)", e.accountant)
+    console.print(table)
+
+
 def main() -> None:
     logging.basicConfig(level=logging.WARNING, format="%(message)s", handlers=[RichHandler(console=console)])
     for name in ("fedpgen", "server", "client", "shared"):
@@ -64,6 +87,6 @@ def main() -> None:
     logging.getLogger("flwr").propagate = False  # Flower prints with its own handler
     try:
         cli()
-    except (ValueError, FileNotFoundError, RuntimeError) as exc:
+    except (ValueError, FileNotFoundError, RuntimeError, PermissionError) as exc:  # TamperedStateError included
         console.print(f"[bold red]error:[/] {exc}")
         sys.exit(2)

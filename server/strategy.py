@@ -29,7 +29,8 @@ from server.results import RunRecorder
 from shared.config import RunConfig
 from shared.privacy.user_level import user_epsilon, user_level_mean
 from shared.tasks import TASKS
-from shared.wire import BUDGET_EXHAUSTED, FIT_METRICS, NO_USABLE_DATA, REFUSALS, check_update, eval_metrics, keys_digest
+from shared.wire import (BUDGET_EXHAUSTED, FIT_METRICS, NO_USABLE_DATA, REFUSALS, STATE_TAMPERED, check_update,
+                         eval_metrics, keys_digest)
 
 log = logging.getLogger(__name__)
 
@@ -39,7 +40,8 @@ class RoundFailedError(RuntimeError):
 
 
 _REFUSAL = re.compile(rf"({'|'.join(REFUSALS)}) node=(\d+)")
-_REASONS = {BUDGET_EXHAUSTED: "privacy budget spent", NO_USABLE_DATA: "no usable data"}
+_REASONS = {BUDGET_EXHAUSTED: "privacy budget spent", NO_USABLE_DATA: "no usable data",
+            STATE_TAMPERED: "on-device state failed authentication"}
 
 
 def refusals_in(failures: list[Any]) -> dict[int, str]:

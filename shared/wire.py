@@ -40,11 +40,13 @@ FIT_METRICS = frozenset({
     "dp-epsilon", "dp-delta", "dp-sigma", "dp-clip", "dp-sample-rate", "dp-steps", "dp-accountant",
 }) | frozenset(f"skipped-{reason}" for reason in SKIP_REASONS)
 
-# Status message prefixes of a device that refuses to train: its ε budget is spent, or its
-# folder holds too little usable data. The server stops sampling it and reports why.
+# Status message prefixes of a device that refuses to train: its ε budget is spent, its
+# folder holds too little usable data, or its sealed state was modified on disk. The server
+# stops sampling it and reports why.
 BUDGET_EXHAUSTED = "budget-exhausted"
 NO_USABLE_DATA = "no-usable-data"
-REFUSALS = (BUDGET_EXHAUSTED, NO_USABLE_DATA)
+STATE_TAMPERED = "state-tampered"  # a sealed state file failed authentication: never trained on
+REFUSALS = (BUDGET_EXHAUSTED, NO_USABLE_DATA, STATE_TAMPERED)
 
 VARIANTS = ("base", "shared", "personal", "local")
 

@@ -24,6 +24,7 @@ from server.strategy import RoundFailedError
 from shared.adapters import get_arrays
 from shared.config import RunConfig
 from shared.model import build_model
+from shared.privacy.ledger import PrivacyLedger
 
 pytestmark = pytest.mark.slow
 ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])  # the mods below run in Ray workers
@@ -178,5 +179,6 @@ def test_devices_out_of_budget_refuse_inside_secagg_and_training_stops_cleanly(m
     assert rounds[0]["round"] == 1 and "stopped" in rounds[-1] and rounds[-1]["budget-exhausted"] == 3
     assert any("refused" in line for line in summary["privacy"])
     for device_dir in (Path(cfg.run_dir) / "devices").iterdir():
-        events = (device_dir / "ledger.jsonl").read_text().splitlines()
-        assert len(events) == 1 and json.loads(events[0])["epsilon"] <= cfg.dp_epsilon
+        if device_dir.is_dir():
+            events = PrivacyLedger(device_dir).events()
+            assert len(events) == 1 and events[0].epsilon <= cfg.dp_epsilon

@@ -21,6 +21,8 @@ from conftest import TASK_CASES
 from fedpgen.simulate import simulate
 from server.results import read_jsonl
 from shared.model import build_model
+from shared.privacy.ledger import PrivacyLedger
+from shared.store import DeviceStore
 from shared.wire import FIT_METRICS, eval_metrics
 
 pytestmark = pytest.mark.slow
@@ -105,10 +107,12 @@ def test_nothing_personal_reaches_the_server_and_a_run_resumes(make_cfg, tmp_pat
     assert ckpt1.read_bytes() == first_bytes, "round 1 was not re-run"
     assert (Path(cfg.run_dir) / "checkpoints" / "round_0002.safetensors").is_file()
     for u in USERS:
-        meta = json.loads((Path(cfg.run_dir) / "devices" / u / "device.json").read_text())
+        state = Path(cfg.run_dir) / "devices" / u
+        meta = DeviceStore(state).load_meta()
         assert meta["rounds_trained"] == 2, "the personal state carried over across the two runs"
-        ledger = [json.loads(x) for x in (Path(cfg.run_dir) / "devices" / u / "ledger.jsonl").read_text().splitlines()]
-        assert [e["round"] for e in ledger] == [1, 2] and ledger[1]["epsilon"] > ledger[0]["epsilon"] > 0
+        ledger = PrivacyLedger(state).events()
+        assert [e.round for e in ledger] == [1, 2] and ledger[1].epsilon > ledger[0].epsilon > 0
+        assert not (state / "ledger.jsonl").exists() and (state / "ledger.jsonl.sealed").is_file()
     assert (Path(cfg.run_dir) / "rounds.png").is_file() and (Path(cfg.run_dir) / "personalization.png").is_file()
 
 

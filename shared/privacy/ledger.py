@@ -1,7 +1,10 @@
-"""The privacy ledger: immutable events, appended to a JSONL file on the device, never rewritten.
+"""The privacy ledger: immutable events, appended to a file on the device, never rewritten.
 
 The accountant's state (its history) is persisted beside it and resumed every round, so
 the ε a device reports after k rounds is that of one accountant that saw all k rounds.
+Both are sealed (``shared/sealing.py``): each ledger line is encrypted and chained to the
+previous one, and the accountant state records how many events there are, so an edited,
+removed, reordered or truncated event is detected. ``fedpgen ledger STATE_DIR`` prints it.
 """
 
 from __future__ import annotations
@@ -13,7 +16,8 @@ from pathlib import Path
 from typing import Any
 
 from shared.privacy.accounting import History
-from shared.store import atomic_write_bytes
+from shared.sealing import TamperedStateError
+from shared.store import SealedFiles
 
 
 @dataclasses.dataclass(frozen=True)
@@ -37,39 +41,49 @@ class PrivacyEvent:
                 "dp-accountant": self.accountant}
 
 
-class PrivacyLedger:
-    """``ledger.jsonl`` (append-only events) and ``accountant.json`` (the history) in a state-dir."""
+class PrivacyLedger(SealedFiles):
+    """``ledger.jsonl.sealed`` (append-only events), ``accountant.json`` (the history) and
+    ``dp_plan.json`` in a state-dir, all sealed with the device key."""
 
     EVENTS = "ledger.jsonl"
     STATE = "accountant.json"
+    PLAN = "dp_plan.json"
 
-    def __init__(self, state_dir: Path) -> None:
-        self.dir = Path(state_dir)
-        self.dir.mkdir(parents=True, exist_ok=True)
+    def _lines(self) -> list[str]:
+        self.refuse_plaintext(self.EVENTS)
+        path = self.dir / f"{self.EVENTS}.sealed"
+        return [x for x in path.read_text().splitlines() if x.strip()] if path.is_file() else []
 
     def events(self) -> list[PrivacyEvent]:
-        path = self.dir / self.EVENTS
-        if not path.is_file():
-            return []
-        return [PrivacyEvent(**json.loads(line)) for line in path.read_text().splitlines() if line.strip()]
+        lines = self._lines()
+        events = [PrivacyEvent(**json.loads(raw)) for raw in
+                  self.sealer.open_lines(self.EVENTS, lines, where=str(self.dir / f"{self.EVENTS}.sealed"))]
+        recorded = int((self.read_json(self.STATE) or {}).get("events", 0))
+        if recorded != len(events):
+            raise TamperedStateError(f"{self.dir}: the ledger holds {len(events)} events but the accountant state "
+                                     f"records {recorded} (events removed or a file rolled back)")
+        return events
 
     def append(self, event: PrivacyEvent, history: History) -> None:
         """Append ``event`` (flushed and fsynced) and persist the accountant history it results from."""
-        with (self.dir / self.EVENTS).open("a", encoding="utf-8") as fh:
-            fh.write(json.dumps(dataclasses.asdict(event), sort_keys=True) + "\n")
+        lines = self._lines()
+        self.events()  # verify the chain before extending it
+        line = self.sealer.seal_line(self.EVENTS, lines[-1] if lines else "",
+                                     json.dumps(dataclasses.asdict(event), sort_keys=True).encode())
+        with (self.dir / f"{self.EVENTS}.sealed").open("a", encoding="utf-8") as fh:
+            fh.write(line + "\n")
             fh.flush()
             os.fsync(fh.fileno())
-        atomic_write_bytes(self.dir / self.STATE, json.dumps({"history": history}).encode())
+        self.write_json(self.STATE, {"history": history, "events": len(lines) + 1})
 
     def history(self) -> History:
-        path = self.dir / self.STATE
-        if not path.is_file():
+        state = self.read_json(self.STATE)
+        if not state:
             return []
-        return [(float(s), float(q), int(n)) for s, q, n in json.loads(path.read_text())["history"]]
+        return [(float(s), float(q), int(n)) for s, q, n in state["history"]]
 
     def plan(self) -> dict[str, Any]:
-        path = self.dir / "dp_plan.json"
-        return json.loads(path.read_text()) if path.is_file() else {}
+        return self.read_json(self.PLAN) or {}
 
     def save_plan(self, plan: dict[str, Any]) -> None:
-        atomic_write_bytes(self.dir / "dp_plan.json", json.dumps(plan, sort_keys=True).encode())
+        self.write_json(self.PLAN, plan)
