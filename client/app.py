@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable, Mapping
-from pathlib import Path
 from typing import Any
 
 import torch
@@ -17,13 +16,12 @@ from flwr.common import (Code, EvaluateIns, EvaluateRes, FitIns, FitRes, Paramet
 from flwr.common.secure_aggregation.secaggplus_constants import RECORD_KEY_CONFIGS, Key, Stage
 
 from client.device import Device, check_usable, verify_state
+from client.node import node_settings
 from client.secure_aggregation import secagg_when_asked
 from shared.config import RunConfig
-from shared.data.user_folder import list_user_dirs
-from shared.population import population_dir, state_dir
 from shared.privacy.plan import BudgetExhaustedError, check_stored_budget
-from shared.tasks import NoUsableDataError, get_task
 from shared.sealing import TamperedStateError
+from shared.tasks import NoUsableDataError, get_task
 from shared.wire import BUDGET_EXHAUSTED, NO_USABLE_DATA, STATE_TAMPERED
 
 
@@ -60,24 +58,10 @@ class DeviceClient(Client):
         return EvaluateRes(Status(Code.OK, "ok"), loss, int(metrics["num-heldout"]), metrics)
 
 
-def device_paths(context: Context, cfg: RunConfig) -> tuple[Path, Path, int, Path | None]:
-    """(user folder, state-dir, client index, device key file). Deployment: node-config names
-    ``data-dir``, ``state-dir`` and optionally ``key-file``; simulation: ``partition-id`` picks
-    a user folder (key in the state-dir)."""
-    node = dict(context.node_config)
-    if "data-dir" in node:
-        key = Path(str(node["key-file"])) if node.get("key-file") else None
-        return Path(str(node["data-dir"])), Path(str(node["state-dir"])), -1, key
-    index = int(node["partition-id"])
-    users = list_user_dirs(population_dir(cfg))  # materialized by `fedpgen simulate` before the run
-    if index >= len(users):
-        raise ValueError(f"partition-id {index} but only {len(users)} user folders")
-    return users[index], state_dir(cfg, users[index]), index, None
-
-
 def device_for(context: Context, cfg: RunConfig) -> Device:
-    user_dir, state, index, key_file = device_paths(context, cfg)
-    return Device(cfg, user_dir=user_dir, state_dir=state, client_index=index, key_file=key_file)
+    node = node_settings(context.node_config, cfg)
+    return Device(cfg, user_dir=node.user_dir, state_dir=node.state_dir, client_index=node.client_index,
+                  key_file=node.key_file, device=node.device, micro_batch=node.micro_batch)
 
 
 def budget_gate(cfg: RunConfig) -> Mod:
@@ -91,12 +75,12 @@ def budget_gate(cfg: RunConfig) -> Mod:
     def gate(msg: Message, ctxt: Context, call_next: ClientAppCallable) -> Message:
         configs = msg.content.config_records.get(RECORD_KEY_CONFIGS) if msg.has_content() else None
         if configs is not None and configs.get(Key.STAGE) == Stage.SETUP:
-            user_dir, state, _, key_file = device_paths(ctxt, cfg)
+            settings = node_settings(ctxt.node_config, cfg)
             node = msg.metadata.dst_node_id
             try:
-                verify_state(state, key_file)
-                check_stored_budget(cfg, state, key_file)
-                check_usable(cfg, user_dir, state, key_file)
+                verify_state(settings.state_dir, settings.key_file)
+                check_stored_budget(cfg, settings.state_dir, settings.key_file)
+                check_usable(cfg, settings.user_dir, settings.state_dir, settings.key_file)
             except BudgetExhaustedError as exc:
                 raise BudgetExhaustedError(f"{BUDGET_EXHAUSTED} node={node}: {exc}") from None
             except NoUsableDataError as exc:

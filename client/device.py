@@ -15,6 +15,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from shared.accelerator import autocast_dtype, precision, select_device
 from shared.adapters import active, get_arrays, get_tensors, set_arrays, set_tensors
 from shared.config import RunConfig
 from shared.model import build_model
@@ -55,18 +56,23 @@ class Device:
     """A user's device: its raw context, its personal part and its store never leave it."""
 
     def __init__(self, cfg: RunConfig, *, user_dir: Path, state_dir: Path, client_index: int = -1,
-                 key_file: Path | None = None) -> None:
+                 key_file: Path | None = None, device: str = "cpu", micro_batch: int = 0) -> None:
         self.cfg = cfg
         self.client_index = client_index
+        self.device = select_device(device)
+        self.dtype = autocast_dtype(self.device)  # evaluation and non-DP phases; DP-SGD stays fp32
+        self.micro_batch = micro_batch
         built = build_model(cfg)
         self.task, self.preset, self.base_path = built.task, built.preset, built.base_path
-        self.model, self.sets = built.model, built.sets
+        self.model, self.sets = built.model.to(self.device), built.sets
         self.init_send = get_arrays(self.model, self.sets.send)
         self.init_keep = get_tensors(self.model, self.sets.keep)
         sealer = device_sealer(state_dir, key_file)  # everything in the state-dir is sealed with the device key
         self.store = DeviceStore(state_dir, sealer)
         self.ledger = PrivacyLedger(state_dir, sealer)
         self.data = self.task.read_user(Path(user_dir), cfg, base_path=self.base_path)
+        # Training records stay on the CPU (batches move in micro-batches); evaluation ones move once.
+        self.data.val, self.data.heldout = self.data.val.to(self.device), self.data.heldout.to(self.device)
         self.key = Path(user_dir).name
 
     def _generator(self, purpose: str, server_round: int) -> torch.Generator:
@@ -78,7 +84,8 @@ class Device:
         cfg = self.cfg
         with active(self.model, adapters, names) as params:
             return train(self.model, params, self.data.train, task=self.task, steps=cfg.local_steps,
-                         batch_size=cfg.batch_size, lr=cfg.lr, gen=gen, privacy=privacy)
+                         batch_size=cfg.batch_size, lr=cfg.lr, gen=gen, privacy=privacy,
+                         micro_batch=self.micro_batch, dtype=self.dtype)
 
     def _personal_phase(self, gen: torch.Generator, privacy: Mechanism = NoPrivacy()) -> TrainResult:
         """Personal training: early stopping without DP; fixed steps under DP (selection is not private)."""
@@ -87,7 +94,8 @@ class Device:
         with active(self.model, BOTH, names) as params:
             return train(self.model, params, self.data.train, task=self.task, steps=cfg.personal_max_steps,
                          batch_size=cfg.batch_size, lr=cfg.personal_lr, gen=gen, privacy=privacy, val=val,
-                         names=names, eval_every=cfg.personal_eval_every)
+                         names=names, eval_every=cfg.personal_eval_every, micro_batch=self.micro_batch,
+                         dtype=self.dtype)
 
     def _round(self, gen: torch.Generator, privacy: Mechanism = NoPrivacy()) -> tuple[TrainResult, TrainResult]:
         """Train this round per the preset's schedule (DESIGN.md §2 patterns a / b)."""
@@ -145,7 +153,7 @@ class Device:
         if self.data.val.shape[0] == 0:
             return float("nan")
         with active(self.model, BOTH, ()):
-            return mean_loss(self.model, self.data.val, task=self.task)
+            return mean_loss(self.model, self.data.val, task=self.task, dtype=self.dtype)
 
     def fit(self, shared: list[np.ndarray], *, server_round: int,
             sampled_clients: int = 1) -> tuple[list[np.ndarray], int, dict[str, object]]:
@@ -225,12 +233,13 @@ class Device:
                                   **self._skipped()}
 
         def record(variant: str, adapters: list[str] | None) -> None:
-            if adapters is None:
-                with self.model.disable_adapter():
-                    scores = self.task.metrics(self.model, held)
-            else:
-                with active(self.model, adapters, ()):
-                    scores = self.task.metrics(self.model, held)
+            with precision(self.device, self.dtype):
+                if adapters is None:
+                    with self.model.disable_adapter():
+                        scores = self.task.metrics(self.model, held)
+                else:
+                    with active(self.model, adapters, ()):
+                        scores = self.task.metrics(self.model, held)
             out.update({f"{variant}-{k}": v for k, v in scores.items()})
 
         record("base", None)

@@ -62,7 +62,8 @@ def simulate(cfg: RunConfig, *, fresh: bool = False, console: Console | None = N
         warnings.simplefilter("ignore", DeprecationWarning)
         from flwr.simulation import run_simulation
 
-        run_simulation(server_app=build_server_app(overrides), client_app=build_client_app(overrides, mods=client_mods[0], inner_mods=client_mods[1]),
+        client_app = build_client_app(overrides, mods=client_mods[0], inner_mods=client_mods[1])
+        run_simulation(server_app=build_server_app(overrides), client_app=client_app,
                        num_supernodes=len(users), backend_config=backend)
     plot_run(Path(cfg.run_dir))
     return print_summary(Path(cfg.run_dir), names={i: u.name for i, u in enumerate(users)}, console=console)

@@ -91,7 +91,7 @@ class DeviceStore(SealedFiles):
         return None if data is None else dict(st_load(data))
 
     def save_personal(self, tensors: dict[str, torch.Tensor]) -> None:
-        self.write(self.PERSONAL, st_save({k: v.contiguous() for k, v in tensors.items()}))
+        self.write(self.PERSONAL, st_save({k: v.detach().cpu().contiguous() for k, v in tensors.items()}))
 
     def load_meta(self) -> dict[str, Any]:
         return self.read_json(self.META) or {}

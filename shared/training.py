@@ -9,10 +9,9 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from functools import partial
-
 import torch
 
+from shared.accelerator import precision
 from shared.adapters import get_tensors, set_tensors
 from shared.privacy.mechanism import NoPrivacy, RecordDP
 from shared.tasks.base import Task
@@ -26,18 +25,31 @@ class TrainResult:
     best_val_loss: float = math.nan
 
 
+def model_device(model: torch.nn.Module) -> torch.device:
+    return next(model.parameters()).device
+
+
 @torch.no_grad()
-def mean_loss(model: torch.nn.Module, records: torch.Tensor, *, task: Task, chunk: int = 64) -> float:
+def mean_loss(model: torch.nn.Module, records: torch.Tensor, *, task: Task, chunk: int = 64,
+              dtype: torch.dtype | None = None) -> float:
     """Mean per-record loss over ``records`` (the early-stopping criterion)."""
     model.eval()
-    losses = [task.per_record_loss(model, records[i : i + chunk]) for i in range(0, records.shape[0], chunk)]
+    device = model_device(model)
+    with precision(device, dtype):
+        losses = [task.per_record_loss(model, records[i : i + chunk].to(device)).float()
+                  for i in range(0, records.shape[0], chunk)]
     return float(torch.cat(losses).mean())
 
 
 def train(model: torch.nn.Module, params: list[torch.nn.Parameter], records: torch.Tensor, *, task: Task,
           steps: int, batch_size: int, lr: float, gen: torch.Generator, privacy: NoPrivacy | RecordDP = NoPrivacy(),
-          val: torch.Tensor | None = None, names: tuple[str, ...] = (), eval_every: int = 0) -> TrainResult:
+          val: torch.Tensor | None = None, names: tuple[str, ...] = (), eval_every: int = 0,
+          micro_batch: int = 0, dtype: torch.dtype | None = None) -> TrainResult:
     """Train ``params`` for up to ``steps`` steps on batches of ``records`` drawn by ``privacy``.
+
+    Batches are drawn on the CPU and moved to the model's device in ``micro_batch``-record
+    chunks (0: whole batches), a memory cap that leaves the gradient unchanged. ``dtype``:
+    autocast for phases without DP (DP-SGD always runs in fp32, see shared/accelerator.py).
 
     With ``val`` (records carved from the user's *training* split, never the held-out
     one), validate every ``eval_every`` steps and restore the best state of ``names``,
@@ -50,17 +62,23 @@ def train(model: torch.nn.Module, params: list[torch.nn.Parameter], records: tor
     if early_stop and privacy.private:
         raise ValueError("early stopping on validation data is not differentially private; train fixed steps")
     if early_stop:
-        best = (mean_loss(model, val, task=task), 0, get_tensors(model, names))
-    loss_fn = partial(task.per_record_loss, model)
+        best = (mean_loss(model, val, task=task, dtype=dtype), 0, get_tensors(model, names))
+    device = model_device(model)
+    autocast = None if privacy.private else dtype
+
+    def loss_fn(batch: torch.Tensor) -> torch.Tensor:
+        with precision(device, autocast):
+            return task.per_record_loss(model, batch.to(device)).float()
+
     model.train()
-    session = privacy.open(model, params, records, batch_size=batch_size, lr=lr, gen=gen)
+    session = privacy.open(model, params, records, batch_size=batch_size, lr=lr, gen=gen, micro_batch=micro_batch)
     losses = []
     try:
         for step in range(1, steps + 1):
             model.train()
             losses.append(session.step(loss_fn, session.next_batch()))  # .item() inside: a sync point, cheap on CPU
             if early_stop and (step % eval_every == 0 or step == steps):
-                val_loss = mean_loss(model, val, task=task)
+                val_loss = mean_loss(model, val, task=task, dtype=dtype)
                 if val_loss < best[0]:
                     best = (val_loss, step, get_tensors(model, names))
     finally:

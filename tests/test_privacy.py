@@ -134,7 +134,8 @@ def test_a_device_at_its_budget_refuses_and_the_server_stops_sampling_it(make_cf
     assert len(spent) == 2 and spent[-1] == pytest.approx(two) and len(d.ledger.events()) == 2
     # Server side: the refusal is recognized and the node is never sampled again.
     names = ("a.lora_A.shared.weight",)
-    strategy = SharedDeltaStrategy(cfg=make_cfg(min_fit_clients=1, num_server_rounds=10), names=names, theta=[np.zeros(2, np.float32)],
+    strategy = SharedDeltaStrategy(cfg=make_cfg(min_fit_clients=1, num_server_rounds=10), names=names,
+                                   theta=[np.zeros(2, np.float32)],
                                    completed=0, opt_state={}, recorder=RunRecorder(tmp_path / "run", cfg))
 
     class Proxy:

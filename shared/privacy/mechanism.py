@@ -19,12 +19,17 @@ from torch.utils.data import DataLoader, TensorDataset
 from shared.privacy.accounting import History, compose
 
 
+def micro_batches(batch: torch.Tensor, size: int) -> list[torch.Tensor]:
+    """``batch`` in chunks of at most ``size`` records (``size`` 0: one chunk): a memory cap."""
+    return [batch] if size <= 0 or size >= batch.shape[0] else list(batch.split(size))
+
+
 class PlainSession:
     """Uniform random batches of fixed size and AdamW: not private."""
 
     def __init__(self, params: list[torch.nn.Parameter], records: torch.Tensor, *, batch_size: int, lr: float,
-                 gen: torch.Generator) -> None:
-        self.records, self.batch_size, self.gen = records, batch_size, gen
+                 gen: torch.Generator, micro_batch: int = 0) -> None:
+        self.records, self.batch_size, self.gen, self.micro_batch = records, batch_size, gen, micro_batch
         self.optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
 
     def next_batch(self) -> torch.Tensor:
@@ -33,10 +38,13 @@ class PlainSession:
 
     def step(self, loss_fn: Callable[[torch.Tensor], torch.Tensor], batch: torch.Tensor) -> float:
         self.optimizer.zero_grad(set_to_none=True)
-        loss = loss_fn(batch).mean()
-        loss.backward()
+        total = 0.0
+        for chunk in micro_batches(batch, self.micro_batch):  # gradient accumulation: the same mean gradient
+            loss = loss_fn(chunk).sum() / batch.shape[0]
+            loss.backward()
+            total += loss.item()
         self.optimizer.step()
-        return loss.item()
+        return total
 
     def close(self) -> None:
         pass
@@ -49,16 +57,16 @@ class NoPrivacy:
     private = False
 
     def open(self, model: torch.nn.Module, params: list[torch.nn.Parameter], records: torch.Tensor, *,
-             batch_size: int, lr: float, gen: torch.Generator) -> PlainSession:
-        return PlainSession(params, records, batch_size=batch_size, lr=lr, gen=gen)
+             batch_size: int, lr: float, gen: torch.Generator, micro_batch: int = 0) -> PlainSession:
+        return PlainSession(params, records, batch_size=batch_size, lr=lr, gen=gen, micro_batch=micro_batch)
 
 
 class DPSession:
     """Opacus DP-SGD: Poisson sampling, per-sample gradients by hooks, clip + noise in DPOptimizer."""
 
     def __init__(self, owner: RecordDP, model: torch.nn.Module, params: list[torch.nn.Parameter],
-                 records: torch.Tensor, *, batch_size: int, lr: float) -> None:
-        self.owner, self.params = owner, params
+                 records: torch.Tensor, *, batch_size: int, lr: float, micro_batch: int = 0) -> None:
+        self.owner, self.params, self.micro_batch = owner, params, micro_batch
         optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
         loader = DataLoader(TensorDataset(records), batch_size=batch_size)
         with warnings.catch_warnings():
@@ -82,14 +90,25 @@ class DPSession:
         if batch.shape[0] == 0:
             # An empty Poisson batch still takes a (noise-only) step, and it is accounted.
             for p in self.params:
-                p.grad_sample = torch.zeros((0, *p.shape), dtype=p.dtype)
+                p.grad_sample = torch.zeros((0, *p.shape), dtype=p.dtype, device=p.device)
             loss_value = float("nan")
         else:
-            loss = loss_fn(batch).mean()  # per-record losses: no record's gradient depends on another's
-            with warnings.catch_warnings():  # LoRA layers' inputs need no grad: expected, harmless
-                warnings.filterwarnings("ignore", message="Full backward hook is firing")
-                loss.backward()
-            loss_value = loss.item()
+            # Per-record losses: no record's gradient depends on another's. Micro-batches follow
+            # Opacus' BatchMemoryManager: each chunk's per-sample gradients are clipped and summed
+            # by a skipped step; the last step adds the one noise draw for the whole Poisson
+            # batch and the accountant counts one step.
+            loss_value = 0.0
+            chunks = micro_batches(batch, self.micro_batch)
+            for i, chunk in enumerate(chunks):
+                loss = loss_fn(chunk).mean()
+                with warnings.catch_warnings():  # LoRA layers' inputs need no grad: expected, harmless
+                    warnings.filterwarnings("ignore", message="Full backward hook is firing")
+                    loss.backward()
+                loss_value += loss.item() * chunk.shape[0] / batch.shape[0]
+                if i < len(chunks) - 1:
+                    self.optimizer.signal_skip_step(do_skip=True)
+                    self.optimizer.step()
+                    self.optimizer.zero_grad(set_to_none=True)
         self.optimizer.step()
         return loss_value
 
@@ -117,6 +136,6 @@ class RecordDP:
         self.spent = compose(self.spent, sigma=sigma, sample_rate=sample_rate, steps=steps)
 
     def open(self, model: torch.nn.Module, params: list[torch.nn.Parameter], records: torch.Tensor, *,
-             batch_size: int, lr: float, gen: torch.Generator) -> DPSession:
+             batch_size: int, lr: float, gen: torch.Generator, micro_batch: int = 0) -> DPSession:
         del gen  # Poisson sampling and noise draw from torch's PRNG (Opacus' secure_mode needs torchcsprng)
-        return DPSession(self, model, params, records, batch_size=batch_size, lr=lr)
+        return DPSession(self, model, params, records, batch_size=batch_size, lr=lr, micro_batch=micro_batch)

@@ -55,7 +55,8 @@ class Task(abc.ABC):
         """Module names for LoRA (keys ``shared``, ``mlp``, ``head``), by the model's architecture."""
         kind = getattr(getattr(model, "config", None), "model_type", "")
         if kind not in LORA_TARGETS:
-            raise ValueError(f"{self.name} task: no LoRA targets for model_type {kind!r}; known: {sorted(LORA_TARGETS)}")
+            raise ValueError(f"{self.name} task: no LoRA targets for model_type {kind!r}; "
+                             f"known: {sorted(LORA_TARGETS)}")
         return LORA_TARGETS[kind]
 
     def better(self, a: float, b: float) -> bool:

@@ -29,6 +29,13 @@ PRETRAIN_BATCH = 32
 PRETRAIN_LR = 3e-3
 
 
+def model_config(seq_len: int) -> LlamaConfig:
+    tok = ByteTokenizer()
+    return LlamaConfig(vocab_size=tok.vocab_size, max_position_embeddings=seq_len,
+                       tie_word_embeddings=False, bos_token_id=tok.bos_id, eos_token_id=None,
+                       pad_token_id=None, **ARCH)
+
+
 def ensure_base(*, steps: int, seq_len: int, seed: int) -> Path:
     """Return the cached base checkpoint folder, pre-training it first if absent."""
     key = {"arch": ARCH, "steps": steps, "seq_len": seq_len, "seed": seed, "batch": PRETRAIN_BATCH,
