@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import os
 import sys
 from pathlib import Path
 from typing import Annotated, Optional
@@ -78,6 +79,96 @@ def ledger(state_dir: Path,
                       f"{e.sample_rate:.4g}", str(e.steps), f"{e.delta:g}",
                       f"{e.epsilon:.3f}" if e.private else "inf (NOT PRIVATE)", e.accountant)
     console.print(table)
+
+
+deploy_cli = typer.Typer(no_args_is_help=True, help="A real federation: Flower's Deployment Engine with TLS and "
+                                                     "node authentication (docs/deployment.md).")
+cli.add_typer(deploy_cli, name="deploy")
+INSECURE = typer.Option(help="run WITHOUT TLS and node authentication (one-machine demos only)")
+
+
+@deploy_cli.command("certs")
+def deploy_certs(out: Path,
+                 nodes: Annotated[int, typer.Option(help="SuperNode key pairs to create (node0, node1, ...)")] = 1,
+                 host: Annotated[list[str], typer.Option(help="SuperLink host names / IPs for the certificate")] = [
+                     "localhost", "127.0.0.1"],  # noqa: B006
+                 ) -> None:
+    """Create a CA, the SuperLink's TLS certificate and SuperNode authentication keys."""
+    from fedpgen.deploy import make_certificates
+
+    names = [f"node{i}" for i in range(nodes)]
+    make_certificates(out, nodes=names, hosts=host)
+    console.print(f"wrote {out}/ca.pem (give to every SuperNode and flwr), server.pem/server.key (SuperLink), "
+                  f"{', '.join(names)} (private, one per SuperNode) and their .pub (register them)")
+
+
+@deploy_cli.command("superlink")
+def deploy_superlink(certs: Annotated[Optional[Path], typer.Option(help="folder from `fedpgen deploy certs`")] = None,
+                     state: Annotated[Path, typer.Option(help="SuperLink state folder (SQLite)")] = Path("superlink"),
+                     host: str = "127.0.0.1", port: int = 9092, insecure: Annotated[bool, INSECURE] = False) -> None:
+    """Start flower-superlink (TLS, node authentication, durable state, no runtime installs)."""
+    from fedpgen.deploy import INSECURE_WHY, flower_env, superlink_command
+
+    state.mkdir(parents=True, exist_ok=True)
+    cmd = superlink_command(certs=certs, database=state / "state.db", host=host, port=port, insecure=insecure)
+    if insecure:
+        console.print(f"[bold red]INSECURE deployment:[/] {INSECURE_WHY}")
+    os.execvpe(cmd[0], cmd, flower_env(state / "flwr-home"))
+
+
+@deploy_cli.command("register")
+def deploy_register(public_key: Path, superlink: str = "127.0.0.1:9092",
+                    ca: Annotated[Optional[Path], typer.Option(help="CA certificate")] = None,
+                    home: Annotated[Path, typer.Option(help="flwr CLI home")] = Path(".flwr-home")) -> None:
+    """Register a SuperNode's public key with the SuperLink (prints its node id)."""
+    from fedpgen.deploy import flwr_home, register_node
+
+    console.print(f"node id {register_node(public_key, env=flwr_home(home, superlink=superlink, ca=ca))}")
+
+
+@deploy_cli.command("supernode")
+def deploy_supernode(data_dir: Annotated[Path, typer.Option(help="this user's device folder")],
+                     state_dir: Annotated[Path, typer.Option(help="the sealed on-device store")],
+                     superlink: str = "127.0.0.1:9092",
+                     ca: Annotated[Optional[Path], typer.Option(help="CA certificate")] = None,
+                     key: Annotated[Optional[Path], typer.Option(help="this node's private key")] = None,
+                     port: Annotated[int, typer.Option(help="this node's local API port")] = 9094,
+                     device: Annotated[str, typer.Option(help="auto | cpu | cuda | cuda:N")] = "auto",
+                     micro_batch: Annotated[int, typer.Option(help="records per forward/backward (0 = all)")] = 0,
+                     key_file: Annotated[Optional[Path], typer.Option(help="device key for the state "
+                                                                           "(default <state-dir>/device.key)")] = None,
+                     insecure: Annotated[bool, INSECURE] = False) -> None:
+    """Start flower-supernode for one user's device."""
+    from fedpgen.deploy import INSECURE_WHY, flower_env, supernode_command
+
+    from shared.accelerator import select_device
+
+    select_device(device)  # a clear error now, not at the first round
+    if not data_dir.is_dir():
+        raise FileNotFoundError(f"data dir not found: {data_dir}")
+    cmd = supernode_command(superlink=superlink, ca=ca, key=key, data_dir=data_dir, state_dir=state_dir, port=port,
+                            device=device, micro_batch=micro_batch, key_file=key_file, insecure=insecure)
+    if insecure:
+        console.print(f"[bold red]INSECURE deployment:[/] {INSECURE_WHY}")
+    state_dir.mkdir(parents=True, exist_ok=True)
+    os.execvpe(cmd[0], cmd, flower_env(state_dir.parent / f".flwr-home-{state_dir.name}"))
+
+
+@deploy_cli.command("run")
+def deploy_run(superlink: str = "127.0.0.1:9092",
+               ca: Annotated[Optional[Path], typer.Option(help="CA certificate")] = None,
+               config: Annotated[Optional[Path], typer.Option(help="override file")] = None,
+               set_: Annotated[list[str], typer.Option("--set", help="key=value run-config override")] = [],  # noqa: B006
+               home: Annotated[Path, typer.Option(help="flwr CLI home")] = Path(".flwr-home"),
+               insecure: Annotated[bool, INSECURE] = False) -> None:
+    """Run this Flower App on the SuperLink (`flwr run . --stream`) and check that it completed."""
+    from fedpgen.deploy import flwr_home, run_app
+
+    overrides = _overrides(config, set_, {})
+    RunConfig.from_mapping(overrides)  # validate here: a bad key fails before anything starts
+    env = flwr_home(home, superlink=superlink, ca=ca, insecure=insecure)
+    run_id, _ = run_app(Path(__file__).resolve().parent.parent, env=env, run_config=overrides)
+    console.print(f"run {run_id} completed")
 
 
 def main() -> None:

@@ -38,7 +38,8 @@ def make_strategy(cfg: RunConfig) -> SharedDeltaStrategy:
 def run_server(grid: Grid, context: Context, cfg: RunConfig) -> SharedDeltaStrategy:
     strategy = make_strategy(cfg)
     remaining = max(1, cfg.num_server_rounds - strategy.completed)
-    legacy = LegacyContext(context=context, config=ServerConfig(num_rounds=remaining), strategy=strategy)
+    legacy = LegacyContext(context=context, strategy=strategy,
+                           config=ServerConfig(num_rounds=remaining, round_timeout=cfg.round_timeout or None))
     columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
     with Progress(*columns) as progress:
         bar = progress.add_task("federated rounds", total=cfg.num_server_rounds, completed=strategy.completed)

@@ -32,6 +32,7 @@ def secagg_parameters(cfg: RunConfig) -> dict[str, float | int]:
         "clipping_range": cfg.secagg_clipping_range,
         "quantization_range": cfg.secagg_quantization,
         "max_weight": cfg.secagg_max_weight,
+        "timeout": cfg.round_timeout or None,
     }
 
 

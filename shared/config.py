@@ -19,7 +19,7 @@ from typing import Any
 PYPROJECT = Path(__file__).resolve().parent.parent / "pyproject.toml"
 
 # Keys that do not change what a checkpoint means: a run may resume with other values.
-_RESUMABLE_KEYS = frozenset({"num-server-rounds", "run-dir", "client-cpus", "threads-per-client"})
+_RESUMABLE_KEYS = frozenset({"num-server-rounds", "run-dir", "client-cpus", "threads-per-client", "round-timeout"})
 
 
 def default_config() -> dict[str, Any]:
@@ -70,6 +70,7 @@ class RunConfig:
     num_server_rounds: int
     fraction_fit: float
     min_fit_clients: int
+    round_timeout: float
     eval_fraction: float
     local_steps: int
     batch_size: int
@@ -126,6 +127,7 @@ class RunConfig:
         need(self.num_server_rounds >= 1, "num-server-rounds", "must be >= 1")
         need(0.0 < self.fraction_fit <= 1.0, "fraction-fit", "must be in (0, 1]")
         need(self.min_fit_clients >= 1, "min-fit-clients", "must be >= 1")
+        need(self.round_timeout >= 0.0, "round-timeout", "must be >= 0 (0 = wait forever)")
         need(0.0 < self.eval_fraction <= 1.0, "eval-fraction", "must be in (0, 1]")
         need(self.local_steps >= 1, "local-steps", "must be >= 1")
         need(self.batch_size >= 1, "batch-size", "must be >= 1")
