@@ -107,7 +107,7 @@ def federation(tmp_path_factory: pytest.TempPathFactory):  # type: ignore[no-unt
     run_dir = root / "server-run"
     run_config = {k: v for k, v in TINY.items() if k not in {"data", "num-users", "min-records"}}
     run_config.update({"num-server-rounds": ROUNDS, "min-fit-clients": 2, "run-dir": str(run_dir),
-                       "round-timeout": 60.0, "dp": "sigma", "dp-noise-multiplier": 1.0, "dp-epsilon": 1000.0})
+                       "round-timeout": 120.0, "dp": "sigma", "dp-noise-multiplier": 1.0, "dp-epsilon": 1000.0})
     cfg = RunConfig.from_mapping(run_config)
     initial = get_arrays(build_model(cfg).model, build_model(cfg).sets.send)  # also builds the cached base
     users = synthetic_text.users(num_users=NODES, docs_per_user=30, seed=7)
