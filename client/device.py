@@ -32,6 +32,7 @@ from shared.wire import keys_digest
 log = logging.getLogger(__name__)
 
 SHARED, BOTH = ["shared"], ["shared", "personal"]
+REPORT = "report.png"
 Mechanism = NoPrivacy | RecordDP
 
 
@@ -232,14 +233,18 @@ class Device:
         out: dict[str, object] = {"client-index": self.client_index, "num-heldout": int(held.shape[0]),
                                   **self._skipped()}
 
+        parts: dict[str, object] = {}
+
         def record(variant: str, adapters: list[str] | None) -> None:
             with precision(self.device, self.dtype):
                 if adapters is None:
                     with self.model.disable_adapter():
                         scores = self.task.metrics(self.model, held)
+                        parts[variant] = self.task.report(self.model, held)
                 else:
                     with active(self.model, adapters, ()):
                         scores = self.task.metrics(self.model, held)
+                        parts[variant] = self.task.report(self.model, held)
             out.update({f"{variant}-{k}": v for k, v in scores.items()})
 
         record("base", None)
@@ -256,4 +261,7 @@ class Device:
         if self.sets.personal_trainable:
             self._personal_phase(self._generator("local-personalize", 0))  # same final fit as above
         record("local", BOTH)
+        png = self.task.render_report(parts, held)
+        if png is not None:  # e.g. sample grids: personal data, kept sealed on the device
+            self.store.write(REPORT, png)
         return out

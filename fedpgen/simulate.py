@@ -13,11 +13,13 @@ from flwr.clientapp.typing import Mod
 from rich.console import Console
 
 from client.app import build_app as build_client_app
+from client.device import REPORT
 from server.app import build_app as build_server_app
 from server.plots import plot_run
 from server.summary import print_summary
 from shared.config import RunConfig
-from shared.population import ensure_population
+from shared.population import ensure_population, state_dir
+from shared.store import DeviceStore
 from shared.tasks import get_task
 
 log = logging.getLogger(__name__)
@@ -38,6 +40,21 @@ def prepare_run_dir(cfg: RunConfig, *, fresh: bool) -> bool:
             (run_dir / name).unlink(missing_ok=True)
     (run_dir / "clients.csv").unlink(missing_ok=True)
     return resuming
+
+
+def collect_reports(cfg: RunConfig, users: list[Path]) -> list[Path]:
+    """Copy each simulated device's sealed report (e.g. sample grids) into ``<run-dir>/reports``.
+
+    Simulation only: here one machine holds every device's key. A real device keeps it sealed."""
+    written = []
+    for user in users:
+        state = state_dir(cfg, user)
+        if (state / f"{REPORT}.sealed").is_file():
+            dest = Path(cfg.run_dir) / "reports" / f"{user.name}.png"
+            dest.parent.mkdir(parents=True, exist_ok=True)
+            dest.write_bytes(DeviceStore(state).read(REPORT) or b"")
+            written.append(dest)
+    return written
 
 
 def simulate(cfg: RunConfig, *, fresh: bool = False, console: Console | None = None,
@@ -66,4 +83,5 @@ def simulate(cfg: RunConfig, *, fresh: bool = False, console: Console | None = N
         run_simulation(server_app=build_server_app(overrides), client_app=client_app,
                        num_supernodes=len(users), backend_config=backend)
     plot_run(Path(cfg.run_dir))
+    collect_reports(cfg, users)
     return print_summary(Path(cfg.run_dir), names={i: u.name for i, u in enumerate(users)}, console=console)

@@ -64,7 +64,7 @@ def plot_run(run_dir: Path) -> list[Path]:
         ax.set(xlabel="client", ylabel=metric, title="Personalization")
         lo = min(r[f"{v}-{task.primary}"] for r in clients for v in VARIANTS)
         hi = max(r[f"{v}-{task.primary}"] for r in clients for v in VARIANTS)
-        ax.set_ylim(0.0 if task.higher_is_better else lo * 0.95, hi * 1.02)
+        ax.set_ylim(0.0 if task.higher_is_better else lo * 0.95, max(hi * 1.02, lo + 1e-6))
         ax.legend()
         fig.tight_layout()
         fig.savefig(run_dir / "personalization.png", dpi=100)

@@ -22,6 +22,9 @@ SKIP_REASONS = (
     "unknown-item",        # behavior.jsonl: an item id the catalog does not know
     "out-of-order",        # behavior.jsonl: a timestamp earlier than an event before it
     "empty-log",           # behavior.jsonl: missing or without a usable event
+    "not-an-image",        # photos: not a .png/.jpg file
+    "tiny-image",          # photos: smaller than 16 pixels a side
+    "huge-image",          # photos: larger than 4096 pixels a side or 20 MiB (decompression bombs)
 )
 
 DOWNLINK_CONFIG = frozenset({"server-round", "final", "sampled-clients"})

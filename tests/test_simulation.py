@@ -10,6 +10,7 @@ import json
 import struct
 from pathlib import Path
 
+import numpy as np
 import pytest
 from flwr.common import bytes_to_ndarray, serde
 from flwr.proto.recorddict_pb2 import RecordDict as ProtoRecordDict
@@ -152,3 +153,41 @@ def test_behavior_sequences_never_reach_the_server_and_bad_logs_are_reported(mak
     assert summary["refused"]["no-usable-data"] == 1, "the empty log is reported, not a crash"
     assert summary["skipped"] == {"malformed-line": len(USERS)}
     assert 0.0 <= summary["median-hr10"]["personal"] <= 1.0
+
+
+def test_image_photos_never_reach_the_server(make_cfg, tmp_path: Path, captured: list) -> None:
+    # Prepare: three users whose photos carry a unique pixel pattern; one more with no usable photo
+    from PIL import Image
+
+    from shared.data import procedural_faces as faces
+    from shared.tasks.image import PIXELS, pack
+
+    cfg = make_cfg(task="image", data="dir", data_dir=str(tmp_path / "users"), num_server_rounds=1,
+                   min_fit_clients=3, local_steps=2, personal_max_steps=2, heldout_fraction=0.25, val_fraction=0.0,
+                   dp="sigma", dp_noise_multiplier=1.0, dp_epsilon=1000.0)
+    photos = {}
+    for k, u in enumerate(USERS):
+        rng = np.random.default_rng(100 + k)
+        ident = faces.random_identity(rng)
+        photos[u] = [faces.render(ident, rng) for _ in range(8)]
+        photos[u][0][:4, :4] = rng.integers(0, 256, (4, 4, 3))  # a unique corner: the canary
+        (tmp_path / "users" / u / "faces").mkdir(parents=True)
+        for i, p in enumerate(photos[u]):
+            Image.fromarray(p).save(tmp_path / "users" / u / "faces" / f"{i:03d}.png")
+    (tmp_path / "users" / "zed" / "faces").mkdir(parents=True)
+    (tmp_path / "users" / "zed" / "faces" / "a.txt").write_text("no photo")
+    # Execute
+    summary = simulate(cfg)
+    # Assert: no PNG bytes, raw pixel rows or model-input tensors of any photo on the wire
+    assert len(captured) == 5 * len(USERS)
+    for _, wire in captured:
+        for u, ps in photos.items():
+            png = (tmp_path / "users" / u / "faces" / "000.png").read_bytes()
+            assert png[-64:] not in wire and png[40:104] not in wire
+            assert ps[0][0].tobytes()[:24] not in wire  # raw pixel row
+            record = pack(ps[:1], 0, [0, 0, 0])[0, :PIXELS]
+            assert record[:16].numpy().tobytes() not in wire  # float32 model input
+            assert record[:16].double().numpy().tobytes() not in wire
+        assert b".personal." not in wire and b"lora_" not in wire and b"slot_proj" not in wire
+    assert summary["clients"] == len(USERS) and summary["refused"]["no-usable-data"] == 1
+    assert sorted(p.name for p in (Path(cfg.run_dir) / "reports").iterdir()) == [f"{u}.png" for u in USERS]

@@ -4,9 +4,10 @@ from __future__ import annotations
 
 from shared.tasks.base import NoUsableDataError, Task, UserData
 from shared.tasks.behavior import BehaviorTask
+from shared.tasks.image import ImageTask
 from shared.tasks.text import TextTask
 
-TASKS: dict[str, type[Task]] = {"text": TextTask, "behavior": BehaviorTask}
+TASKS: dict[str, type[Task]] = {"text": TextTask, "behavior": BehaviorTask, "image": ImageTask}
 
 
 def get_task(name: str) -> Task:

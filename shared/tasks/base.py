@@ -89,6 +89,14 @@ class Task(abc.ABC):
     def metrics(self, model: torch.nn.Module, records: torch.Tensor) -> dict[str, float]:
         """Held-out metrics of ``model`` on ``records``."""
 
+    def report(self, model: torch.nn.Module, records: torch.Tensor) -> Any:
+        """Optional artifacts of one evaluated variant (e.g. generated samples); stay on the device."""
+        return None
+
+    def render_report(self, parts: dict[str, Any], records: torch.Tensor) -> bytes | None:
+        """Optional PNG from the variants' artifacts, stored sealed on the device (``report.png``)."""
+        return None
+
     @abc.abstractmethod
     def generate(self, model: torch.nn.Module, base_path: Path, prompt: str, **kwargs: Any) -> str:
         """Generate from ``model`` given a prompt."""

@@ -1,0 +1,222 @@
+"""photos -> images: personalized generation of the user's face (DreamBooth style, DDPM).
+
+Raw context: ``<user>/faces/*.png|jpg`` and ``<user>/subjects/<name>/*`` (read on the
+device, ``shared/data/photos.py``), ``profile.json`` attributes as the prompt. A record is
+one photo: pixels in [-1, 1], its slot (0: the face, 1..: subjects) and its attribute
+tokens, flattened into one float row. The loss is DDPM noise prediction (a fresh timestep
+and noise per record: no record's loss depends on another's). Held out: the user's last
+face photos by name.
+
+Metrics, per model variant, on ``SAMPLES`` images generated for slot 0 with the profile's
+attributes (DDIM, fixed seeds, so variants differ only by their weights):
+
+- ``top1``: share of samples whose nearest identity centroid, among the user's held-out
+  photos and ``REF_CHOICES - 1`` unseen public identities, is the user's (chance 1/10);
+- ``idsim``: mean cosine to the user's held-out centroid minus the mean cosine to the
+  public reference centroids (other users' photos are never on the device);
+- ``align``: share of asked attributes (hair, glasses, beard) the encoder finds in the samples;
+- ``fd``: Fréchet distance between samples and held-out photos in the encoder's feature
+  space, with diagonal covariances (8 samples cannot estimate a full one).
+"""
+
+from __future__ import annotations
+
+import io
+import json
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from diffusers import DDIMScheduler, UNet2DConditionModel
+from PIL import Image
+from safetensors.torch import load_file
+
+from shared.data import procedural_faces as faces
+from shared.data.photos import read_photos, write_photos
+from shared.data.user_folder import read_profile
+from shared.tasks.base import NoUsableDataError, Task, UserData
+from shared.tasks.image_base import encoder_steps, ensure_encoder, ensure_unet, load_encoder, scheduler, to_tensor
+from shared.tasks.image_model import ATTR_KEYS, HEADS, NUM_SLOTS, FaceUNet, attribute_tokens
+
+if TYPE_CHECKING:
+    from shared.config import RunConfig
+
+PIXELS = 3 * faces.SIZE * faces.SIZE
+SAMPLES, SAMPLE_STEPS, REF_CHOICES = 8, 25, 10
+USER_CAST = (1.12, 0.97, 0.85)  # a warm cast in every simulated user's photos: a population trait
+TARGETS = {"shared": ["to_q", "to_k", "to_v", "to_out.0"], "mlp": ["slot_proj", "ff.net.0.proj", "ff.net.2"],
+           "head": ["slot_proj", "proj_out"]}
+
+
+def pack(photos: list[np.ndarray], slot: int, attrs: list[int]) -> torch.Tensor:
+    x = to_tensor(photos).reshape(len(photos), PIXELS)
+    extra = torch.tensor([[float(slot), *map(float, attrs)]]).expand(len(photos), -1)
+    return torch.cat([x, extra], dim=1)
+
+
+def unpack(records: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    x = records[:, :PIXELS].reshape(-1, 3, faces.SIZE, faces.SIZE)
+    return x, records[:, PIXELS].long(), records[:, PIXELS + 1 :].long()
+
+
+class ImageTask(Task):
+    name = "image"
+    datasets = ("synthetic",)
+    metric_names = ("top1", "idsim", "align", "fd")
+    primary, higher_is_better, primary_label = "top1", True, "identification of generated samples (top-1 of 10)"
+
+    def __init__(self) -> None:
+        self.encoder: Any = None
+        self.refs: torch.Tensor | None = None
+        self.last_samples: torch.Tensor | None = None
+
+    # -- models -----------------------------------------------------------------------------
+    def base_model_path(self, cfg: RunConfig) -> Path:
+        self._encoder_path = ensure_encoder(seed=cfg.seed, steps=encoder_steps(cfg.pretrain_steps))
+        if cfg.base_model:
+            path = Path(cfg.base_model).expanduser()
+            unet = path / "unet" if (path / "unet" / "config.json").is_file() else path
+            if not (unet / "config.json").is_file():
+                raise FileNotFoundError(f"base-model: no diffusers UNet (config.json) at {path} or {path}/unet")
+            return path
+        return ensure_unet(steps=cfg.pretrain_steps, seed=cfg.seed)
+
+    def load_base(self, path: Path) -> torch.nn.Module:
+        unet_dir = path / "unet" if (path / "unet" / "config.json").is_file() else path
+        unet = UNet2DConditionModel.from_pretrained(str(unet_dir), local_files_only=True)
+        if unet.config.in_channels != 3 or unet.config.sample_size != faces.SIZE:
+            raise ValueError(f"{unet_dir}: the image task needs a pixel-space UNet ({faces.SIZE}x{faces.SIZE}, "
+                             f"3 channels), got {unet.config.in_channels} channels at {unet.config.sample_size}")
+        torch.manual_seed(0)
+        model = FaceUNet(unet)
+        if (path / "wrapper.safetensors").is_file():
+            model.load_state_dict(load_file(str(path / "wrapper.safetensors")), strict=False)
+        self._load_encoder()
+        model.requires_grad_(False)
+        return model.eval()
+
+    def _load_encoder(self) -> None:
+        if self.encoder is None:
+            enc_path = getattr(self, "_encoder_path", None)
+            if enc_path is None:
+                raise RuntimeError("image task: base_model_path(cfg) must run before the encoder is used")
+            self.encoder, self.refs, self.encoder_info = load_encoder(enc_path)
+
+    def lora_targets(self, model: torch.nn.Module) -> dict[str, list[str]]:
+        return TARGETS
+
+    # -- users ------------------------------------------------------------------------------
+    def materialize_users(self, cfg: RunConfig, dest: Path) -> list[Path]:
+        pop = faces.population(num_identities=cfg.num_users, photos=cfg.min_records, seed=cfg.seed, public=False,
+                               cast=USER_CAST)
+        written = []
+        for i, (ident, photos) in enumerate(pop):
+            user = dest / f"user{i:03d}"
+            write_photos(user / "faces", photos)
+            (user / "profile.json").write_text(json.dumps(ident.attributes()), encoding="utf-8")
+            written.append(user)
+        return written
+
+    def read_user(self, user_dir: Path, cfg: RunConfig, *, base_path: Path) -> UserData:
+        groups, skipped = read_photos(Path(user_dir), faces.SIZE)
+        profile, bad_profile = read_profile(Path(user_dir))
+        if bad_profile:
+            skipped["malformed-profile"] = bad_profile
+        face = groups.pop("face", [])
+        if len(face) < 3:
+            raise NoUsableDataError(f"user {Path(user_dir).name}: {len(face)} usable face photos (need >= 3); "
+                                    f"skipped {skipped or 'nothing'}")
+        n_held = max(1, round(len(face) * cfg.heldout_fraction))
+        n_val = round((len(face) - n_held) * cfg.val_fraction)
+        n_train = len(face) - n_held - n_val
+        attrs = attribute_tokens(profile)
+        train = [pack(face[:n_train], 0, attrs)]
+        for slot, name in enumerate(sorted(groups)[: NUM_SLOTS - 1], start=1):  # subjects: one slot each
+            train.append(pack(groups[name], slot, [0] * len(ATTR_KEYS)))
+        val = pack(face[n_train : n_train + n_val], 0, attrs) if n_val else torch.zeros(0, PIXELS + 1 + len(attrs))
+        return UserData(train=torch.cat(train), val=val, heldout=pack(face[n_train + n_val :], 0, attrs),
+                        skipped=skipped)
+
+    # -- loss, sampling, metrics ------------------------------------------------------------
+    def per_record_loss(self, model: torch.nn.Module, batch: torch.Tensor) -> torch.Tensor:
+        x, slot, attrs = unpack(batch)
+        sched = scheduler()
+        noise = torch.randn_like(x)
+        t = torch.randint(0, sched.config.num_train_timesteps, (x.shape[0],), device=x.device)
+        pred = model(sched.add_noise(x, noise, t), t, attrs, slot)
+        return ((pred.float() - noise) ** 2).mean(dim=(1, 2, 3))
+
+    @torch.no_grad()
+    def sample(self, model: torch.nn.Module, attrs: torch.Tensor, slot: int = 0, n: int = SAMPLES,
+               seed: int = 1234) -> torch.Tensor:
+        """``n`` images in [-1, 1] for ``slot`` with attribute tokens ``attrs`` (DDIM, fixed seed)."""
+        device = next(model.parameters()).device
+        ddim = DDIMScheduler.from_config(scheduler().config)
+        ddim.set_timesteps(SAMPLE_STEPS)
+        x = torch.randn((n, 3, faces.SIZE, faces.SIZE), generator=torch.Generator().manual_seed(seed)).to(device)
+        a = attrs.reshape(1, -1).expand(n, -1).to(device)
+        s = torch.full((n,), slot, dtype=torch.long, device=device)
+        for t in ddim.timesteps:
+            eps = model(x, t.to(device).expand(n), a, s).float()
+            x = ddim.step(eps, t, x).prev_sample
+        return x.clamp(-1, 1)
+
+    @torch.no_grad()
+    def metrics(self, model: torch.nn.Module, records: torch.Tensor) -> dict[str, float]:
+        self._load_encoder()
+        real, _, attrs = unpack(records)
+        gen = self.sample(model, attrs[0])
+        self.last_samples = gen.cpu()
+        enc = self.encoder.to(gen.device)
+        zg, zr = enc.embed(gen.float()), enc.embed(real.float())
+        own = F.normalize(zr.mean(0), dim=0)
+        refs = self.refs.to(gen.device)
+        choices = torch.cat([own[None], refs[: REF_CHOICES - 1]])
+        top1 = float(((zg @ choices.T).argmax(1) == 0).float().mean())
+        idsim = float((zg @ own).mean() - (zg @ refs.T).mean())
+        asked = {k: int(v) for k, v in zip(ATTR_KEYS, attrs[0].tolist(), strict=True)}
+        found = enc.attributes(gen.float())
+        hits = [float((found[k].argmax(1) == _head_index(k, token)).float().mean())
+                for k, token in asked.items() if token > 0]
+        mu_g, mu_r = zg.mean(0), zr.mean(0)
+        var_g, var_r = zg.var(0, unbiased=False), zr.var(0, unbiased=False)
+        fd = float(((mu_g - mu_r) ** 2).sum() + (var_g + var_r - 2 * (var_g * var_r).sqrt()).sum())
+        return {"top1": top1, "idsim": idsim, "align": sum(hits) / len(hits) if hits else float("nan"), "fd": fd}
+
+    def report(self, model: torch.nn.Module, records: torch.Tensor) -> Any:
+        """The samples of the preceding ``metrics`` call (same model, same records): for the grid."""
+        return self.last_samples
+
+    def render_report(self, parts: dict[str, Any], records: torch.Tensor) -> bytes | None:
+        """A PNG grid: the held-out photos, then one row of samples per variant."""
+        real, _, _ = unpack(records)
+        rows = [real[:SAMPLES]] + [parts[v] for v in parts if parts[v] is not None]
+        width = max(r.shape[0] for r in rows)
+        grid = torch.ones(len(rows), width, 3, faces.SIZE, faces.SIZE)
+        for i, row in enumerate(rows):
+            grid[i, : row.shape[0]] = row.cpu()
+        img = ((grid.permute(0, 3, 1, 4, 2).reshape(len(rows) * faces.SIZE, width * faces.SIZE, 3) + 1) * 127.5)
+        buf = io.BytesIO()
+        Image.fromarray(img.clamp(0, 255).byte().numpy()).resize((width * 64, len(rows) * 64), Image.NEAREST).save(
+            buf, format="PNG")
+        return buf.getvalue()
+
+    @torch.no_grad()
+    def generate(self, model: torch.nn.Module, base_path: Path, prompt: str, **kwargs: Any) -> str:
+        """Generate images for ``prompt`` (``hair=red glasses=yes``) into ``kwargs['dest']``; return its path."""
+        profile = dict(p.split("=", 1) for p in prompt.split() if "=" in p)
+        images = self.sample(model, torch.tensor(attribute_tokens(profile)), slot=int(kwargs.get("slot", 0)),
+                             n=int(kwargs.get("n", 4)), seed=int(kwargs.get("seed", 0)))
+        dest = Path(kwargs.get("dest", "samples"))
+        write_photos(dest, [((x.permute(1, 2, 0) + 1) * 127.5).clamp(0, 255).byte().cpu().numpy() for x in images])
+        return str(dest)
+
+
+def _head_index(key: str, token: int) -> int:
+    """The attribute head's class index for vocabulary token ``token`` (1-based) of ``key``."""
+    from shared.tasks.image_model import ATTR_VOCAB
+
+    value = ATTR_VOCAB[token - 1].split("=", 1)[1]
+    return HEADS[key].index(value)

@@ -1,0 +1,79 @@
+"""The image task: photo reading and its bad inputs, records, the subject token's place, a DP round."""
+
+from __future__ import annotations
+
+import io
+import math
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from client.device import REPORT, Device
+from shared.data import procedural_faces as faces
+from shared.data.photos import read_photos
+from shared.population import ensure_population
+from shared.tasks import NoUsableDataError
+from shared.tasks.image import PIXELS, pack, unpack
+
+IMAGE = {"task": "image", "min_records": 12, "heldout_fraction": 0.25, "val_fraction": 0.0, "local_steps": 2,
+         "personal_max_steps": 2}
+
+
+def test_bad_photos_are_skipped_and_counted_by_reason(tmp_path: Path) -> None:
+    # Prepare: 2 good faces, a text file, a tiny image, a truncated PNG, a huge image; one subject
+    rng = np.random.default_rng(0)
+    good = faces.render(faces.random_identity(rng), rng)
+    (tmp_path / "faces").mkdir()
+    for i in range(2):
+        Image.fromarray(good).save(tmp_path / "faces" / f"{i}.png")
+    (tmp_path / "faces" / "notes.txt").write_text("not a photo")
+    Image.new("RGB", (8, 8)).save(tmp_path / "faces" / "tiny.png")
+    (tmp_path / "faces" / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n" + b"\x00" * 40)
+    Image.new("RGB", (5000, 20)).save(tmp_path / "faces" / "huge.png")
+    (tmp_path / "subjects" / "rex").mkdir(parents=True)
+    Image.fromarray(np.zeros((64, 48, 3), np.uint8)).save(tmp_path / "subjects" / "rex" / "a.jpg")
+    # Execute
+    groups, skipped = read_photos(tmp_path, faces.SIZE)
+    # Assert
+    assert len(groups["face"]) == 2 and len(groups["rex"]) == 1
+    assert groups["rex"][0].shape == (faces.SIZE, faces.SIZE, 3)
+    np.testing.assert_array_equal(groups["face"][0], good)  # already 32x32: no resampling
+    assert skipped == {"not-an-image": 1, "tiny-image": 1, "unreadable-file": 1, "huge-image": 1}
+
+
+def test_records_round_trip_pixels_slot_and_attributes() -> None:
+    rng = np.random.default_rng(1)
+    photos = [faces.render(faces.random_identity(rng), rng) for _ in range(3)]
+    x, slot, attrs = unpack(pack(photos, 2, [1, 7, 9]))
+    assert x.shape == (3, 3, faces.SIZE, faces.SIZE) and float(x.min()) >= -1.0 and float(x.max()) <= 1.0
+    assert slot.tolist() == [2, 2, 2] and attrs.tolist() == [[1, 7, 9]] * 3
+    np.testing.assert_allclose(((x[0].permute(1, 2, 0) + 1) * 127.5).numpy(), photos[0], atol=1e-3)
+
+
+def test_too_few_face_photos_is_no_usable_data(make_cfg, tmp_path: Path) -> None:
+    (tmp_path / "users" / "zoe" / "faces").mkdir(parents=True)
+    (tmp_path / "users" / "zoe" / "faces" / "x.txt").write_text("no photos")
+    cfg = make_cfg(data="dir", data_dir=str(tmp_path / "users"), **IMAGE)
+    with pytest.raises(NoUsableDataError, match="0 usable face photos"):
+        Device(cfg, user_dir=tmp_path / "users" / "zoe", state_dir=tmp_path / "s")
+
+
+def test_a_dp_round_sends_only_shared_attention_lora_and_keeps_the_subject_token(make_cfg) -> None:
+    # Prepare
+    cfg = make_cfg(**IMAGE)
+    d = Device(cfg, user_dir=ensure_population(cfg)[0], state_dir=Path(cfg.run_dir) / "s", client_index=0)
+    assert d.data.train.shape[1] == PIXELS + 1 + 3
+    # Execute
+    delta, n, metrics = d.fit(d.init_send, server_round=1)
+    out = d.evaluate([a + b for a, b in zip(d.init_send, delta, strict=True)])
+    # Assert: the subject token (slot_proj LoRA) is personal; attention LoRA is what is sent
+    assert any("slot_proj.lora_" in k for k in d.sets.keep) and not any("slot_proj" in k for k in d.sets.send)
+    assert all(any(t in k for t in ("to_q", "to_k", "to_v", "to_out")) for k in d.sets.send)
+    assert any(np.abs(x).max() > 0 for x in delta) and 0 < metrics["dp-epsilon"] < math.inf
+    for v in ("base", "shared", "personal", "local"):
+        assert 0.0 <= out[f"{v}-top1"] <= 1.0 and 0.0 <= out[f"{v}-align"] <= 1.0 and out[f"{v}-fd"] >= 0.0
+    png = d.store.read(REPORT)
+    assert png is not None and Image.open(io.BytesIO(png)).size == (8 * 64, 5 * 64)  # real row + 4 variants
+    assert not (Path(cfg.run_dir) / "s" / REPORT).exists(), "the grid shows the user's face: sealed only"
