@@ -2,7 +2,7 @@
 
 One SuperLink (TLS, node authentication, SQLite state, no runtime installs) and three
 SuperNodes, each a user's device with its own folder and sealed state-dir, run the text
-task for 4 rounds with DP and SecAgg+ through ``flwr run``. One SuperNode is killed
+task for 3 rounds with DP and SecAgg+ through ``flwr run``. One SuperNode is killed
 (SIGKILL) after round 1 and restarted: the run finishes and that device's personal part and
 ε ledger continue. Refusals: an unregistered key, a node without the CA. Every process the
 test starts is stopped by the test.
@@ -41,7 +41,7 @@ from conftest import TINY
 pytestmark = pytest.mark.slow
 ROOT = Path(__file__).resolve().parent.parent
 NODES = 3
-ROUNDS = 4
+ROUNDS = 3
 
 
 def free_port() -> int:

@@ -19,14 +19,12 @@ import dataclasses
 import hashlib
 import json
 import logging
-import math
 import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import torch
 import torch.nn.functional as F
-from rich.progress import Progress
 from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
 
 from shared.data import synthetic_behavior as synth
@@ -34,6 +32,7 @@ from shared.data.behavior_log import CATALOG_FILE, read_catalog, read_log, write
 from shared.data.user_folder import read_profile
 from shared.tasks.base import NoUsableDataError, Task, UserData
 from shared.tasks.cache import MARKER, ensure_built
+from shared.tasks.pretraining import pretrain_loop
 
 if TYPE_CHECKING:
     from shared.config import RunConfig
@@ -258,9 +257,6 @@ def pretrain(dest: Path, *, steps: int, seq_len: int, seed: int) -> None:
                          tie_word_embeddings=False, bos_token_id=layout.bos, eos_token_id=None,
                          pad_token_id=None, **ARCH)
     model = LlamaForCausalLM(config)
-    opt = torch.optim.AdamW(model.parameters(), lr=PRETRAIN_LR, weight_decay=0.01)
-    sched = torch.optim.lr_scheduler.LambdaLR(
-        opt, lambda s: min(1.0, (s + 1) / 50) * 0.5 * (1 + math.cos(math.pi * s / max(steps, 1))))
     task = BehaviorTask()
     task.layout = layout
 
@@ -274,16 +270,8 @@ def pretrain(dest: Path, *, steps: int, seq_len: int, seed: int) -> None:
 
     started = time.perf_counter()
     model.train()
-    with Progress(transient=True) as progress:
-        bar = progress.add_task("pre-training the item model", total=steps)
-        for _ in range(steps):
-            loss = task.per_record_loss(model, batch(PRETRAIN_BATCH, gen)).mean()
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-            opt.step()
-            sched.step()
-            progress.advance(bar)
+    pretrain_loop(list(model.parameters()), lambda: task.per_record_loss(model, batch(PRETRAIN_BATCH, gen)).mean(),
+                  steps=steps, lr=PRETRAIN_LR, description="pre-training the item model")
     model.eval()
     held = batch(256, torch.Generator().manual_seed(seed + 1))
     with torch.no_grad():

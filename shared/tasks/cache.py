@@ -15,6 +15,8 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from transformers.utils import logging as hf_logging
+
 MARKER = "fedpgen_base.json"  # written last by a builder: its presence means the folder is complete
 
 
@@ -37,6 +39,7 @@ def ensure_built(kind: str, key: dict[str, Any], build: Callable[[Path], None]) 
     dest.parent.mkdir(parents=True, exist_ok=True)
     tmp = dest.with_name(f"{dest.name}.tmp{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)
+    hf_logging.disable_progress_bar()  # our own progress bar shows the build; not "Writing model shards"
     build(tmp)
     if not (tmp / MARKER).is_file():
         raise RuntimeError(f"building {kind} base: {MARKER} was not written")

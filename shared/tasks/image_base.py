@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import json
 import logging
-import math
 import time
 from pathlib import Path
 
@@ -21,11 +20,11 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from diffusers import DDPMScheduler
-from rich.progress import Progress
 from safetensors.torch import load_file, save_file
 
 from shared.data import procedural_faces as faces
 from shared.tasks.cache import MARKER, ensure_built
+from shared.tasks.pretraining import pretrain_loop
 from shared.tasks.image_model import ATTR_KEYS, HEADS, NUM_SLOTS, UNET, FaceUNet, IdentityEncoder, attribute_tokens
 
 log = logging.getLogger(__name__)
@@ -73,40 +72,32 @@ def pretrain_unet(dest: Path, *, steps: int, seed: int) -> None:
     attrs = torch.tensor([attribute_tokens(ident.attributes()) for ident, photos in pop for _ in photos])
     model = FaceUNet()
     table = torch.nn.Embedding(len(pop), model.unet.config.cross_attention_dim)
-    params = [*model.parameters(), *table.parameters()]
-    opt = torch.optim.AdamW(params, lr=LR, weight_decay=0.0)
-    sched = torch.optim.lr_scheduler.LambdaLR(
-        opt, lambda s: min(1.0, (s + 1) / 50) * 0.5 * (1 + math.cos(math.pi * s / max(steps, 1))))
     noise_sched = scheduler()
     gen = torch.Generator().manual_seed(seed)
     started = time.perf_counter()
-    with Progress(transient=True) as progress:
-        bar = progress.add_task("pre-training the image UNet", total=steps)
-        for _ in range(steps):
-            idx = torch.randint(0, images.shape[0], (BATCH,), generator=gen)
-            x = images[idx]
-            a = attrs[idx] * (torch.rand(BATCH, len(ATTR_KEYS), generator=gen) > 0.2)  # drop some attributes
-            noise = torch.randn(x.shape, generator=gen)
-            t = torch.randint(0, noise_sched.config.num_train_timesteps, (BATCH,), generator=gen)
-            pred = model(noise_sched.add_noise(x, noise, t), t, a, torch.zeros(BATCH, dtype=torch.long),
-                         identity=table(ids[idx]))
-            loss = F.mse_loss(pred, noise)
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_(params, 1.0)
-            opt.step()
-            sched.step()
-            progress.advance(bar)
+
+    def loss_fn() -> torch.Tensor:
+        idx = torch.randint(0, images.shape[0], (BATCH,), generator=gen)
+        x = images[idx]
+        a = attrs[idx] * (torch.rand(BATCH, len(ATTR_KEYS), generator=gen) > 0.2)  # drop some attributes
+        noise = torch.randn(x.shape, generator=gen)
+        t = torch.randint(0, noise_sched.config.num_train_timesteps, (BATCH,), generator=gen)
+        pred = model(noise_sched.add_noise(x, noise, t), t, a, torch.zeros(BATCH, dtype=torch.long),
+                     identity=table(ids[idx]))
+        return F.mse_loss(pred, noise)
+
+    loss = pretrain_loop([*model.parameters(), *table.parameters()], loss_fn, steps=steps, lr=LR,
+                         description="pre-training the image UNet", weight_decay=0.0)
     with torch.no_grad():  # every slot starts as the average public identity
         model.slot_proj.weight.copy_(table.weight.mean(0, keepdim=True).T.expand(-1, NUM_SLOTS))
     dest.mkdir(parents=True, exist_ok=True)
     model.unet.save_pretrained(dest / "unet")
     save_file({k: v.contiguous() for k, v in model.state_dict().items() if not k.startswith("unet.")},
               str(dest / "wrapper.safetensors"))
-    meta = {"steps": steps, "seed": seed, "final_loss": float(loss.detach()), "seconds": time.perf_counter() - started,
+    meta = {"steps": steps, "seed": seed, "final_loss": loss, "seconds": time.perf_counter() - started,
             "parameters": sum(p.numel() for p in model.parameters())}
     (dest / MARKER).write_text(json.dumps(meta, indent=2))
-    log.info("pre-trained the image UNet: %d steps, final loss %.4f", steps, float(loss.detach()))
+    log.info("pre-trained the image UNet: %d steps, final loss %.4f", steps, loss)
 
 
 def augment(x: torch.Tensor, gen: torch.Generator) -> torch.Tensor:

@@ -14,11 +14,11 @@ import time
 from pathlib import Path
 
 import torch
-from rich.progress import Progress
 from transformers import LlamaConfig, LlamaForCausalLM
 
 from shared.data import shakespeare
 from shared.tasks.cache import MARKER, ensure_built
+from shared.tasks.pretraining import pretrain_loop
 from shared.tasks.text_tokenizer import ByteTokenizer
 
 log = logging.getLogger(__name__)
@@ -57,22 +57,15 @@ def pretrain(dest: Path, *, steps: int, seq_len: int, seed: int) -> None:
     split = int(data.numel() * 0.95)
     train, held = data[:split], data[split:]
     model = LlamaForCausalLM(model_config(seq_len))
-    opt = torch.optim.AdamW(model.parameters(), lr=PRETRAIN_LR, weight_decay=0.01)
-    sched = torch.optim.lr_scheduler.LambdaLR(
-        opt, lambda s: min(1.0, (s + 1) / 50) * 0.5 * (1 + math.cos(math.pi * s / max(steps, 1))))
     start = time.perf_counter()
     model.train()
-    with Progress(transient=True) as progress:
-        bar = progress.add_task("pre-training the byte-level base", total=steps)
-        for _ in range(steps):
-            batch = _windows(train, PRETRAIN_BATCH, seq_len, gen)
-            loss = model(input_ids=batch, labels=batch).loss
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-            opt.step()
-            sched.step()
-            progress.advance(bar)
+
+    def loss() -> torch.Tensor:
+        batch = _windows(train, PRETRAIN_BATCH, seq_len, gen)
+        return model(input_ids=batch, labels=batch).loss
+
+    pretrain_loop(list(model.parameters()), loss, steps=steps, lr=PRETRAIN_LR,
+                  description="pre-training the byte-level base")
     model.eval()
     with torch.no_grad():
         eval_batch = _windows(held, 64, seq_len, torch.Generator().manual_seed(seed + 1))
