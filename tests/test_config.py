@@ -56,3 +56,14 @@ def test_cli_reports_errors_without_traceback(args: list[str], message: str, tmp
     assert proc.returncode == 2, proc.stdout + proc.stderr
     assert message in proc.stdout
     assert "Traceback" not in proc.stdout + proc.stderr
+
+
+def test_every_override_file_in_simulations_is_valid() -> None:
+    from pathlib import Path
+
+    from shared.config import load_override_file
+
+    files = sorted((Path(__file__).resolve().parent.parent / "simulations").glob("*.toml"))
+    assert len(files) >= 3
+    tasks = {RunConfig.from_mapping(load_override_file(f)).task for f in files}
+    assert tasks == {"text", "behavior", "image"}
