@@ -19,8 +19,10 @@ from client.device import Device, check_usable, verify_state
 from client.node import node_settings
 from client.secure_aggregation import secagg_when_asked
 from shared.config import RunConfig
+from shared.privacy.ledger import PrivacyLedger
 from shared.privacy.plan import BudgetExhaustedError, check_stored_budget
 from shared.sealing import TamperedStateError
+from shared.store import DeviceStore, device_sealer
 from shared.tasks import NoUsableDataError, get_task
 from shared.wire import BUDGET_EXHAUSTED, NO_USABLE_DATA, STATE_TAMPERED
 
@@ -39,23 +41,26 @@ class DeviceClient(Client):
                                                     sampled_clients=int(ins.config["sampled-clients"]))
         except BudgetExhaustedError as exc:  # a clear refusal, not a crash
             return FitRes(Status(Code.FIT_NOT_IMPLEMENTED, f"{BUDGET_EXHAUSTED}: {exc}"), Parameters([], ""), 0, {})
-        except NoUsableDataError as exc:
-            return FitRes(Status(Code.FIT_NOT_IMPLEMENTED, f"{NO_USABLE_DATA}: {exc}"), Parameters([], ""), 0, {})
-        except TamperedStateError as exc:  # never train on (or send anything derived from) garbage
-            log.error("refusing to train: %s", exc)
-            return FitRes(Status(Code.FIT_NOT_IMPLEMENTED, f"{STATE_TAMPERED}: {exc}"), Parameters([], ""), 0, {})
+        except (NoUsableDataError, TamperedStateError) as exc:  # never train on (or send from) garbage
+            return FitRes(Status(Code.FIT_NOT_IMPLEMENTED, refusal(exc)), Parameters([], ""), 0, {})
         return FitRes(Status(Code.OK, "ok"), ndarrays_to_parameters(delta), n, metrics)
 
     def evaluate(self, ins: EvaluateIns) -> EvaluateRes:
         try:
             metrics = self._factory().evaluate(parameters_to_ndarrays(ins.parameters))
-        except NoUsableDataError as exc:
-            return EvaluateRes(Status(Code.EVALUATE_NOT_IMPLEMENTED, f"{NO_USABLE_DATA}: {exc}"), 0.0, 0, {})
-        except TamperedStateError as exc:
-            log.error("refusing to evaluate: %s", exc)
-            return EvaluateRes(Status(Code.EVALUATE_NOT_IMPLEMENTED, f"{STATE_TAMPERED}: {exc}"), 0.0, 0, {})
+        except (NoUsableDataError, TamperedStateError) as exc:
+            return EvaluateRes(Status(Code.EVALUATE_NOT_IMPLEMENTED, refusal(exc)), 0.0, 0, {})
         loss = float(metrics[f"personal-{self._primary}"])  # the task's primary held-out metric
         return EvaluateRes(Status(Code.OK, "ok"), loss, int(metrics["num-heldout"]), metrics)
+
+
+def refusal(exc: NoUsableDataError | TamperedStateError, node: int | None = None) -> str:
+    """The refusal text sent to the server: the reason code (and node id) only. The details name
+    the user's folder, local paths and what was skipped: they go to the device's log, not the wire."""
+    reason = NO_USABLE_DATA if isinstance(exc, NoUsableDataError) else STATE_TAMPERED
+    log.error("refusing (%s): %s", reason, exc)
+    return f"{reason} node={node}: details in the device's log" if node is not None else \
+        f"{reason}: details in the device's log"
 
 
 def device_for(context: Context, cfg: RunConfig) -> Device:
@@ -78,16 +83,17 @@ def budget_gate(cfg: RunConfig) -> Mod:
             settings = node_settings(ctxt.node_config, cfg)
             node = msg.metadata.dst_node_id
             try:
-                verify_state(settings.state_dir, settings.key_file)
-                check_stored_budget(cfg, settings.state_dir, settings.key_file)
-                check_usable(cfg, settings.user_dir, settings.state_dir, settings.key_file)
-            except BudgetExhaustedError as exc:
+                sealer = device_sealer(settings.state_dir, settings.key_file)  # one key load for all checks
+                store, ledger = DeviceStore(settings.state_dir, sealer), PrivacyLedger(settings.state_dir, sealer)
+                verify_state(store, ledger)
+                check_stored_budget(cfg, ledger)
+                check_usable(cfg, settings.user_dir, store)
+            except BudgetExhaustedError as exc:  # ε figures only: the documented budget reply
                 raise BudgetExhaustedError(f"{BUDGET_EXHAUSTED} node={node}: {exc}") from None
             except NoUsableDataError as exc:
-                raise NoUsableDataError(f"{NO_USABLE_DATA} node={node}: {exc}") from None
+                raise NoUsableDataError(refusal(exc, node)) from None
             except TamperedStateError as exc:
-                log.error("refusing to train: %s", exc)
-                raise TamperedStateError(f"{STATE_TAMPERED} node={node}: {exc}") from None
+                raise TamperedStateError(refusal(exc, node)) from None
         return call_next(msg, ctxt)
 
     return gate

@@ -36,18 +36,19 @@ REPORT = "report.png"
 Mechanism = NoPrivacy | RecordDP
 
 
-def verify_state(state_dir: Path, key_file: Path | None = None) -> None:
+def verify_state(store: DeviceStore, ledger: PrivacyLedger) -> None:
     """Open every sealed file of the state-dir; raise ``TamperedStateError`` if one fails authentication."""
-    sealer = device_sealer(state_dir, key_file)
-    store, ledger = DeviceStore(state_dir, sealer), PrivacyLedger(state_dir, sealer)
-    store.load_personal(), store.load_meta(), ledger.events(), ledger.history(), ledger.plan()
+    store.load_personal()
+    store.load_meta()
+    ledger.events()  # the chain, and the event count recorded with the accountant state
+    ledger.plan()
 
 
-def check_usable(cfg: RunConfig, user_dir: Path, state_dir: Path, key_file: Path | None = None) -> None:
+def check_usable(cfg: RunConfig, user_dir: Path, store: DeviceStore) -> None:
     """Raise ``NoUsableDataError`` if this device's folder cannot train (no model built).
 
     A device that already trained is known to be usable; otherwise its folder is read once."""
-    if int(DeviceStore(state_dir, device_sealer(state_dir, key_file)).load_meta().get("rounds_trained", 0)) > 0:
+    if int(store.load_meta().get("rounds_trained", 0)) > 0:
         return
     task = get_task(cfg.task)
     task.read_user(Path(user_dir), cfg, base_path=task.base_model_path(cfg))

@@ -236,11 +236,11 @@ class SharedDeltaStrategy(Strategy):
                            client_manager: ClientManager) -> list[tuple[ClientProxy, EvaluateIns]]:
         if self.absolute_round(server_round) < self.cfg.num_server_rounds:
             return []
-        no_data = {n for n, why in self.refused.items() if why == NO_USABLE_DATA}  # nothing to evaluate there
-        available = client_manager.num_available() - len(no_data)
+        # A spent budget still evaluates; no usable data or tampered state has nothing to evaluate.
+        skip = {n: why for n, why in self.refused.items() if why != BUDGET_EXHAUSTED}
+        available = client_manager.num_available() - len(skip)
         n = max(1, math.ceil(self.cfg.eval_fraction * available))
-        clients = client_manager.sample(num_clients=n, min_num_clients=n,
-                                        criterion=_NotRefused({k: v for k, v in self.refused.items() if k in no_data}))
+        clients = client_manager.sample(num_clients=n, min_num_clients=n, criterion=_NotRefused(skip))
         ins = EvaluateIns(ndarrays_to_parameters(self.theta), {"server-round": self.cfg.num_server_rounds,
                                                               "final": True})
         return [(c, ins) for c in clients]

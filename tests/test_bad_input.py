@@ -79,6 +79,7 @@ def test_a_device_without_usable_data_refuses_and_is_never_sampled_again(make_cf
     # Assert: a refusal naming the reason, not an exception; the server then skips the node
     assert res.status.code != Code.OK and res.status.message.startswith(NO_USABLE_DATA)
     assert ev.status.code != Code.OK and ev.status.message.startswith(NO_USABLE_DATA)
+    assert "bob" not in res.status.message and str(tmp_path) not in res.status.message, "no name or path on the wire"
     names = ("a.lora_A.shared.weight",)
     strategy = SharedDeltaStrategy(cfg=cfg, names=names, theta=[np.zeros(2, np.float32)], completed=0,
                                    opt_state={}, recorder=RunRecorder(tmp_path / "run", cfg))

@@ -49,7 +49,7 @@ def test_a_tampered_personal_part_is_refused_not_trained_on(make_cfg, tmp_path: 
     blob[len(blob) // 2] ^= 0x01  # one flipped bit
     path.write_bytes(bytes(blob))
     with pytest.raises(TamperedStateError, match="authentication failed"):
-        verify_state(tmp_path / "state")
+        verify_state(DeviceStore(tmp_path / "state"), PrivacyLedger(tmp_path / "state"))
     # The device replies with a refusal naming the reason; nothing was trained or written.
     ledger_before = (tmp_path / "state" / "ledger.jsonl.sealed").read_bytes()
     client = DeviceClient(lambda: Device(d.cfg, user_dir=ensure_population(d.cfg)[0], state_dir=tmp_path / "state"),

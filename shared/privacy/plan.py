@@ -3,14 +3,12 @@
 from __future__ import annotations
 
 import dataclasses
-from pathlib import Path
 
 from shared.config import RunConfig
 from shared.presets import Preset
 from shared.privacy.accounting import calibrate_sigma, compose, epsilon, poisson_sample_rate
 from shared.privacy.ledger import PrivacyLedger
 from shared.privacy.mechanism import NoPrivacy, RecordDP
-from shared.store import device_sealer
 
 
 class BudgetExhaustedError(RuntimeError):
@@ -83,14 +81,13 @@ class DPPlan:
         return nxt
 
 
-def check_stored_budget(cfg: RunConfig, state_dir: Path, key_file: Path | None = None) -> None:
+def check_stored_budget(cfg: RunConfig, ledger: PrivacyLedger) -> None:
     """Raise ``BudgetExhaustedError`` if this device's stored plan cannot afford another round.
 
     Cheap (no model, no data): reads the device's plan and accountant history only.
     """
     if not cfg.record_dp:
         return
-    ledger = PrivacyLedger(state_dir, device_sealer(state_dir, key_file))
     stored = ledger.plan()
     if stored:
         DPPlan(**stored).check_budget(ledger.history(), delta=cfg.dp_delta, accountant=cfg.dp_accountant,
