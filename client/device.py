@@ -135,16 +135,19 @@ class Device:
         """Fit the personal part to the final shared base (it never leaves the device).
 
         Starts from the better, on validation, of the stored personal part and none at all
-        (the fresh init, i.e. shared-only), then trains with early stopping.
+        (the fresh init, i.e. shared-only), then trains with early stopping. Without
+        validation records (``val-fraction = 0``) it continues from the stored part.
         """
-        candidates = [self.store.load_personal(), self.init_keep]
-        losses = []
-        for cand in candidates:
-            if cand is not None:
-                set_tensors(self.model, cand)
-                losses.append((self._val_loss(), len(losses), cand))
+        stored = self.store.load_personal()
+        candidates = [c for c in (stored, self.init_keep) if c is not None]
         if self.data.val.shape[0] > 0:
-            set_tensors(self.model, min(losses, key=lambda x: (x[0], x[1]))[2])
+            losses = []
+            for i, cand in enumerate(candidates):
+                set_tensors(self.model, cand)
+                losses.append((self._val_loss(), i))
+            set_tensors(self.model, candidates[min(losses)[1]])
+        else:
+            set_tensors(self.model, candidates[0])
         self._personal_phase(gen)
 
     def _load_personal(self) -> None:
@@ -240,12 +243,10 @@ class Device:
             with precision(self.device, self.dtype):
                 if adapters is None:
                     with self.model.disable_adapter():
-                        scores = self.task.metrics(self.model, held)
-                        parts[variant] = self.task.report(self.model, held)
+                        scores, parts[variant] = self.task.evaluate(self.model, held)
                 else:
                     with active(self.model, adapters, ()):
-                        scores = self.task.metrics(self.model, held)
-                        parts[variant] = self.task.report(self.model, held)
+                        scores, parts[variant] = self.task.evaluate(self.model, held)
             out.update({f"{variant}-{k}": v for k, v in scores.items()})
 
         record("base", None)

@@ -99,6 +99,7 @@ def summarize(run_dir: Path) -> dict[str, Any]:
         "mean-bytes-down-per-client-round": statistics.mean(r["bytes-down-mean"] for r in rounds) if rounds else 0.0,
         "epsilon-by-client": epsilon_by_client(run_dir),
         "privacy": privacy_lines(run_dir, all_rounds),
+        "instrument": task.instrument(),
     }
     (Path(run_dir) / "summary.json").write_text(json.dumps(summary, indent=2))
     return summary
@@ -131,6 +132,10 @@ def print_summary(run_dir: Path, names: dict[int, str] | None = None, console: C
     for metric in others:
         med = summary[f"median-{metric}"]
         console.print(f"median {metric}: " + ", ".join(f"{v} {med[v]:.3f}" for v in VARIANTS))
+    for name, quality in summary["instrument"].items():
+        console.print(f"{name} (measures the metrics): " + (", ".join(
+            f"{k} {v:.3f}" if isinstance(v, float) else f"{k} {v}" for k, v in quality.items())
+            if isinstance(quality, dict) else str(quality)))
     n = summary["clients"]
     skipped = ", ".join(f"{k} {v}" for k, v in summary["skipped"].items()) or "none"
     console.print(f"shared+personal beats shared-only for {summary['personal-beats-shared']}/{n} clients, "

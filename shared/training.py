@@ -29,13 +29,24 @@ def model_device(model: torch.nn.Module) -> torch.device:
     return next(model.parameters()).device
 
 
+VAL_SEED = 20250101
+
+
 @torch.no_grad()
 def mean_loss(model: torch.nn.Module, records: torch.Tensor, *, task: Task, chunk: int = 64,
               dtype: torch.dtype | None = None) -> float:
-    """Mean per-record loss over ``records`` (the early-stopping criterion)."""
+    """Mean per-record loss over ``records`` (the early-stopping criterion).
+
+    Deterministic: a stochastic loss (diffusion's timestep and noise) is scored on the same
+    draws at every call (``task.val_draws`` per record, from a fixed seed in a forked RNG,
+    so training's random stream is untouched). Otherwise two checkpoints would be compared
+    on different noise and early stopping would pick one at random."""
     model.eval()
     device = model_device(model)
-    with precision(device, dtype):
+    records = records.repeat(max(1, task.val_draws), *([1] * (records.dim() - 1)))
+    cuda = [device.index if device.index is not None else torch.cuda.current_device()] if device.type == "cuda" else []
+    with torch.random.fork_rng(devices=cuda, device_type="cuda"), precision(device, dtype):
+        torch.manual_seed(VAL_SEED)
         losses = [task.per_record_loss(model, records[i : i + chunk].to(device)).float()
                   for i in range(0, records.shape[0], chunk)]
     return float(torch.cat(losses).mean())

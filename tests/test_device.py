@@ -73,6 +73,22 @@ def test_personal_early_stopping_keeps_the_best_validation_state(make_cfg) -> No
     assert metrics["val-loss-after"] <= metrics["val-loss-before"] + 1e-6 or metrics["personal-best-step"] == 0
 
 
+def test_without_validation_records_the_final_fit_continues_from_the_stored_personal_part(make_cfg,
+                                                                                           monkeypatch) -> None:
+    # Prepare: no validation split (the image task's setting); one round trains the personal part
+    d = device(make_cfg(val_fraction=0.0, personal_max_steps=4))
+    assert d.data.val.shape[0] == 0
+    d.fit(d.init_send, server_round=1)
+    stored = d.store.load_personal()
+    assert any(not torch.equal(stored[k], d.init_keep[k]) for k in stored)
+    monkeypatch.setattr(d, "_personal_phase", lambda gen: None)  # observe the starting point only
+    # Execute
+    d._personalize(torch.Generator().manual_seed(0))
+    # Assert: it starts from what the rounds trained, not from scratch
+    for name, value in get_tensors(d.model, d.sets.keep).items():
+        assert torch.equal(value, stored[name])
+
+
 def test_final_evaluation_reports_the_four_variants(make_cfg, task_case) -> None:
     d = device(make_cfg(**task_case))
     delta, _, _ = d.fit(d.init_send, server_round=1)

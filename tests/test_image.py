@@ -8,6 +8,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 
 from client.device import REPORT, Device
@@ -16,6 +17,7 @@ from shared.data.photos import read_photos
 from shared.population import ensure_population
 from shared.tasks import NoUsableDataError
 from shared.tasks.image import PIXELS, pack, unpack
+from shared.training import mean_loss
 
 IMAGE = {"task": "image", "min_records": 12, "heldout_fraction": 0.25, "val_fraction": 0.0, "local_steps": 2,
          "personal_max_steps": 2}
@@ -77,3 +79,20 @@ def test_a_dp_round_sends_only_shared_attention_lora_and_keeps_the_subject_token
     png = d.store.read(REPORT)
     assert png is not None and Image.open(io.BytesIO(png)).size == (8 * 64, 5 * 64)  # real row + 4 variants
     assert not (Path(cfg.run_dir) / "s" / REPORT).exists(), "the grid shows the user's face: sealed only"
+
+
+def test_validation_loss_compares_checkpoints_on_the_same_noise_draws(make_cfg) -> None:
+    # Prepare: the DDPM loss draws a timestep and noise per record, so two plain calls differ
+    cfg = make_cfg(**IMAGE)
+    d = Device(cfg, user_dir=ensure_population(cfg)[0], state_dir=Path(cfg.run_dir) / "s")
+    held = d.data.heldout
+    with torch.no_grad():
+        assert not torch.equal(d.task.per_record_loss(d.model, held), d.task.per_record_loss(d.model, held))
+    # Execute
+    state = torch.get_rng_state()
+    first = mean_loss(d.model, held, task=d.task)
+    second = mean_loss(d.model, held, task=d.task)
+    # Assert: the same value every call, and training's random stream is not consumed
+    assert first == second and math.isfinite(first)
+    assert torch.equal(torch.get_rng_state(), state)
+    assert d.task.val_draws > 1

@@ -191,3 +191,6 @@ def test_image_photos_never_reach_the_server(make_cfg, tmp_path: Path, captured:
         assert b".personal." not in wire and b"lora_" not in wire and b"slot_proj" not in wire
     assert summary["clients"] == len(USERS) and summary["refused"]["no-usable-data"] == 1
     assert sorted(p.name for p in (Path(cfg.run_dir) / "reports").iterdir()) == [f"{u}.png" for u in USERS]
+    encoder = summary["instrument"]["identity-encoder"]  # the ruler's own quality is in the report
+    assert encoder["identities"] == 40 and encoder["top1"] > 10 * encoder["chance"]
+    assert encoder["same_cos"] > encoder["other_cos"] + 0.3

@@ -50,6 +50,9 @@ class Task(abc.ABC):
     primary: str = ""  # the metric the summary ranks variants by
     higher_is_better: bool = False
     primary_label: str = ""  # e.g. "held-out perplexity"
+    # Draws per validation record when the loss is stochastic (diffusion draws a timestep and
+    # noise per record): early stopping compares checkpoints on the same draws, this many each.
+    val_draws: int = 1
 
     def lora_targets(self, model: torch.nn.Module) -> dict[str, list[str]]:
         """Module names for LoRA (keys ``shared``, ``mlp``, ``head``), by the model's architecture."""
@@ -89,9 +92,15 @@ class Task(abc.ABC):
     def metrics(self, model: torch.nn.Module, records: torch.Tensor) -> dict[str, float]:
         """Held-out metrics of ``model`` on ``records``."""
 
-    def report(self, model: torch.nn.Module, records: torch.Tensor) -> Any:
-        """Optional artifacts of one evaluated variant (e.g. generated samples); stay on the device."""
-        return None
+    def evaluate(self, model: torch.nn.Module, records: torch.Tensor) -> tuple[dict[str, float], Any]:
+        """``metrics``, plus optional artifacts of this variant (e.g. the generated samples the
+        metrics were measured on) for ``render_report``; they stay on the device."""
+        return self.metrics(model, records), None
+
+    def instrument(self) -> dict[str, Any]:
+        """What measures this task's metrics besides the data itself, with its own measured
+        quality, for the run summary (e.g. the image task's identity encoder); {} if nothing."""
+        return {}
 
     def render_report(self, parts: dict[str, Any], records: torch.Tensor) -> bytes | None:
         """Optional PNG from the variants' artifacts, stored sealed on the device (``report.png``)."""

@@ -37,7 +37,8 @@ from shared.data import procedural_faces as faces
 from shared.data.photos import read_photos, write_photos
 from shared.data.user_folder import read_profile
 from shared.tasks.base import NoUsableDataError, Task, UserData
-from shared.tasks.image_base import encoder_steps, ensure_encoder, ensure_unet, load_encoder, scheduler, to_tensor
+from shared.tasks.image_base import (cached_encoder_quality, ensure_encoder, ensure_unet, load_encoder, scheduler,
+                                     to_tensor)
 from shared.tasks.image_model import ATTR_KEYS, HEADS, NUM_SLOTS, FaceUNet, attribute_tokens
 
 if TYPE_CHECKING:
@@ -66,15 +67,15 @@ class ImageTask(Task):
     datasets = ("synthetic",)
     metric_names = ("top1", "idsim", "align", "fd")
     primary, higher_is_better, primary_label = "top1", True, "identification of generated samples (top-1 of 10)"
+    val_draws = 8  # the DDPM loss of 2-3 validation photos at one random timestep each is too noisy to stop on
 
     def __init__(self) -> None:
         self.encoder: Any = None
         self.refs: torch.Tensor | None = None
-        self.last_samples: torch.Tensor | None = None
 
     # -- models -----------------------------------------------------------------------------
     def base_model_path(self, cfg: RunConfig) -> Path:
-        self._encoder_path = ensure_encoder(seed=cfg.seed, steps=encoder_steps(cfg.pretrain_steps))
+        ensure_encoder()  # the metrics' instrument is built with the base, before any device starts
         if cfg.base_model:
             path = Path(cfg.base_model).expanduser()
             unet = path / "unet" if (path / "unet" / "config.json").is_file() else path
@@ -99,10 +100,11 @@ class ImageTask(Task):
 
     def _load_encoder(self) -> None:
         if self.encoder is None:
-            enc_path = getattr(self, "_encoder_path", None)
-            if enc_path is None:
-                raise RuntimeError("image task: base_model_path(cfg) must run before the encoder is used")
-            self.encoder, self.refs, self.encoder_info = load_encoder(enc_path)
+            self.encoder, self.refs, self.encoder_info = load_encoder(ensure_encoder())
+
+    def instrument(self) -> dict[str, Any]:
+        quality = cached_encoder_quality()
+        return {"identity-encoder": quality if quality is not None else "not built on this machine"}
 
     def lora_targets(self, model: torch.nn.Module) -> dict[str, list[str]]:
         return TARGETS
@@ -163,12 +165,15 @@ class ImageTask(Task):
             x = ddim.step(eps, t, x).prev_sample
         return x.clamp(-1, 1)
 
-    @torch.no_grad()
     def metrics(self, model: torch.nn.Module, records: torch.Tensor) -> dict[str, float]:
+        return self.evaluate(model, records)[0]
+
+    @torch.no_grad()
+    def evaluate(self, model: torch.nn.Module, records: torch.Tensor) -> tuple[dict[str, float], torch.Tensor]:
+        """The metrics, and the samples they were measured on (for the grid)."""
         self._load_encoder()
         real, _, attrs = unpack(records)
         gen = self.sample(model, attrs[0])
-        self.last_samples = gen.cpu()
         enc = self.encoder.to(gen.device)
         zg, zr = enc.embed(gen.float()), enc.embed(real.float())
         own = F.normalize(zr.mean(0), dim=0)
@@ -183,11 +188,8 @@ class ImageTask(Task):
         mu_g, mu_r = zg.mean(0), zr.mean(0)
         var_g, var_r = zg.var(0, unbiased=False), zr.var(0, unbiased=False)
         fd = float(((mu_g - mu_r) ** 2).sum() + (var_g + var_r - 2 * (var_g * var_r).sqrt()).sum())
-        return {"top1": top1, "idsim": idsim, "align": sum(hits) / len(hits) if hits else float("nan"), "fd": fd}
-
-    def report(self, model: torch.nn.Module, records: torch.Tensor) -> Any:
-        """The samples of the preceding ``metrics`` call (same model, same records): for the grid."""
-        return self.last_samples
+        scores = {"top1": top1, "idsim": idsim, "align": sum(hits) / len(hits) if hits else float("nan"), "fd": fd}
+        return scores, gen.cpu()
 
     def render_report(self, parts: dict[str, Any], records: torch.Tensor) -> bytes | None:
         """A PNG grid: the held-out photos, then one row of samples per variant."""

@@ -23,7 +23,7 @@ from diffusers import DDPMScheduler
 from safetensors.torch import load_file, save_file
 
 from shared.data import procedural_faces as faces
-from shared.tasks.cache import MARKER, ensure_built
+from shared.tasks.cache import MARKER, cached_path, ensure_built
 from shared.tasks.pretraining import pretrain_loop
 from shared.tasks.image_model import ATTR_KEYS, HEADS, NUM_SLOTS, UNET, FaceUNet, IdentityEncoder, attribute_tokens
 
@@ -32,12 +32,7 @@ log = logging.getLogger(__name__)
 PUBLIC_IDS, PUBLIC_PHOTOS = 200, 10
 PROBE_IDS, REF_IDS = 40, 20  # unseen public identities: encoder quality, and the "others" on devices
 BATCH, LR = 32, 2e-3
-ENCODER_BATCH = 64
-
-
-def encoder_steps(pretrain_steps: int) -> int:
-    """Encoder training steps: 600 for real runs, fewer when the UNet is only smoke-trained (tests)."""
-    return min(600, max(60, 2 * pretrain_steps))
+ENCODER_BATCH, ENCODER_STEPS, ENCODER_SEED = 64, 600, 0
 
 
 def to_tensor(photos: list[np.ndarray] | np.ndarray) -> torch.Tensor:
@@ -59,9 +54,21 @@ def ensure_unet(*, steps: int, seed: int) -> Path:
     return ensure_built("image-unet", key, lambda dest: pretrain_unet(dest, steps=steps, seed=seed))
 
 
-def ensure_encoder(*, seed: int, steps: int) -> Path:
-    key = {"ids": [PUBLIC_IDS, PUBLIC_PHOTOS, PROBE_IDS, REF_IDS], "steps": steps, "seed": seed, "v": 1}
-    return ensure_built("image-encoder", key, lambda dest: train_encoder(dest, seed=seed, steps=steps))
+def ensure_encoder(*, seed: int = ENCODER_SEED, steps: int = ENCODER_STEPS) -> Path:
+    """The identity encoder: one fixed measuring instrument for every run (not the run's seed
+    or settings), so that runs are compared with the same ruler."""
+    return ensure_built("image-encoder", _encoder_key(seed, steps), lambda dest: train_encoder(dest, seed=seed,
+                                                                                             steps=steps))
+
+
+def _encoder_key(seed: int, steps: int) -> dict[str, object]:
+    return {"ids": [PUBLIC_IDS, PUBLIC_PHOTOS, PROBE_IDS, REF_IDS], "steps": steps, "seed": seed, "v": 1}
+
+
+def cached_encoder_quality() -> dict[str, float] | None:
+    """The identity encoder's measured quality (``encoder.json``) if it is built here, else None."""
+    path = cached_path("image-encoder", _encoder_key(ENCODER_SEED, ENCODER_STEPS)) / "encoder.json"
+    return json.loads(path.read_text()) if path.is_file() else None
 
 
 def pretrain_unet(dest: Path, *, steps: int, seed: int) -> None:
