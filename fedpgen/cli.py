@@ -59,6 +59,29 @@ def summary(run_dir: Path) -> None:
 
 
 @cli.command()
+def generate(
+    run_dir: Path,
+    user: str,
+    prompt: Annotated[str, typer.Argument(help="text prefix | item ids | image attributes: hair=red glasses=yes")]
+    = "",
+    variant: Annotated[str, typer.Option(help="personal (shared+personal) | shared | base")] = "personal",
+    out: Annotated[Optional[Path], typer.Option(help="images: folder (default <run-dir>/generated/<user>/<variant>)")]
+    = None,
+    count: Annotated[int, typer.Option(help="images: how many")] = 4,
+    seed: int = 0,
+    user_dir: Annotated[Optional[Path], typer.Option(help="the user's device folder (default: the run's)")] = None,
+    state_dir: Annotated[Optional[Path], typer.Option(help="the device's state-dir (default: the run's)")] = None,
+    key_file: Annotated[Optional[Path], typer.Option(help="device key (default <state-dir>/device.key)")] = None,
+    device: Annotated[str, typer.Option(help="auto | cpu | cuda | cuda:N")] = "cpu",
+) -> None:
+    """Generate for one user with the run's final shared base and the user's own personal part (on the device)."""
+    from fedpgen.generate import generate as run
+
+    console.print(run(run_dir, user, prompt, variant=variant, out=out, user_dir=user_dir, device_state=state_dir,
+                      key_file=key_file, seed=seed, count=count, device=device))
+
+
+@cli.command()
 def ledger(state_dir: Path,
            key_file: Annotated[Optional[Path], typer.Option(help="device key (default <state-dir>/device.key)")] = None,
            ) -> None:

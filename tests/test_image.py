@@ -16,7 +16,7 @@ from shared.data import procedural_faces as faces
 from shared.data.photos import read_photos
 from shared.population import ensure_population
 from shared.tasks import NoUsableDataError
-from shared.tasks.image import PIXELS, pack, unpack
+from shared.tasks.image import LABEL_WIDTH, PIXELS, pack, unpack
 from shared.training import mean_loss
 
 IMAGE = {"task": "image", "min_records": 12, "heldout_fraction": 0.25, "val_fraction": 0.0, "local_steps": 2,
@@ -77,7 +77,7 @@ def test_a_dp_round_sends_only_shared_attention_lora_and_keeps_the_subject_token
     for v in ("base", "shared", "personal", "local"):
         assert 0.0 <= out[f"{v}-top1"] <= 1.0 and 0.0 <= out[f"{v}-align"] <= 1.0 and out[f"{v}-fd"] >= 0.0
     png = d.store.read(REPORT)
-    assert png is not None and Image.open(io.BytesIO(png)).size == (8 * 64, 5 * 64)  # real row + 4 variants
+    assert png is not None and Image.open(io.BytesIO(png)).size == (LABEL_WIDTH + 8 * 64, 5 * 64)  # real + 4 variants
     assert not (Path(cfg.run_dir) / "s" / REPORT).exists(), "the grid shows the user's face: sealed only"
 
 

@@ -19,10 +19,12 @@ from flwr.compat.common import recorddict_compat as compat
 from flwr.superlink.grid.inmemory_grid import InMemoryGrid
 
 from conftest import TASK_CASES
+from fedpgen.generate import generate
 from fedpgen.simulate import simulate
 from server.results import read_jsonl
 from shared.model import build_model
 from shared.privacy.ledger import PrivacyLedger
+from shared.tasks import NoUsableDataError
 from shared.store import DeviceStore
 from shared.wire import FIT_METRICS, eval_metrics
 
@@ -115,6 +117,10 @@ def test_nothing_personal_reaches_the_server_and_a_run_resumes(make_cfg, tmp_pat
         assert [e.round for e in ledger] == [1, 2] and ledger[1].epsilon > ledger[0].epsilon > 0
         assert not (state / "ledger.jsonl").exists() and (state / "ledger.jsonl.sealed").is_file()
     assert (Path(cfg.run_dir) / "rounds.png").is_file() and (Path(cfg.run_dir) / "personalization.png").is_file()
+    # Generation for a user: the final shared base + that device's personal part
+    personal = generate(Path(cfg.run_dir), "ada", "To be", variant="personal", seed=3)
+    base = generate(Path(cfg.run_dir), "ada", "To be", variant="base", seed=3)
+    assert isinstance(personal, str) and len(personal) > 0 and personal != base
 
 
 def test_behavior_sequences_never_reach_the_server_and_bad_logs_are_reported(make_cfg, tmp_path: Path,
@@ -191,6 +197,22 @@ def test_image_photos_never_reach_the_server(make_cfg, tmp_path: Path, captured:
         assert b".personal." not in wire and b"lora_" not in wire and b"slot_proj" not in wire
     assert summary["clients"] == len(USERS) and summary["refused"]["no-usable-data"] == 1
     assert sorted(p.name for p in (Path(cfg.run_dir) / "reports").iterdir()) == [f"{u}.png" for u in USERS]
+    # Generation for a user (images on disk); a user whose folder is unusable is refused
+    out = {v: Path(generate(Path(cfg.run_dir), "ada", "", variant=v, count=3, seed=5)) for v in ("personal", "base")}
+    pix = {v: [np.asarray(Image.open(p)) for p in sorted(out[v].glob("*.png"))] for v in out}
+    assert len(pix["personal"]) == 3 and pix["personal"][0].shape == (faces.SIZE, faces.SIZE, 3)
+    assert not np.array_equal(pix["personal"][0], pix["base"][0]), "the personal part changed nothing"
+    with pytest.raises(NoUsableDataError):
+        generate(Path(cfg.run_dir), "zed", "", variant="base")
+    from typer.testing import CliRunner
+
+    from fedpgen.cli import cli
+
+    ran = CliRunner().invoke(cli, ["generate", cfg.run_dir, "bo", "hair=red", "--count", "2", "--out",
+                                   str(tmp_path / "bo")])
+    assert ran.exit_code == 0 and len(list((tmp_path / "bo").glob("*.png"))) == 2
+    ran = CliRunner().invoke(cli, ["generate", cfg.run_dir, "nobody"])
+    assert ran.exit_code != 0 and "no user 'nobody'" in str(ran.exception)
     encoder = summary["instrument"]["identity-encoder"]  # the ruler's own quality is in the report
     assert encoder["identities"] == 40 and encoder["top1"] > 10 * encoder["chance"]
     assert encoder["same_cos"] > encoder["other_cos"] + 0.3

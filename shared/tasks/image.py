@@ -30,7 +30,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from diffusers import DDIMScheduler, UNet2DConditionModel
-from PIL import Image
+from PIL import Image, ImageDraw
 from safetensors.torch import load_file
 
 from shared.data import procedural_faces as faces
@@ -46,6 +46,8 @@ if TYPE_CHECKING:
 
 PIXELS = 3 * faces.SIZE * faces.SIZE
 SAMPLES, SAMPLE_STEPS, REF_CHOICES = 8, 25, 10
+CELL, LABEL_WIDTH = 64, 104  # report grid: pixels per sample, width of the row labels
+ROW_LABELS = {"base": "base", "shared": "shared only", "personal": "shared+personal", "local": "local only"}
 USER_CAST = (1.12, 0.97, 0.85)  # a warm cast in every simulated user's photos: a population trait
 TARGETS = {"shared": ["to_q", "to_k", "to_v", "to_out.0"], "mlp": ["slot_proj", "ff.net.0.proj", "ff.net.2"],
            "head": ["slot_proj", "proj_out"]}
@@ -192,23 +194,32 @@ class ImageTask(Task):
         return scores, gen.cpu()
 
     def render_report(self, parts: dict[str, Any], records: torch.Tensor) -> bytes | None:
-        """A PNG grid: the held-out photos, then one row of samples per variant."""
+        """A PNG grid, one labelled row each: the held-out photos, then the samples of each variant."""
         real, _, _ = unpack(records)
-        rows = [real[:SAMPLES]] + [parts[v] for v in parts if parts[v] is not None]
+        named = [("held-out photos", real[:SAMPLES])] + [(ROW_LABELS.get(v, v), x) for v, x in parts.items()
+                                                        if x is not None]
+        rows = [x for _, x in named]
         width = max(r.shape[0] for r in rows)
         grid = torch.ones(len(rows), width, 3, faces.SIZE, faces.SIZE)
         for i, row in enumerate(rows):
             grid[i, : row.shape[0]] = row.cpu()
         img = ((grid.permute(0, 3, 1, 4, 2).reshape(len(rows) * faces.SIZE, width * faces.SIZE, 3) + 1) * 127.5)
+        tiles = Image.fromarray(img.clamp(0, 255).byte().numpy()).resize((width * CELL, len(rows) * CELL),
+                                                                         Image.NEAREST)
+        canvas = Image.new("RGB", (LABEL_WIDTH + tiles.width, tiles.height), "white")
+        canvas.paste(tiles, (LABEL_WIDTH, 0))
+        draw = ImageDraw.Draw(canvas)
+        for i, (label, _) in enumerate(named):
+            draw.text((6, i * CELL + CELL // 2 - 6), label, fill="black")
         buf = io.BytesIO()
-        Image.fromarray(img.clamp(0, 255).byte().numpy()).resize((width * 64, len(rows) * 64), Image.NEAREST).save(
-            buf, format="PNG")
+        canvas.save(buf, format="PNG")
         return buf.getvalue()
 
     @torch.no_grad()
     def generate(self, model: torch.nn.Module, base_path: Path, prompt: str, **kwargs: Any) -> str:
-        """Generate images for ``prompt`` (``hair=red glasses=yes``) into ``kwargs['dest']``; return its path."""
-        profile = dict(p.split("=", 1) for p in prompt.split() if "=" in p)
+        """Generate images for ``prompt`` (``hair=red glasses=yes``; unset keys from ``kwargs['profile']``)
+        into ``kwargs['dest']``; return its path."""
+        profile = {**kwargs.get("profile", {}), **dict(p.split("=", 1) for p in prompt.split() if "=" in p)}
         images = self.sample(model, torch.tensor(attribute_tokens(profile)), slot=int(kwargs.get("slot", 0)),
                              n=int(kwargs.get("n", 4)), seed=int(kwargs.get("seed", 0)))
         dest = Path(kwargs.get("dest", "samples"))

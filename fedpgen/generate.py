@@ -1,0 +1,68 @@
+"""Personalized generation for one user: the run's final shared base + the device's own personal part.
+
+Runs where the device's state is (its folder, its sealed state-dir, its key): the personal
+part is unsealed in memory only, and nothing is sent anywhere. In a simulation run folder
+every device's state is under ``<run-dir>/devices/<user>`` and its folder under
+``<run-dir>/users/<user>`` (or the run's ``data-dir``); a deployed device passes its own.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from pathlib import Path
+
+import torch
+
+from client.device import BOTH, SHARED, Device
+from server import checkpoint
+from shared.adapters import active, set_arrays, set_tensors
+from shared.config import RunConfig
+from shared.data.user_folder import read_profile
+from shared.population import ensure_population, state_dir
+
+VARIANTS = ("personal", "shared", "base")  # shared+personal (the product), shared-only, the base model
+
+
+def run_config(run_dir: Path) -> RunConfig:
+    """The configuration a run folder was written with (its ``run-dir`` set to where it is now)."""
+    path = Path(run_dir) / "config.json"
+    if not path.is_file():
+        raise FileNotFoundError(f"{run_dir}: not a run folder (no config.json); run `fedpgen simulate` first")
+    cfg = RunConfig.from_mapping(json.loads(path.read_text()))
+    return dataclasses.replace(cfg, run_dir=str(run_dir))
+
+
+def generate(run_dir: Path, user: str, prompt: str, *, variant: str = "personal", out: Path | None = None,
+             user_dir: Path | None = None, device_state: Path | None = None, key_file: Path | None = None,
+             seed: int = 0, count: int = 4, device: str = "cpu") -> str:
+    """Generate for ``user`` from ``prompt``; return the text, the items, or where images were written."""
+    if variant not in VARIANTS:
+        raise ValueError(f"variant must be one of {', '.join(VARIANTS)}, got {variant!r}")
+    cfg = run_config(run_dir)
+    if user_dir is None:
+        found = {p.name: p for p in ensure_population(cfg)}
+        if user not in found:
+            raise ValueError(f"no user {user!r} in this run; users: {', '.join(sorted(found)[:20])}")
+        user_dir = found[user]
+    device_state = device_state or state_dir(cfg, user_dir)
+    if variant == "personal" and not device_state.is_dir():
+        raise FileNotFoundError(f"no device state at {device_state}: this user never trained")
+    d = Device(cfg, user_dir=user_dir, state_dir=device_state, key_file=key_file, device=device)
+    ckpt = checkpoint.latest(Path(run_dir) / "checkpoints", config_hash=cfg.model_hash(), names=d.sets.send)
+    if ckpt is None and variant != "base":
+        raise FileNotFoundError(f"{run_dir}/checkpoints: no shared base yet (no finished round)")
+    if ckpt is not None:
+        set_arrays(d.model, d.sets.send, ckpt.theta)
+    stored = d.store.load_personal() if variant == "personal" else None
+    if variant == "personal" and stored is None:
+        raise FileNotFoundError(f"{device_state}: no personal part stored (this user never trained)")
+    set_tensors(d.model, stored if stored is not None else d.init_keep)
+    torch.manual_seed(seed)
+    kwargs = {"dest": out or Path(run_dir) / "generated" / user / variant, "n": count, "seed": seed,
+              "profile": read_profile(user_dir)[0]}
+    if variant == "base":
+        with d.model.disable_adapter():
+            return d.task.generate(d.model, d.base_path, prompt, **kwargs)
+    with active(d.model, BOTH if variant == "personal" else SHARED, ()):
+        return d.task.generate(d.model, d.base_path, prompt, **kwargs)
