@@ -68,6 +68,8 @@ def generate(
     out: Annotated[Optional[Path], typer.Option(help="images: folder (default <run-dir>/generated/<user>/<variant>)")]
     = None,
     count: Annotated[int, typer.Option(help="images: how many")] = 4,
+    subject: Annotated[Optional[str], typer.Option(help="images: a subject (folder under subjects/), not the face")]
+    = None,
     seed: int = 0,
     user_dir: Annotated[Optional[Path], typer.Option(help="the user's device folder (default: the run's)")] = None,
     state_dir: Annotated[Optional[Path], typer.Option(help="the device's state-dir (default: the run's)")] = None,
@@ -78,7 +80,7 @@ def generate(
     from fedpgen.generate import generate as run
 
     console.print(run(run_dir, user, prompt, variant=variant, out=out, user_dir=user_dir, device_state=state_dir,
-                      key_file=key_file, seed=seed, count=count, device=device))
+                      key_file=key_file, seed=seed, count=count, device=device, subject=subject))
 
 
 @cli.command()

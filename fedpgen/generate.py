@@ -35,7 +35,7 @@ def run_config(run_dir: Path) -> RunConfig:
 
 def generate(run_dir: Path, user: str, prompt: str, *, variant: str = "personal", out: Path | None = None,
              user_dir: Path | None = None, device_state: Path | None = None, key_file: Path | None = None,
-             seed: int = 0, count: int = 4, device: str = "cpu") -> str:
+             seed: int = 0, count: int = 4, device: str = "cpu", subject: str | None = None) -> str:
     """Generate for ``user`` from ``prompt``; return the text, the items, or where images were written."""
     if variant not in VARIANTS:
         raise ValueError(f"variant must be one of {', '.join(VARIANTS)}, got {variant!r}")
@@ -60,7 +60,7 @@ def generate(run_dir: Path, user: str, prompt: str, *, variant: str = "personal"
     set_tensors(d.model, stored if stored is not None else d.init_keep)
     torch.manual_seed(seed)
     kwargs = {"dest": out or Path(run_dir) / "generated" / user / variant, "n": count, "seed": seed,
-              "profile": read_profile(user_dir)[0]}
+              "profile": read_profile(user_dir)[0], "user_dir": user_dir, "subject": subject}
     if variant == "base":
         with d.model.disable_adapter():
             return d.task.generate(d.model, d.base_path, prompt, **kwargs)

@@ -25,6 +25,7 @@ SKIP_REASONS = (
     "not-an-image",        # photos: not a .png/.jpg file
     "tiny-image",          # photos: smaller than 16 pixels a side
     "huge-image",          # photos: larger than 4096 pixels a side or 20 MiB (decompression bombs)
+    "extra-subject",       # photos: a subject folder beyond the model's subject slots (its photos unused)
 )
 
 DOWNLINK_CONFIG = frozenset({"server-round", "final", "sampled-clients"})

@@ -96,3 +96,26 @@ def test_validation_loss_compares_checkpoints_on_the_same_noise_draws(make_cfg) 
     assert first == second and math.isfinite(first)
     assert torch.equal(torch.get_rng_state(), state)
     assert d.task.val_draws > 1
+
+
+def test_subjects_get_their_own_token_slots_and_extra_ones_are_counted(make_cfg, tmp_path: Path) -> None:
+    # Prepare: 6 face photos and 4 subjects (one more than the model's subject slots)
+    rng = np.random.default_rng(3)
+    ident = faces.random_identity(rng)
+    user = tmp_path / "users" / "kim"
+    (user / "faces").mkdir(parents=True)
+    for i in range(6):
+        Image.fromarray(faces.render(ident, rng)).save(user / "faces" / f"{i}.png")
+    for name in ("cat", "dog", "mug", "vase"):
+        (user / "subjects" / name).mkdir(parents=True)
+        Image.fromarray(faces.render(faces.random_identity(rng), rng)).save(user / "subjects" / name / "a.png")
+    cfg = make_cfg(data="dir", data_dir=str(tmp_path / "users"), **IMAGE)
+    # Execute
+    d = Device(cfg, user_dir=user, state_dir=tmp_path / "s")
+    # Assert: slots 1..3 by name, the fourth subject counted as skipped, not trained
+    assert sorted(set(unpack(d.data.train)[1].tolist())) == [0, 1, 2, 3]
+    assert d.data.skipped == {"extra-subject": 1}
+    out = d.task.generate(d.model, d.base_path, "", subject="dog", user_dir=user, dest=tmp_path / "dog", n=2)
+    assert len(list(Path(out).glob("*.png"))) == 2
+    with pytest.raises(ValueError, match="no trained subject 'vase'.*cat, dog, mug"):
+        d.task.generate(d.model, d.base_path, "", subject="vase", user_dir=user, dest=tmp_path / "v")

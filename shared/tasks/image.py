@@ -132,12 +132,15 @@ class ImageTask(Task):
         if len(face) < 3:
             raise NoUsableDataError(f"user {Path(user_dir).name}: {len(face)} usable face photos (need >= 3); "
                                     f"skipped {skipped or 'nothing'}")
+        slots = subject_slots(groups)
+        if len(groups) > len(slots):
+            skipped["extra-subject"] = len(groups) - len(slots)
         n_held = max(1, round(len(face) * cfg.heldout_fraction))
         n_val = round((len(face) - n_held) * cfg.val_fraction)
         n_train = len(face) - n_held - n_val
         attrs = attribute_tokens(profile)
         train = [pack(face[:n_train], 0, attrs)]
-        for slot, name in enumerate(sorted(groups)[: NUM_SLOTS - 1], start=1):  # subjects: one slot each
+        for name, slot in slots.items():
             train.append(pack(groups[name], slot, [0] * len(ATTR_KEYS)))
         val = pack(face[n_train : n_train + n_val], 0, attrs) if n_val else torch.zeros(0, PIXELS + 1 + len(attrs))
         return UserData(train=torch.cat(train), val=val, heldout=pack(face[n_train + n_val :], 0, attrs),
@@ -217,14 +220,33 @@ class ImageTask(Task):
 
     @torch.no_grad()
     def generate(self, model: torch.nn.Module, base_path: Path, prompt: str, **kwargs: Any) -> str:
-        """Generate images for ``prompt`` (``hair=red glasses=yes``; unset keys from ``kwargs['profile']``)
-        into ``kwargs['dest']``; return its path."""
-        profile = {**kwargs.get("profile", {}), **dict(p.split("=", 1) for p in prompt.split() if "=" in p)}
-        images = self.sample(model, torch.tensor(attribute_tokens(profile)), slot=int(kwargs.get("slot", 0)),
+        """Generate images into ``kwargs['dest']`` and return its path: of the user's face with the
+        attributes of ``prompt`` (``hair=red glasses=yes``; unset keys from ``kwargs['profile']``),
+        or of the subject ``kwargs['subject']`` (a folder name under the user's ``subjects/``)."""
+        subject = kwargs.get("subject")
+        if subject:
+            groups, _ = read_photos(Path(kwargs["user_dir"]), faces.SIZE)
+            slots = subject_slots(groups)
+            if subject not in slots:
+                raise ValueError(f"no trained subject {subject!r} for this user; subjects: "
+                                 f"{', '.join(slots) or 'none'} (folders under subjects/ with usable photos, "
+                                 f"the first {NUM_SLOTS - 1} by name)")
+            slot, profile = slots[subject], {}
+        else:
+            slot = 0
+            profile = {**kwargs.get("profile", {}), **dict(p.split("=", 1) for p in prompt.split() if "=" in p)}
+        images = self.sample(model, torch.tensor(attribute_tokens(profile)), slot=slot,
                              n=int(kwargs.get("n", 4)), seed=int(kwargs.get("seed", 0)))
         dest = Path(kwargs.get("dest", "samples"))
         write_photos(dest, [((x.permute(1, 2, 0) + 1) * 127.5).clamp(0, 255).byte().cpu().numpy() for x in images])
         return str(dest)
+
+
+def subject_slots(groups: dict[str, list[np.ndarray]]) -> dict[str, int]:
+    """The subject token slot of each subject with usable photos: 1, 2, ... in name order, the
+    first ``NUM_SLOTS - 1`` (slot 0 is the face). Training and generation use the same map."""
+    names = sorted(n for n in groups if n != "face")[: NUM_SLOTS - 1]
+    return {name: slot for slot, name in enumerate(names, start=1)}
 
 
 def _head_index(key: str, token: int) -> int:
