@@ -102,3 +102,14 @@ def test_final_evaluation_reports_the_four_variants(make_cfg, task_case) -> None
             assert 0.0 <= out[f"{v}-ndcg10"] <= out[f"{v}-hr10"] <= 1.0 and 0.0 < out[f"{v}-cov10"] <= 1.0
     likelihood = {"text": "ppl", "behavior": "nll"}[d.task.name]  # continuous: any change shows
     assert out[f"shared-{likelihood}"] != out[f"base-{likelihood}"], "the shared delta changed nothing"
+
+
+def test_text_generation_is_conditioned_like_training_on_the_profile(make_cfg) -> None:
+    d = device(make_cfg())
+    with pytest.raises(ValueError, match="needs a prompt"):
+        d.task.generate(d.model, d.base_path, "")
+    outs = []
+    for profile in ({}, {"style": "pirate"}, {}):
+        torch.manual_seed(7)
+        outs.append(d.task.generate(d.model, d.base_path, "The ", profile=profile, max_new_tokens=24))
+    assert outs[0] == outs[2] and outs[0] != outs[1], "the same seed differs only by the profile prefix"

@@ -75,7 +75,7 @@ class TextTask(Task):
         texts, skipped = read_documents(user_dir)
         profile, bad_profile = read_profile(user_dir)
         tok = load_tokenizer(base_path)
-        prefix = tok.encode(" ".join(f"{k}={v}" for k, v in sorted(profile.items())) + "\n") if profile else []
+        prefix = tok.encode(profile_line(profile))
         windows: list[list[int]] = []
         for text in texts:
             ids = tok.encode(text)
@@ -117,8 +117,16 @@ class TextTask(Task):
 
     @torch.no_grad()
     def generate(self, model: torch.nn.Module, base_path: Path, prompt: str, **kwargs: Any) -> str:
+        """Continue ``prompt``, conditioned like training on the user's profile (``kwargs['profile']``)."""
         tok = load_tokenizer(base_path)
-        ids = torch.tensor([tok.encode(prompt)], dtype=torch.long)
+        if not prompt:
+            raise ValueError("text generation needs a prompt: the start of the text to continue")
+        ids = torch.tensor([tok.encode(profile_line(kwargs.get("profile") or {}) + prompt)], dtype=torch.long)
         out = model.generate(input_ids=ids, max_new_tokens=int(kwargs.get("max_new_tokens", 64)),
                              do_sample=True, top_k=int(kwargs.get("top_k", 20)), pad_token_id=tok.pad_id)
         return tok.decode(out[0, ids.shape[1]:].tolist())
+
+
+def profile_line(profile: dict[str, str]) -> str:
+    """The profile prefix of every record (and of generation prompts): ``k=v ...`` and a newline; "" if none."""
+    return " ".join(f"{k}={v}" for k, v in sorted(profile.items())) + "\n" if profile else ""
