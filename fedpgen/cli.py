@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import os
 import sys
+import time
 from pathlib import Path
 from typing import Annotated, Optional
 
@@ -48,6 +49,23 @@ def simulate(
              "num-users": num_users, "num-server-rounds": rounds, "preset": preset, "run-dir": run_dir}
     cfg = RunConfig.from_mapping(_overrides(config, set_, flags))
     run(cfg, fresh=fresh, console=console)
+
+
+@cli.command()
+def prepare(
+    config: Annotated[Optional[Path], typer.Option(help="override file, e.g. simulations/image.toml")] = None,
+    set_: Annotated[list[str], typer.Option("--set", help="key=value override of a run-config key")] = [],  # noqa: B006
+) -> None:
+    """Build and cache the base model (and the task's measuring instruments) for a run configuration.
+
+    Run it once on each device before it joins a deployment: otherwise its first round
+    pays the pre-training (minutes for the image task) and may miss the round timeout."""
+    from shared.tasks import get_task
+
+    cfg = RunConfig.from_mapping(_overrides(config, set_, {}))
+    started = time.perf_counter()
+    path = get_task(cfg.task).base_model_path(cfg)
+    console.print(f"base model for task={cfg.task}: {path} (ready after {time.perf_counter() - started:.1f} s)")
 
 
 @cli.command()

@@ -119,3 +119,23 @@ def test_subjects_get_their_own_token_slots_and_extra_ones_are_counted(make_cfg,
     assert len(list(Path(out).glob("*.png"))) == 2
     with pytest.raises(ValueError, match="no trained subject 'vase'.*cat, dog, mug"):
         d.task.generate(d.model, d.base_path, "", subject="vase", user_dir=user, dest=tmp_path / "v")
+
+
+def test_prepare_builds_the_base_and_the_encoder_into_the_device_cache(tmp_path: Path, monkeypatch) -> None:
+    from typer.testing import CliRunner
+
+    from fedpgen.cli import cli
+    from shared.tasks.cache import MARKER
+
+    # Prepare: an empty cache, as on a new device
+    monkeypatch.setenv("FEDPGEN_CACHE", str(tmp_path))
+    # Execute
+    args = ["prepare", "--config", "simulations/image.toml", "--set", "pretrain-steps=3"]
+    out = CliRunner().invoke(cli, args)
+    # Assert: both are built and complete; a second call finds them
+    assert out.exit_code == 0, out.output
+    built = sorted(p.name.rsplit("-", 1)[0] for p in (tmp_path / "base").iterdir() if (p / MARKER).is_file())
+    assert built == ["image-encoder", "image-unet"]
+    before = {p: (p / MARKER).stat().st_mtime_ns for p in (tmp_path / "base").iterdir()}
+    assert CliRunner().invoke(cli, args).exit_code == 0
+    assert {p: (p / MARKER).stat().st_mtime_ns for p in (tmp_path / "base").iterdir()} == before
