@@ -16,7 +16,8 @@ from shared.data import procedural_faces as faces
 from shared.data.photos import read_photos
 from shared.population import ensure_population
 from shared.tasks import NoUsableDataError
-from shared.tasks.image import LABEL_WIDTH, PIXELS, pack, unpack
+from shared.tasks.image import LABEL_WIDTH, PIXELS, edit_hair_token, pack, unpack
+from shared.tasks.image_model import attribute_tokens
 from shared.training import mean_loss
 
 IMAGE = {"task": "image", "min_records": 12, "heldout_fraction": 0.25, "val_fraction": 0.0, "local_steps": 2,
@@ -43,6 +44,13 @@ def test_bad_photos_are_skipped_and_counted_by_reason(tmp_path: Path) -> None:
     assert groups["rex"][0].shape == (faces.SIZE, faces.SIZE, 3)
     np.testing.assert_array_equal(groups["face"][0], good)  # already 32x32: no resampling
     assert skipped == {"not-an-image": 1, "tiny-image": 1, "unreadable-file": 1, "huge-image": 1}
+
+
+def test_an_edit_always_asks_for_another_hair_colour() -> None:
+    hair = [attribute_tokens({"hair": h})[0] for h in faces.HAIR]
+    edits = [edit_hair_token(t) for t in hair]
+    assert all(e != t for e, t in zip(edits, hair, strict=True)) and sorted(edits) == sorted(hair)
+    assert edit_hair_token(0) in hair  # no hair asked: any colour is an edit
 
 
 def test_records_round_trip_pixels_slot_and_attributes() -> None:
@@ -76,6 +84,7 @@ def test_a_dp_round_sends_only_shared_attention_lora_and_keeps_the_subject_token
     assert any(np.abs(x).max() > 0 for x in delta) and 0 < metrics["dp-epsilon"] < math.inf
     for v in ("base", "shared", "personal", "local"):
         assert 0.0 <= out[f"{v}-top1"] <= 1.0 and 0.0 <= out[f"{v}-align"] <= 1.0 and out[f"{v}-fd"] >= 0.0
+        assert 0.0 <= out[f"{v}-edit"] <= 1.0
     png = d.store.read(REPORT)
     assert png is not None and Image.open(io.BytesIO(png)).size == (LABEL_WIDTH + 8 * 64, 5 * 64)  # real + 4 variants
     assert not (Path(cfg.run_dir) / "s" / REPORT).exists(), "the grid shows the user's face: sealed only"

@@ -15,6 +15,8 @@ attributes (DDIM, fixed seeds, so variants differ only by their weights):
 - ``idsim``: mean cosine to the user's held-out centroid minus the mean cosine to the
   public reference centroids (other users' photos are never on the device);
 - ``align``: share of asked attributes (hair, glasses, beard) the encoder finds in the samples;
+- ``edit``: share of samples asked for *another* hair colour than the user's (same seeds)
+  that show it: instruction alignment beyond the user's own look (DreamBooth's drift);
 - ``fd``: Fréchet distance between samples and held-out photos in the encoder's feature
   space, with diagonal covariances (8 samples cannot estimate a full one).
 """
@@ -39,7 +41,7 @@ from shared.data.user_folder import read_profile
 from shared.tasks.base import NoUsableDataError, Task, UserData
 from shared.tasks.image_base import (cached_encoder_quality, ensure_encoder, ensure_unet, load_encoder, scheduler,
                                      to_tensor)
-from shared.tasks.image_model import ATTR_KEYS, HEADS, NUM_SLOTS, FaceUNet, attribute_tokens
+from shared.tasks.image_model import ATTR_KEYS, ATTR_VOCAB, HEADS, NUM_SLOTS, FaceUNet, attribute_tokens
 
 if TYPE_CHECKING:
     from shared.config import RunConfig
@@ -67,7 +69,7 @@ def unpack(records: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Ten
 class ImageTask(Task):
     name = "image"
     datasets = ("synthetic",)
-    metric_names = ("top1", "idsim", "align", "fd")
+    metric_names = ("top1", "idsim", "align", "fd", "edit")
     primary, higher_is_better, primary_label = "top1", True, "identification of generated samples (top-1 of 10)"
     val_draws = 8  # the DDPM loss of 2-3 validation photos at one random timestep each is too noisy to stop on
 
@@ -193,7 +195,13 @@ class ImageTask(Task):
         mu_g, mu_r = zg.mean(0), zr.mean(0)
         var_g, var_r = zg.var(0, unbiased=False), zr.var(0, unbiased=False)
         fd = float(((mu_g - mu_r) ** 2).sum() + (var_g + var_r - 2 * (var_g * var_r).sqrt()).sum())
-        scores = {"top1": top1, "idsim": idsim, "align": sum(hits) / len(hits) if hits else float("nan"), "fd": fd}
+        # Instruction alignment beyond the user's own look: ask for another hair colour (same seeds).
+        edited = attrs[0].clone()
+        edited[0] = edit_hair_token(int(attrs[0][0]))
+        hair = enc.attributes(self.sample(model, edited).float())["hair"].argmax(1)
+        edit = float((hair == _head_index("hair", int(edited[0]))).float().mean())
+        scores = {"top1": top1, "idsim": idsim, "align": sum(hits) / len(hits) if hits else float("nan"), "fd": fd,
+                  "edit": edit}
         return scores, gen.cpu()
 
     def render_report(self, parts: dict[str, Any], records: torch.Tensor) -> bytes | None:
@@ -242,6 +250,12 @@ class ImageTask(Task):
         return str(dest)
 
 
+def edit_hair_token(token: int) -> int:
+    """The hair token an edit asks for: the next colour after the user's own (the first if none)."""
+    hair = [i + 1 for i, v in enumerate(ATTR_VOCAB) if v.startswith("hair=")]
+    return hair[(hair.index(token) + 1) % len(hair)] if token in hair else hair[0]
+
+
 def subject_slots(groups: dict[str, list[np.ndarray]]) -> dict[str, int]:
     """The subject token slot of each subject with usable photos: 1, 2, ... in name order, the
     first ``NUM_SLOTS - 1`` (slot 0 is the face). Training and generation use the same map."""
@@ -251,7 +265,5 @@ def subject_slots(groups: dict[str, list[np.ndarray]]) -> dict[str, int]:
 
 def _head_index(key: str, token: int) -> int:
     """The attribute head's class index for vocabulary token ``token`` (1-based) of ``key``."""
-    from shared.tasks.image_model import ATTR_VOCAB
-
     value = ATTR_VOCAB[token - 1].split("=", 1)[1]
     return HEADS[key].index(value)
