@@ -58,7 +58,8 @@ class Device:
     """A user's device: its raw context, its personal part and its store never leave it."""
 
     def __init__(self, cfg: RunConfig, *, user_dir: Path, state_dir: Path, client_index: int = -1,
-                 key_file: Path | None = None, device: str = "cpu", micro_batch: int = 0) -> None:
+                 key_file: Path | None = None, device: str = "cpu", micro_batch: int = 0,
+                 create_key: bool = True) -> None:
         self.cfg = cfg
         self.client_index = client_index
         self.device = select_device(device)
@@ -69,10 +70,12 @@ class Device:
         self.model, self.sets = built.model.to(self.device), built.sets
         self.init_send = get_arrays(self.model, self.sets.send)
         self.init_keep = get_tensors(self.model, self.sets.keep)
-        sealer = device_sealer(state_dir, key_file)  # everything in the state-dir is sealed with the device key
+        # Everything in the state-dir is sealed with the device key (readers pass create_key=False).
+        sealer = device_sealer(state_dir, key_file, create=create_key)
         self.store = DeviceStore(state_dir, sealer)
         self.ledger = PrivacyLedger(state_dir, sealer)
-        self.data = self.task.read_user(Path(user_dir), cfg, base_path=self.base_path)
+        self.data = self.task.read_user(Path(user_dir), cfg, base_path=self.base_path,
+                                        layout=self.store.load_meta().get("layout"))
         # Training records stay on the CPU (batches move in micro-batches); evaluation ones move once.
         self.data.val, self.data.heldout = self.data.val.to(self.device), self.data.heldout.to(self.device)
         self.key = Path(user_dir).name
@@ -190,6 +193,7 @@ class Device:
         meta = self.store.load_meta()
         meta["rounds_trained"] = int(meta.get("rounds_trained", 0)) + 1
         meta["last_round"] = server_round
+        meta["layout"] = self.data.layout  # e.g. which subject trained which token: fixed from now on
         self.store.save_meta(meta)
         metrics: dict[str, object] = {
             "client-index": self.client_index, "keys-digest": keys_digest(self.sets.send),

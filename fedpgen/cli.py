@@ -85,7 +85,7 @@ def generate(
     variant: Annotated[str, typer.Option(help="personal (shared+personal) | shared | base")] = "personal",
     out: Annotated[Optional[Path], typer.Option(help="images: folder (default <run-dir>/generated/<user>/<variant>)")]
     = None,
-    count: Annotated[int, typer.Option(help="images: how many")] = 4,
+    count: Annotated[int, typer.Option(help="images: how many", min=1)] = 4,
     subject: Annotated[Optional[str], typer.Option(help="images: a subject (folder under subjects/), not the face")]
     = None,
     seed: int = 0,
@@ -97,8 +97,9 @@ def generate(
     """Generate for one user with the run's final shared base and the user's own personal part (on the device)."""
     from fedpgen.generate import generate as run
 
-    console.print(run(run_dir, user, prompt, variant=variant, out=out, user_dir=user_dir, device_state=state_dir,
-                      key_file=key_file, seed=seed, count=count, device=device, subject=subject))
+    result = run(run_dir, user, prompt, variant=variant, out=out, user_dir=user_dir, device_state=state_dir,
+                 key_file=key_file, seed=seed, count=count, device=device, subject=subject)
+    console.print(result, markup=False, highlight=False)  # generated text may contain "[...]"
 
 
 @cli.command()

@@ -19,7 +19,7 @@ from server import checkpoint
 from shared.adapters import active, set_arrays, set_tensors
 from shared.config import RunConfig
 from shared.data.user_folder import read_profile
-from shared.population import ensure_population, state_dir
+from shared.population import ensure_population
 
 VARIANTS = ("personal", "shared", "base")  # shared+personal (the product), shared-only, the base model
 
@@ -39,16 +39,20 @@ def generate(run_dir: Path, user: str, prompt: str, *, variant: str = "personal"
     """Generate for ``user`` from ``prompt``; return the text, the items, or where images were written."""
     if variant not in VARIANTS:
         raise ValueError(f"variant must be one of {', '.join(VARIANTS)}, got {variant!r}")
+    if not user or Path(user).name != user or user in {".", ".."}:
+        raise ValueError(f"user must be a device folder's name, got {user!r}")
+    if count < 1:
+        raise ValueError(f"count must be >= 1, got {count}")
     cfg = run_config(run_dir)
     if user_dir is None:
         found = {p.name: p for p in ensure_population(cfg)}
         if user not in found:
             raise ValueError(f"no user {user!r} in this run; users: {', '.join(sorted(found)[:20])}")
         user_dir = found[user]
-    device_state = device_state or state_dir(cfg, user_dir)
+    device_state = device_state or Path(run_dir) / "devices" / user
     if variant == "personal" and not device_state.is_dir():
         raise FileNotFoundError(f"no device state at {device_state}: this user never trained")
-    d = Device(cfg, user_dir=user_dir, state_dir=device_state, key_file=key_file, device=device)
+    d = Device(cfg, user_dir=user_dir, state_dir=device_state, key_file=key_file, device=device, create_key=False)
     ckpt = checkpoint.latest(Path(run_dir) / "checkpoints", config_hash=cfg.model_hash(), names=d.sets.send)
     if ckpt is None and variant != "base":
         raise FileNotFoundError(f"{run_dir}/checkpoints: no shared base yet (no finished round)")
@@ -60,7 +64,7 @@ def generate(run_dir: Path, user: str, prompt: str, *, variant: str = "personal"
     set_tensors(d.model, stored if stored is not None else d.init_keep)
     torch.manual_seed(seed)
     kwargs = {"dest": out or Path(run_dir) / "generated" / user / variant, "n": count, "seed": seed,
-              "profile": read_profile(user_dir)[0], "user_dir": user_dir, "subject": subject}
+              "profile": read_profile(user_dir)[0], "layout": d.data.layout, "subject": subject}
     if variant == "base":
         with d.model.disable_adapter():
             return d.task.generate(d.model, d.base_path, prompt, **kwargs)

@@ -46,7 +46,10 @@ def mean_loss(model: torch.nn.Module, records: torch.Tensor, *, task: Task, chun
     records = records.repeat(max(1, task.val_draws), *([1] * (records.dim() - 1)))
     cuda = [device.index if device.index is not None else torch.cuda.current_device()] if device.type == "cuda" else []
     with torch.random.fork_rng(devices=cuda, device_type="cuda"), precision(device, dtype):
-        torch.manual_seed(VAL_SEED)
+        torch.default_generator.manual_seed(VAL_SEED)  # only the forked generators: never other GPUs'
+        for index in cuda:
+            with torch.cuda.device(index):
+                torch.cuda.manual_seed(VAL_SEED)  # the current device's generator only
         losses = [task.per_record_loss(model, records[i : i + chunk].to(device)).float()
                   for i in range(0, records.shape[0], chunk)]
     return float(torch.cat(losses).mean())

@@ -124,10 +124,20 @@ def test_subjects_get_their_own_token_slots_and_extra_ones_are_counted(make_cfg,
     # Assert: slots 1..3 by name, the fourth subject counted as skipped, not trained
     assert sorted(set(unpack(d.data.train)[1].tolist())) == [0, 1, 2, 3]
     assert d.data.skipped == {"extra-subject": 1}
-    out = d.task.generate(d.model, d.base_path, "", subject="dog", user_dir=user, dest=tmp_path / "dog", n=2)
+    assert d.data.layout == {"subject-slots": {"cat": 1, "dog": 2, "mug": 3}}
+    out = d.task.generate(d.model, d.base_path, "", subject="dog", layout=d.data.layout, dest=tmp_path / "dog", n=2)
     assert len(list(Path(out).glob("*.png"))) == 2
     with pytest.raises(ValueError, match="no trained subject 'vase'.*cat, dog, mug"):
-        d.task.generate(d.model, d.base_path, "", subject="vase", user_dir=user, dest=tmp_path / "v")
+        d.task.generate(d.model, d.base_path, "", subject="vase", layout=d.data.layout, dest=tmp_path / "v")
+    with pytest.raises(ValueError, match="unknown attribute 'hair=purple'"):
+        d.task.generate(d.model, d.base_path, "hair=purple", dest=tmp_path / "p")
+
+    # A round stores the map; a subject folder added later ("ant" sorts first) takes no trained slot
+    d.fit(d.init_send, server_round=1)
+    (user / "subjects" / "ant").mkdir()
+    Image.fromarray(faces.render(faces.random_identity(rng), rng)).save(user / "subjects" / "ant" / "a.png")
+    again = Device(cfg, user_dir=user, state_dir=tmp_path / "s")
+    assert again.data.layout == d.data.layout and again.data.skipped == {"extra-subject": 2}
 
 
 def test_prepare_builds_the_base_and_the_encoder_into_the_device_cache(tmp_path: Path, monkeypatch) -> None:
@@ -139,7 +149,8 @@ def test_prepare_builds_the_base_and_the_encoder_into_the_device_cache(tmp_path:
     # Prepare: an empty cache, as on a new device
     monkeypatch.setenv("FEDPGEN_CACHE", str(tmp_path))
     # Execute
-    args = ["prepare", "--config", "simulations/image.toml", "--set", "pretrain-steps=3"]
+    args = ["prepare", "--config", str(Path(__file__).parents[1] / "simulations" / "image.toml"),
+            "--set", "pretrain-steps=3"]
     out = CliRunner().invoke(cli, args)
     # Assert: both are built and complete; a second call finds them
     assert out.exit_code == 0, out.output

@@ -204,6 +204,9 @@ def test_image_photos_never_reach_the_server(make_cfg, tmp_path: Path, captured:
     assert not np.array_equal(pix["personal"][0], pix["base"][0]), "the personal part changed nothing"
     with pytest.raises(NoUsableDataError):
         generate(Path(cfg.run_dir), "zed", "", variant="base")
+    with pytest.raises(FileNotFoundError, match="device key not found"):  # a reader never makes a new key
+        generate(Path(cfg.run_dir), "ada", "", variant="base", device_state=tmp_path / "elsewhere")
+    assert not (tmp_path / "elsewhere" / "device.key").exists()
     from typer.testing import CliRunner
 
     from fedpgen.cli import cli

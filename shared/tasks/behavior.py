@@ -147,7 +147,8 @@ class BehaviorTask(Task):
             written.append(dest / name)
         return written
 
-    def read_user(self, user_dir: Path, cfg: RunConfig, *, base_path: Path) -> UserData:
+    def read_user(self, user_dir: Path, cfg: RunConfig, *, base_path: Path,
+                  layout: dict[str, Any] | None = None) -> UserData:
         layout = self._layout(base_path)
         if layout.seq_len != cfg.seq_len:
             raise ValueError(f"config 'seq-len': {cfg.seq_len} but the behavior base was built for {layout.seq_len}")
@@ -235,7 +236,7 @@ class BehaviorTask(Task):
         ids = layout.prefix(dict(kwargs.get("profile", {}))) + [layout.item_base + i for i in history]
         out: list[str] = []
         for _ in range(int(kwargs.get("max_new_items", 5))):
-            window = torch.tensor([ids[-layout.length :]], dtype=torch.long)
+            window = torch.tensor([ids[-layout.length :]], dtype=torch.long, device=next(model.parameters()).device)
             logits = model(input_ids=window).logits[0, -1, layout.item_base :]
             top = logits.topk(int(kwargs.get("top_k", TOP_K)))
             pick = int(top.indices[torch.multinomial(torch.softmax(top.values, -1), 1)])

@@ -125,7 +125,8 @@ class ImageTask(Task):
             written.append(user)
         return written
 
-    def read_user(self, user_dir: Path, cfg: RunConfig, *, base_path: Path) -> UserData:
+    def read_user(self, user_dir: Path, cfg: RunConfig, *, base_path: Path,
+                  layout: dict[str, Any] | None = None) -> UserData:
         groups, skipped = read_photos(Path(user_dir), faces.SIZE)
         profile, bad_profile = read_profile(Path(user_dir))
         if bad_profile:
@@ -134,19 +135,20 @@ class ImageTask(Task):
         if len(face) < 3:
             raise NoUsableDataError(f"user {Path(user_dir).name}: {len(face)} usable face photos (need >= 3); "
                                     f"skipped {skipped or 'nothing'}")
-        slots = subject_slots(groups)
-        if len(groups) > len(slots):
-            skipped["extra-subject"] = len(groups) - len(slots)
+        slots = subject_slots(groups, (layout or {}).get("subject-slots", {}))
+        if extra := [name for name in groups if name not in slots]:
+            skipped["extra-subject"] = len(extra)
         n_held = max(1, round(len(face) * cfg.heldout_fraction))
         n_val = round((len(face) - n_held) * cfg.val_fraction)
         n_train = len(face) - n_held - n_val
         attrs = attribute_tokens(profile)
         train = [pack(face[:n_train], 0, attrs)]
         for name, slot in slots.items():
-            train.append(pack(groups[name], slot, [0] * len(ATTR_KEYS)))
+            if name in groups:  # a trained subject without usable photos now keeps its slot, unused
+                train.append(pack(groups[name], slot, [0] * len(ATTR_KEYS)))
         val = pack(face[n_train : n_train + n_val], 0, attrs) if n_val else torch.zeros(0, PIXELS + 1 + len(attrs))
         return UserData(train=torch.cat(train), val=val, heldout=pack(face[n_train + n_val :], 0, attrs),
-                        skipped=skipped)
+                        skipped=skipped, layout={"subject-slots": slots})
 
     # -- loss, sampling, metrics ------------------------------------------------------------
     def per_record_loss(self, model: torch.nn.Module, batch: torch.Tensor) -> torch.Tensor:
@@ -233,21 +235,30 @@ class ImageTask(Task):
         or of the subject ``kwargs['subject']`` (a folder name under the user's ``subjects/``)."""
         subject = kwargs.get("subject")
         if subject:
-            groups, _ = read_photos(Path(kwargs["user_dir"]), faces.SIZE)
-            slots = subject_slots(groups)
+            slots = dict(kwargs.get("layout", {}).get("subject-slots", {}))
             if subject not in slots:
-                raise ValueError(f"no trained subject {subject!r} for this user; subjects: "
-                                 f"{', '.join(slots) or 'none'} (folders under subjects/ with usable photos, "
-                                 f"the first {NUM_SLOTS - 1} by name)")
+                raise ValueError(f"no trained subject {subject!r} for this user; trained subjects: "
+                                 f"{', '.join(slots) or 'none'} (up to {NUM_SLOTS - 1} folders under subjects/)")
             slot, profile = slots[subject], {}
         else:
             slot = 0
-            profile = {**kwargs.get("profile", {}), **dict(p.split("=", 1) for p in prompt.split() if "=" in p)}
+            profile = {**kwargs.get("profile", {}), **parse_attributes(prompt)}
         images = self.sample(model, torch.tensor(attribute_tokens(profile)), slot=slot,
                              n=int(kwargs.get("n", 4)), seed=int(kwargs.get("seed", 0)))
         dest = Path(kwargs.get("dest", "samples"))
         write_photos(dest, [((x.permute(1, 2, 0) + 1) * 127.5).clamp(0, 255).byte().cpu().numpy() for x in images])
         return str(dest)
+
+
+def parse_attributes(prompt: str) -> dict[str, str]:
+    """``"hair=red glasses=yes"`` -> attributes; an unknown key or value is an error that lists the valid ones."""
+    out = {}
+    for word in prompt.split():
+        key, _, value = word.partition("=")
+        if f"{key}={value}" not in ATTR_VOCAB:
+            raise ValueError(f"unknown attribute {word!r}; valid: {' '.join(ATTR_VOCAB)}")
+        out[key] = value
+    return out
 
 
 def edit_hair_token(token: int) -> int:
@@ -256,11 +267,17 @@ def edit_hair_token(token: int) -> int:
     return hair[(hair.index(token) + 1) % len(hair)] if token in hair else hair[0]
 
 
-def subject_slots(groups: dict[str, list[np.ndarray]]) -> dict[str, int]:
-    """The subject token slot of each subject with usable photos: 1, 2, ... in name order, the
-    first ``NUM_SLOTS - 1`` (slot 0 is the face). Training and generation use the same map."""
-    names = sorted(n for n in groups if n != "face")[: NUM_SLOTS - 1]
-    return {name: slot for slot, name in enumerate(names, start=1)}
+def subject_slots(groups: dict[str, list[np.ndarray]], kept: dict[str, int]) -> dict[str, int]:
+    """The subject-token slot of each subject with usable photos (slot 0 is the face).
+
+    ``kept``: the map this device trained with so far; its subjects keep their slots (even
+    when their photos are gone for now), so a new folder never takes over a trained token.
+    New subjects take the free slots in name order; the rest are extra (counted, unused)."""
+    slots = {name: int(slot) for name, slot in kept.items()}
+    free = [s for s in range(1, NUM_SLOTS) if s not in slots.values()]
+    for name in sorted(n for n in groups if n != "face" and n not in slots)[: len(free)]:
+        slots[name] = free.pop(0)
+    return slots
 
 
 def _head_index(key: str, token: int) -> int:

@@ -71,7 +71,8 @@ class TextTask(Task):
             raise ValueError(f"num-users: only {len(population)} users have >= {cfg.min_records} records")
         return [write_user(dest, name, docs) for name, docs in population.items()]
 
-    def read_user(self, user_dir: Path, cfg: RunConfig, *, base_path: Path) -> UserData:
+    def read_user(self, user_dir: Path, cfg: RunConfig, *, base_path: Path,
+                  layout: dict[str, Any] | None = None) -> UserData:
         texts, skipped = read_documents(user_dir)
         profile, bad_profile = read_profile(user_dir)
         tok = load_tokenizer(base_path)
@@ -121,7 +122,8 @@ class TextTask(Task):
         tok = load_tokenizer(base_path)
         if not prompt:
             raise ValueError("text generation needs a prompt: the start of the text to continue")
-        ids = torch.tensor([tok.encode(profile_line(kwargs.get("profile") or {}) + prompt)], dtype=torch.long)
+        prefix = tok.encode(profile_line(kwargs.get("profile") or {}))  # tokenized apart, as in the records
+        ids = torch.tensor([prefix + tok.encode(prompt)], dtype=torch.long, device=next(model.parameters()).device)
         out = model.generate(input_ids=ids, max_new_tokens=int(kwargs.get("max_new_tokens", 64)),
                              do_sample=True, top_k=int(kwargs.get("top_k", 20)), pad_token_id=tok.pad_id)
         return tok.decode(out[0, ids.shape[1]:].tolist())
