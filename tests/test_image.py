@@ -159,3 +159,26 @@ def test_prepare_builds_the_base_and_the_encoder_into_the_device_cache(tmp_path:
     before = {p: (p / MARKER).stat().st_mtime_ns for p in (tmp_path / "base").iterdir()}
     assert CliRunner().invoke(cli, args).exit_code == 0
     assert {p: (p / MARKER).stat().st_mtime_ns for p in (tmp_path / "base").iterdir()} == before
+
+
+def test_a_local_diffusers_unet_checkpoint_trains_and_a_latent_one_is_refused(make_cfg, tmp_path: Path) -> None:
+    from diffusers import UNet2DConditionModel
+
+    from shared.tasks.image_model import UNET
+
+    # Prepare: a diffusers-layout folder (<path>/unet) with another width and context size
+    other = {**UNET, "block_out_channels": (16, 32, 32), "cross_attention_dim": 16}
+    UNet2DConditionModel(**other).save_pretrained(tmp_path / "pixel" / "unet")
+    UNet2DConditionModel(**{**other, "in_channels": 4, "out_channels": 4}).save_pretrained(tmp_path / "latent")
+    cfg = make_cfg(base_model=str(tmp_path / "pixel"), **IMAGE)
+    user = ensure_population(cfg)[0]
+    # Execute
+    d = Device(cfg, user_dir=user, state_dir=tmp_path / "s")
+    delta, _, _ = d.fit(d.init_send, server_round=1)
+    # Assert: the same machinery trains it; a latent-space UNet and a missing folder are named
+    assert d.model.base_model.model.unet.config.cross_attention_dim == 16
+    assert any("to_q.lora_A.shared" in n for n in d.sets.send) and max(float(np.abs(x).max()) for x in delta) > 0
+    with pytest.raises(ValueError, match="pixel-space UNet"):
+        Device(make_cfg(base_model=str(tmp_path / "latent"), **IMAGE), user_dir=user, state_dir=tmp_path / "s2")
+    with pytest.raises(FileNotFoundError, match="no diffusers UNet"):
+        Device(make_cfg(base_model=str(tmp_path / "nowhere"), **IMAGE), user_dir=user, state_dir=tmp_path / "s3")
