@@ -75,7 +75,7 @@ class Device:
         self.store = DeviceStore(state_dir, sealer)
         self.ledger = PrivacyLedger(state_dir, sealer)
         self.data = self.task.read_user(Path(user_dir), cfg, base_path=self.base_path,
-                                        layout=self.store.load_meta().get("layout"))
+                                        bindings=self.store.load_meta().get("bindings"))
         # Training records stay on the CPU (batches move in micro-batches); evaluation ones move once.
         self.data.val, self.data.heldout = self.data.val.to(self.device), self.data.heldout.to(self.device)
         self.key = Path(user_dir).name
@@ -193,7 +193,7 @@ class Device:
         meta = self.store.load_meta()
         meta["rounds_trained"] = int(meta.get("rounds_trained", 0)) + 1
         meta["last_round"] = server_round
-        meta["layout"] = self.data.layout  # e.g. which subject trained which token: fixed from now on
+        meta["bindings"] = self.data.bindings  # e.g. which subject trained which token: fixed from now on
         self.store.save_meta(meta)
         metrics: dict[str, object] = {
             "client-index": self.client_index, "keys-digest": keys_digest(self.sets.send),

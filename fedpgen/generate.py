@@ -64,7 +64,7 @@ def generate(run_dir: Path, user: str, prompt: str, *, variant: str = "personal"
     set_tensors(d.model, stored if stored is not None else d.init_keep)
     torch.manual_seed(seed)
     kwargs = {"dest": out or Path(run_dir) / "generated" / user / variant, "n": count, "seed": seed,
-              "profile": read_profile(user_dir)[0], "layout": d.data.layout, "subject": subject}
+              "profile": read_profile(user_dir)[0], "bindings": d.data.bindings, "subject": subject}
     if variant == "base":
         with d.model.disable_adapter():
             return d.task.generate(d.model, d.base_path, prompt, **kwargs)

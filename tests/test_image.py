@@ -124,11 +124,11 @@ def test_subjects_get_their_own_token_slots_and_extra_ones_are_counted(make_cfg,
     # Assert: slots 1..3 by name, the fourth subject counted as skipped, not trained
     assert sorted(set(unpack(d.data.train)[1].tolist())) == [0, 1, 2, 3]
     assert d.data.skipped == {"extra-subject": 1}
-    assert d.data.layout == {"subject-slots": {"cat": 1, "dog": 2, "mug": 3}}
-    out = d.task.generate(d.model, d.base_path, "", subject="dog", layout=d.data.layout, dest=tmp_path / "dog", n=2)
+    assert d.data.bindings == {"subject-slots": {"cat": 1, "dog": 2, "mug": 3}}
+    out = d.task.generate(d.model, d.base_path, "", subject="dog", bindings=d.data.bindings, dest=tmp_path / "dog", n=2)
     assert len(list(Path(out).glob("*.png"))) == 2
     with pytest.raises(ValueError, match="no trained subject 'vase'.*cat, dog, mug"):
-        d.task.generate(d.model, d.base_path, "", subject="vase", layout=d.data.layout, dest=tmp_path / "v")
+        d.task.generate(d.model, d.base_path, "", subject="vase", bindings=d.data.bindings, dest=tmp_path / "v")
     with pytest.raises(ValueError, match="unknown attribute 'hair=purple'"):
         d.task.generate(d.model, d.base_path, "hair=purple", dest=tmp_path / "p")
 
@@ -137,7 +137,7 @@ def test_subjects_get_their_own_token_slots_and_extra_ones_are_counted(make_cfg,
     (user / "subjects" / "ant").mkdir()
     Image.fromarray(faces.render(faces.random_identity(rng), rng)).save(user / "subjects" / "ant" / "a.png")
     again = Device(cfg, user_dir=user, state_dir=tmp_path / "s")
-    assert again.data.layout == d.data.layout and again.data.skipped == {"extra-subject": 2}
+    assert again.data.bindings == d.data.bindings and again.data.skipped == {"extra-subject": 2}
 
 
 def test_prepare_builds_the_base_and_the_encoder_into_the_device_cache(tmp_path: Path, monkeypatch) -> None:

@@ -37,7 +37,7 @@ class UserData:
     skipped: dict[str, int] = dataclasses.field(default_factory=dict)
     # How this user's inputs map onto the model, where that must not change between rounds
     # (image: subject folder -> subject-token slot). Kept in the device's sealed meta.
-    layout: dict[str, Any] = dataclasses.field(default_factory=dict)
+    bindings: dict[str, Any] = dataclasses.field(default_factory=dict)
 
     @property
     def num_train(self) -> int:
@@ -83,10 +83,10 @@ class Task(abc.ABC):
 
     @abc.abstractmethod
     def read_user(self, user_dir: Path, cfg: RunConfig, *, base_path: Path,
-                  layout: dict[str, Any] | None = None) -> UserData:
+                  bindings: dict[str, Any] | None = None) -> UserData:
         """Read one device folder into train / val / held-out records; count skipped inputs.
 
-        ``layout``: the one this device trained with so far (``UserData.layout``), to keep.
+        ``bindings``: the ones this device trained with so far (``UserData.bindings``), to keep.
 
         Raises ``NoUsableDataError`` when too little is usable (the device then refuses)."""
 

@@ -148,7 +148,7 @@ class BehaviorTask(Task):
         return written
 
     def read_user(self, user_dir: Path, cfg: RunConfig, *, base_path: Path,
-                  layout: dict[str, Any] | None = None) -> UserData:
+                  bindings: dict[str, Any] | None = None) -> UserData:
         layout = self._layout(base_path)
         if layout.seq_len != cfg.seq_len:
             raise ValueError(f"config 'seq-len': {cfg.seq_len} but the behavior base was built for {layout.seq_len}")

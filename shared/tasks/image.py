@@ -98,13 +98,14 @@ class ImageTask(Task):
         model = FaceUNet(unet)
         if (path / "wrapper.safetensors").is_file():
             model.load_state_dict(load_file(str(path / "wrapper.safetensors")), strict=False)
-        self._load_encoder()
         model.requires_grad_(False)
         return model.eval()
 
     def _load_encoder(self) -> None:
+        """Loaded on first evaluation only: a training round (a fresh process per message in a
+        deployment) never needs it."""
         if self.encoder is None:
-            self.encoder, self.refs, self.encoder_info = load_encoder(ensure_encoder())
+            self.encoder, self.refs = load_encoder(ensure_encoder())
 
     def instrument(self) -> dict[str, Any]:
         quality = cached_encoder_quality()
@@ -126,7 +127,7 @@ class ImageTask(Task):
         return written
 
     def read_user(self, user_dir: Path, cfg: RunConfig, *, base_path: Path,
-                  layout: dict[str, Any] | None = None) -> UserData:
+                  bindings: dict[str, Any] | None = None) -> UserData:
         groups, skipped = read_photos(Path(user_dir), faces.SIZE)
         profile, bad_profile = read_profile(Path(user_dir))
         if bad_profile:
@@ -135,7 +136,7 @@ class ImageTask(Task):
         if len(face) < 3:
             raise NoUsableDataError(f"user {Path(user_dir).name}: {len(face)} usable face photos (need >= 3); "
                                     f"skipped {skipped or 'nothing'}")
-        slots = subject_slots(groups, (layout or {}).get("subject-slots", {}))
+        slots = subject_slots(groups, (bindings or {}).get("subject-slots", {}))
         if extra := [name for name in groups if name not in slots]:
             skipped["extra-subject"] = len(extra)
         n_held = max(1, round(len(face) * cfg.heldout_fraction))
@@ -148,7 +149,7 @@ class ImageTask(Task):
                 train.append(pack(groups[name], slot, [0] * len(ATTR_KEYS)))
         val = pack(face[n_train : n_train + n_val], 0, attrs) if n_val else torch.zeros(0, PIXELS + 1 + len(attrs))
         return UserData(train=torch.cat(train), val=val, heldout=pack(face[n_train + n_val :], 0, attrs),
-                        skipped=skipped, layout={"subject-slots": slots})
+                        skipped=skipped, bindings={"subject-slots": slots})
 
     # -- loss, sampling, metrics ------------------------------------------------------------
     def per_record_loss(self, model: torch.nn.Module, batch: torch.Tensor) -> torch.Tensor:
@@ -235,7 +236,7 @@ class ImageTask(Task):
         or of the subject ``kwargs['subject']`` (a folder name under the user's ``subjects/``)."""
         subject = kwargs.get("subject")
         if subject:
-            slots = dict(kwargs.get("layout", {}).get("subject-slots", {}))
+            slots = dict(kwargs.get("bindings", {}).get("subject-slots", {}))
             if subject not in slots:
                 raise ValueError(f"no trained subject {subject!r} for this user; trained subjects: "
                                  f"{', '.join(slots) or 'none'} (up to {NUM_SLOTS - 1} folders under subjects/)")

@@ -166,9 +166,10 @@ def encoder_quality(enc: IdentityEncoder, pop: list[tuple[faces.Identity, list[n
             "identities": len(pop)}
 
 
-def load_encoder(path: Path) -> tuple[IdentityEncoder, torch.Tensor, dict[str, float]]:
+def load_encoder(path: Path) -> tuple[IdentityEncoder, torch.Tensor]:
+    """The frozen encoder and the public reference centroids (its quality: ``cached_encoder_quality``)."""
     info = json.loads((path / "encoder.json").read_text())
     enc = IdentityEncoder(num_ids=int(info["num_ids"]))
     enc.load_state_dict(load_file(str(path / "encoder.safetensors")))
     enc.requires_grad_(False)
-    return enc.eval(), load_file(str(path / "refs.safetensors"))["centroids"], info
+    return enc.eval(), load_file(str(path / "refs.safetensors"))["centroids"]

@@ -72,7 +72,7 @@ class TextTask(Task):
         return [write_user(dest, name, docs) for name, docs in population.items()]
 
     def read_user(self, user_dir: Path, cfg: RunConfig, *, base_path: Path,
-                  layout: dict[str, Any] | None = None) -> UserData:
+                  bindings: dict[str, Any] | None = None) -> UserData:
         texts, skipped = read_documents(user_dir)
         profile, bad_profile = read_profile(user_dir)
         tok = load_tokenizer(base_path)
