@@ -175,7 +175,9 @@ class Device:
         self._load_personal()
         before = self._val_loss()
         gen = self._generator("fit", server_round)
-        torch.manual_seed(int(torch.randint(0, 2**62, (1,), generator=gen)))  # Poisson sampling and DP noise
+        # Non-private randomness only (e.g. a diffusion loss's timesteps): reproducible. DP noise
+        # and Poisson sampling never come from here (shared/privacy/mechanism.py: secret_generator).
+        torch.manual_seed(int(torch.randint(0, 2**62, (1,), generator=gen)))
         started = time.perf_counter()
         shared_res, personal_res = self._round(gen, privacy)
         train_seconds = time.perf_counter() - started

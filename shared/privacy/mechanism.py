@@ -4,11 +4,18 @@
 mechanism for a session and only ever calls ``next_batch``, ``step`` and ``close``.
 Noise is added in Opacus' ``DPOptimizer.add_noise`` (per-sample clip to C, then N(0, σ²C²)
 on the sum, then division by the expected batch size).
+
+Where the randomness of DP comes from (docs/privacy.md): the Gaussian noise and the Poisson
+sampling of every DP session draw from generators seeded with 64 fresh bits of OS entropy
+(``os.urandom``), per session, never from the run seed, the user's folder or the round.
+No one, the device's owner included, can reproduce them. Everything else (initializations,
+plain training batches, evaluation draws) stays seeded for reproducibility.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import os
 import warnings
 from collections.abc import Callable
 
@@ -22,6 +29,15 @@ from shared.privacy.accounting import History, compose
 def micro_batches(batch: torch.Tensor, size: int) -> list[torch.Tensor]:
     """``batch`` in chunks of at most ``size`` records (``size`` 0: one chunk): a memory cap."""
     return [batch] if size <= 0 or size >= batch.shape[0] else list(batch.split(size))
+
+
+def secret_generator(device: torch.device | str = "cpu") -> torch.Generator:
+    """A generator seeded from 64 bits of OS entropy: unknown to anyone, reproducible by no one.
+
+    Not a CSPRNG (torch's Philox/MT19937 behind it); what protects the noise is that its seed
+    is secret and fresh per session. Opacus' ``secure_mode`` would use torchcsprng, which does
+    not install with current torch (docs/privacy.md)."""
+    return torch.Generator(device=device).manual_seed(int.from_bytes(os.urandom(8), "little"))
 
 
 class PlainSession:
@@ -68,13 +84,17 @@ class DPSession:
                  records: torch.Tensor, *, batch_size: int, lr: float, micro_batch: int = 0) -> None:
         self.owner, self.params, self.micro_batch = owner, params, micro_batch
         optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
-        loader = DataLoader(TensorDataset(records), batch_size=batch_size)
+        # Poisson sampling (Opacus' DPDataLoader takes the loader's generator) and the noise
+        # (on the parameters' device) each draw from a secret, freshly seeded generator.
+        loader = DataLoader(TensorDataset(records), batch_size=batch_size, generator=secret_generator())
+        noise = secret_generator(params[0].device)
         with warnings.catch_warnings():
             warnings.filterwarnings("ignore", message=".*[Ss]ecure RNG.*")  # stated in the audit, see docs/privacy.md
             self.engine = PrivacyEngine(accountant=owner.accountant, secure_mode=False)
             self.hooks, self.optimizer, self.loader = self.engine.make_private(
                 module=model, optimizer=optimizer, data_loader=loader, noise_multiplier=owner.noise_multiplier,
-                max_grad_norm=owner.clip, poisson_sampling=True, grad_sample_mode="hooks", wrap_model=False)
+                max_grad_norm=owner.clip, poisson_sampling=True, grad_sample_mode="hooks", wrap_model=False,
+                noise_generator=noise)
         self._it = iter(self.loader)
 
     def next_batch(self) -> torch.Tensor:
@@ -137,5 +157,5 @@ class RecordDP:
 
     def open(self, model: torch.nn.Module, params: list[torch.nn.Parameter], records: torch.Tensor, *,
              batch_size: int, lr: float, gen: torch.Generator, micro_batch: int = 0) -> DPSession:
-        del gen  # Poisson sampling and noise draw from torch's PRNG (Opacus' secure_mode needs torchcsprng)
+        del gen  # seeded: never for DP. Poisson sampling and noise draw from secret generators (above)
         return DPSession(self, model, params, records, batch_size=batch_size, lr=lr, micro_batch=micro_batch)
