@@ -25,6 +25,8 @@ class Checkpoint:
 
 def save(folder: Path, *, server_round: int, config_hash: str, names: tuple[str, ...],
          theta: list[np.ndarray], opt_state: dict[str, list[np.ndarray]]) -> Path:
+    """Write round ``server_round``'s base atomically; a non-finite base is never written."""
+    _check_finite(theta, f"round {server_round}")
     tensors = {f"theta/{n}": np.ascontiguousarray(a) for n, a in zip(names, theta, strict=True)}
     for key, arrays in opt_state.items():
         tensors.update({f"opt/{key}/{n}": np.ascontiguousarray(a) for n, a in zip(names, arrays, strict=True)})
@@ -32,6 +34,12 @@ def save(folder: Path, *, server_round: int, config_hash: str, names: tuple[str,
     path = folder / f"round_{server_round:04d}.safetensors"
     atomic_write_bytes(path, st_save(tensors, metadata=meta))
     return path
+
+
+def _check_finite(theta: list[np.ndarray], where: str) -> None:
+    for name, a in enumerate(theta):
+        if not np.all(np.isfinite(a)):
+            raise ValueError(f"{where}: shared base array {name} is not finite; refusing to use it")
 
 
 def _metadata(path: Path) -> dict[str, str]:
@@ -54,5 +62,7 @@ def latest(folder: Path, *, config_hash: str, names: tuple[str, ...]) -> Checkpo
         for key in ("m", "v"):
             if f"opt/{key}/{names[0]}" in tensors:
                 opt[key] = [tensors[f"opt/{key}/{n}"] for n in names]
-        return Checkpoint(round=int(meta["round"]), theta=[tensors[f"theta/{n}"] for n in names], opt_state=opt)
+        theta = [tensors[f"theta/{n}"] for n in names]
+        _check_finite(theta, str(path))  # e.g. written by an older version without the server's bounds
+        return Checkpoint(round=int(meta["round"]), theta=theta, opt_state=opt)
     return None

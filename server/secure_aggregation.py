@@ -13,13 +13,25 @@ seeded from 32 bits of the shared secret, weaker than its key agreement.
 
 from __future__ import annotations
 
-from flwr.app import Context
+import logging
+from collections.abc import Callable, Iterable
+from typing import Any
+
+import numpy as np
+from flwr.app import Context, Message
+from flwr.common import bytes_to_ndarray
+from flwr.compat.common import recorddict_compat as compat
+from flwr.common.secure_aggregation.secaggplus_constants import RECORD_KEY_CONFIGS, Key
 from flwr.server import Grid
 from flwr.server.workflow import SecAggPlusWorkflow
 from flwr.server.workflow.secure_aggregation.secaggplus_workflow import WorkflowState
 
 from server.strategy import RoundFailedError, SharedDeltaStrategy, refusals_in
+from server.bounds import check_weight
 from shared.config import RunConfig
+from shared.wire import FIT_SCHEMA, check_metrics
+
+log = logging.getLogger(__name__)
 
 
 def secagg_parameters(cfg: RunConfig) -> dict[str, float | int]:
@@ -48,6 +60,55 @@ def error_bound(*, num_clients: int, weights: list[float], clipping_range: float
     return (num_clients * level + 2.0 * num_clients * max_abs_delta / quantization_range) / total
 
 
+def check_masked_reply(msg: Message, *, shapes: list[tuple[int, ...]], modulus: int, max_weight: float,
+                       digest: str) -> None:
+    """Raise ``ValueError`` unless a collect-stage reply fits the wire schema: the masked vector
+    (a weight level, then one integer array per shared name, each in ``[0, modulus)``), the
+    declared weight and the metrics. Checked before Flower sums the vectors."""
+    configs = msg.content.config_records.get(RECORD_KEY_CONFIGS)
+    raw = configs.get(Key.MASKED_PARAMETERS) if configs is not None else None
+    if not isinstance(raw, list) or len(raw) != 1 + len(shapes) or not all(isinstance(b, bytes) for b in raw):
+        raise ValueError(f"masked vector of {len(raw) if isinstance(raw, list) else 'no'} arrays, "
+                         f"schema has {1 + len(shapes)}")
+    for i, (blob, shape) in enumerate(zip(raw, [(1,), *shapes], strict=True)):
+        try:
+            arr = bytes_to_ndarray(blob)
+        except Exception as exc:  # hostile bytes: any parse error is a malformed reply
+            raise ValueError(f"masked array {i} does not deserialize ({type(exc).__name__})") from None
+        if tuple(arr.shape) != tuple(shape) or not np.issubdtype(arr.dtype, np.integer):
+            raise ValueError(f"masked array {i}: {arr.dtype} {tuple(arr.shape)}, schema integers {shape}")
+        if arr.size and (int(arr.min()) < 0 or int(arr.max()) >= modulus):
+            raise ValueError(f"masked array {i}: values outside [0, {modulus})")
+    fitres = compat.recorddict_to_fitres(msg.content, keep_input=True)
+    check_weight(fitres.num_examples, max_weight)
+    check_metrics(fitres.metrics, FIT_SCHEMA)
+    if fitres.metrics.get("keys-digest") != digest:
+        raise ValueError("keys-digest does not match the server's allowlist")
+
+
+class _CheckedReplies:
+    """``grid`` whose collect-stage replies are checked before Flower sums them: a reply that
+    does not fit is dropped, so SecAgg+ treats its sender as a dropout and removes its masks."""
+
+    def __init__(self, grid: Grid, check: Callable[[Message], None], on_reject: Callable[[int, str], None]) -> None:
+        self._grid, self._check, self._on_reject = grid, check, on_reject
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._grid, name)
+
+    def send_and_receive(self, messages: Iterable[Message], *, timeout: float | None = None) -> list[Message]:
+        kept = []
+        for msg in self._grid.send_and_receive(messages, timeout=timeout):
+            if not msg.has_error():
+                try:
+                    self._check(msg)
+                except (ValueError, TypeError, KeyError) as exc:
+                    self._on_reject(msg.metadata.src_node_id, str(exc))
+                    continue
+            kept.append(msg)
+        return kept
+
+
 class _SecAggPlus(SecAggPlusWorkflow):
     """Flower's workflow with one upstream fix: dropouts before key sharing completes.
 
@@ -69,6 +130,17 @@ class _SecAggPlus(SecAggPlusWorkflow):
             self.strategy.mark_refused(refused, self.strategy.last_configured_round)
         return ok
 
+    def collect_masked_vectors_stage(self, grid: Grid, context: Context,  # type: ignore[override]
+                                     state: WorkflowState) -> bool:
+        strategy = self.strategy
+
+        def check(msg: Message) -> None:
+            check_masked_reply(msg, shapes=strategy.shapes, modulus=self.modulus_range,
+                               max_weight=float(self.max_weight), digest=strategy.digest)
+
+        checked = _CheckedReplies(grid, check, strategy.reject_before_sum)
+        return super().collect_masked_vectors_stage(checked, context, state)  # type: ignore[arg-type]
+
     def share_keys_stage(self, grid: Grid, context: Context, state: WorkflowState) -> bool:  # type: ignore[override]
         ok = super().share_keys_stage(grid, context, state)  # type: ignore[arg-type]
         state.sampled_node_ids = set(state.active_node_ids)
@@ -86,10 +158,12 @@ class LoudSecAggPlus:
 
     def __call__(self, grid: Grid, context: Context) -> None:
         configured, aggregated = self.strategy.configured_rounds, self.strategy.aggregated_rounds
+        refused = len(self.strategy.refused_rounds)  # out-of-bounds rounds are refused, not halted
         self.inner(grid, context)
         if self.strategy.stopped:
             return
-        halted = self.strategy.configured_rounds > configured and self.strategy.aggregated_rounds == aggregated
+        halted = (self.strategy.configured_rounds > configured and self.strategy.aggregated_rounds == aggregated
+                  and len(self.strategy.refused_rounds) == refused)
         r = self.strategy.last_configured_round
         if halted and self.strategy.refused_round == r:  # devices refused (budget spent), too few left
             self.strategy.stop(r, "devices refused (privacy budget spent) and too few were left for secure "

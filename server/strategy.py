@@ -25,12 +25,13 @@ from flwr.server.strategy import Strategy
 
 from server import checkpoint
 from server.aggregation import make_server_optimizer, weighted_mean
+from server.bounds import OutOfBoundsError, cap_weight, check_secure_aggregate, check_weight, clip_elements
 from server.results import RunRecorder
 from shared.config import RunConfig
-from shared.privacy.user_level import user_epsilon, user_level_mean
+from shared.privacy.user_level import clip_delta, user_epsilon, user_level_mean
 from shared.tasks import TASKS
-from shared.wire import (BUDGET_EXHAUSTED, FIT_METRICS, NO_USABLE_DATA, REFUSALS, STATE_TAMPERED, check_update,
-                         eval_metrics, keys_digest)
+from shared.wire import (BUDGET_EXHAUSTED, FIT_SCHEMA, NO_USABLE_DATA, REFUSALS, STATE_TAMPERED, check_metrics,
+                         check_update, eval_schema, keys_digest)
 
 log = logging.getLogger(__name__)
 
@@ -71,6 +72,7 @@ class SharedDeltaStrategy(Strategy):
         super().__init__()
         self.cfg, self.names, self.theta = cfg, names, theta
         self.shapes = [tuple(a.shape) for a in theta]
+        self.dtypes = [a.dtype for a in theta]
         self.digest = keys_digest(names)
         self.completed = completed
         self.optimizer = make_server_optimizer(cfg.server_optimizer, lr=cfg.server_lr)
@@ -79,13 +81,15 @@ class SharedDeltaStrategy(Strategy):
         self.final_metrics: list[dict[str, Scalar]] = []
         self.on_round_end: Callable[[dict[str, Any]], None] = lambda row: None
         self.refused: dict[int, str] = {}  # devices that refused, and why (shared.wire.REFUSALS)
-        self.eval_schema = eval_metrics(TASKS[cfg.task].metric_names)
+        self.eval_schema = eval_schema(TASKS[cfg.task].metric_names)
         self.user_rounds = completed  # DP-FedAvg rounds so far (user-level accounting)
         self.configured_rounds = self.aggregated_rounds = self.last_configured_round = 0  # loud-failure checks
         self._sampled = self._population = 1
         self._bytes_down = 0
         self.stopped: str = ""
         self.refused_round = 0
+        self._rejected_before_sum = 0
+        self.refused_rounds: list[int] = []  # rounds whose updates were out of bounds: base kept, no checkpoint
         self._round_started = time.perf_counter()
 
     def absolute_round(self, server_round: int) -> int:
@@ -155,21 +159,21 @@ class SharedDeltaStrategy(Strategy):
         self.mark_refused(refused, r)
         failures = [f for f in failures if not (isinstance(f, tuple) and f[0].node_id in refused)
                     and not (isinstance(f, BaseException) and _REFUSAL.search(str(f)))]
-        deltas, weights, rejected, byte_counts = [], [], 0, []
+        deltas, weights, declared, byte_counts, accepted = [], [], [], [], []
+        rejected, self._rejected_before_sum = self._rejected_before_sum, 0
         for proxy, res in results:
-            arrays = parameters_to_ndarrays(res.parameters)
             try:
-                check_update(arrays, self.shapes, res.metrics, allowed=FIT_METRICS)
-                if res.metrics.get("keys-digest") != self.digest:
-                    raise ValueError("keys-digest does not match the server's allowlist")
-                if res.num_examples <= 0:
-                    raise ValueError(f"num_examples = {res.num_examples}")
+                delta, weight = self._accept(res)
             except ValueError as exc:
+                if self.cfg.secure_aggregation:  # its contribution is inside the sum: the round is refused
+                    return self.refuse_round(r, f"node {proxy.node_id}: {exc}")
                 rejected += 1
                 log.warning("round %d: rejected update from node %s: %s", r, proxy.node_id, exc)
                 continue
-            deltas.append(arrays)
-            weights.append(float(res.num_examples))
+            deltas.append(delta)
+            weights.append(weight)
+            declared.append(int(res.num_examples))
+            accepted.append(res)
             nbytes = sum(len(t) for t in res.parameters.tensors)  # under SecAgg+: the aggregate, not an upload
             byte_counts.append(nbytes)
             self.recorder.client_round({"round": r, "node-id": proxy.node_id, "bytes-down": self._bytes_down,
@@ -183,6 +187,13 @@ class SharedDeltaStrategy(Strategy):
             raise RoundFailedError(
                 f"round {r}: {len(deltas)} valid updates (min-fit-clients = {self.cfg.min_fit_clients}); "
                 f"{rejected} rejected, {len(failures)} failed: {[str(f)[:200] for f in failures[:3]]}")
+        if self.cfg.secure_aggregation:
+            try:
+                check_secure_aggregate(deltas[0], weights=declared, clipping_range=self.cfg.secagg_clipping_range,
+                                       quantization_range=self.cfg.secagg_quantization,
+                                       max_weight=self.cfg.secagg_max_weight)
+            except OutOfBoundsError as exc:
+                return self.refuse_round(r, f"the unmasked aggregate is out of bounds: {exc}")
         cfg = self.cfg
         if cfg.secure_aggregation:
             # SecAgg+ hands every result the same unmasked aggregate: the weighted mean, never one delta.
@@ -202,7 +213,10 @@ class SharedDeltaStrategy(Strategy):
                                          rng=np.random.default_rng())
             self.user_rounds += 1
         del deltas  # never kept: only the aggregate moves on
-        self.theta = self.optimizer.step(self.theta, mean_delta)
+        theta = self.optimizer.step(self.theta, mean_delta)
+        if not all(np.all(np.isfinite(t)) for t in theta):  # never reached with the bounds above; never written
+            return self.refuse_round(r, "the updated base is not finite")
+        self.theta = theta
         checkpoint.save(Path(self.cfg.run_dir) / "checkpoints", server_round=r, config_hash=self.cfg.model_hash(),
                         names=self.names, theta=self.theta, opt_state=self.optimizer.state())
         row = {"round": r, "clients": len(weights), "rejected": rejected, "failures": len(failures),
@@ -217,11 +231,11 @@ class SharedDeltaStrategy(Strategy):
                                                sample_rate=self._sampled / self._population,
                                                rounds=self.user_rounds, delta=cfg.dp_delta,
                                                accountant=cfg.dp_accountant)
-        eps = [float(res.metrics["dp-epsilon"]) for _, res in results if "dp-epsilon" in res.metrics]
+        eps = [float(res.metrics["dp-epsilon"]) for res in accepted if "dp-epsilon" in res.metrics]
         if eps:
             row["epsilon-max"] = max(eps)
         for key in ("train-loss", "val-loss-before", "val-loss-after"):
-            vals = [(float(res.metrics[key]), res.num_examples) for _, res in results
+            vals = [(float(res.metrics[key]), res.num_examples) for res in accepted
                     if key in res.metrics and math.isfinite(float(res.metrics[key]))]
             if vals:
                 row[key] = sum(v * w for v, w in vals) / sum(w for _, w in vals)
@@ -230,6 +244,40 @@ class SharedDeltaStrategy(Strategy):
         self.on_round_end(row)
         log.info("round %d/%d: %d clients, %.1fs, max record-level ε so far %.2f", r, self.cfg.num_server_rounds,
                  len(weights), row["seconds"], row.get("epsilon-max", float("inf")))
+        return ndarrays_to_parameters(self.theta), {}
+
+    def _accept(self, res: FitRes) -> tuple[list[np.ndarray], float]:
+        """One reply's delta and weight, checked and bounded (server/bounds.py); ``ValueError`` if malformed.
+
+        Under SecAgg+ every reply carries the same unmasked aggregate: its bounds are checked
+        once for the round (``check_secure_aggregate``), the declared weight here."""
+        try:
+            arrays = parameters_to_ndarrays(res.parameters)
+        except Exception as exc:  # np.load of hostile bytes raises several types: all a malformed reply
+            raise ValueError(f"malformed update: arrays do not deserialize ({type(exc).__name__})") from None
+        dtypes = [np.dtype(np.float64)] * len(self.shapes) if self.cfg.secure_aggregation else self.dtypes
+        check_update(arrays, self.shapes, res.metrics, schema=FIT_SCHEMA, dtypes=dtypes)
+        if res.metrics.get("keys-digest") != self.digest:
+            raise ValueError("keys-digest does not match the server's allowlist")
+        if self.cfg.secure_aggregation:
+            return arrays, float(check_weight(res.num_examples, self.cfg.secagg_max_weight))
+        if isinstance(res.num_examples, bool) or not isinstance(res.num_examples, int) or res.num_examples < 1:
+            raise ValueError(f"num_examples = {res.num_examples!r}")
+        delta = clip_elements(arrays, self.cfg.secagg_clipping_range)
+        if self.cfg.user_dp == "central":  # the server's noise is calibrated to S: hold every device to it
+            delta = clip_delta(delta, self.cfg.user_clip)
+        return delta, cap_weight(res.num_examples, self.cfg.secagg_max_weight)
+
+    def reject_before_sum(self, node_id: int, why: str) -> None:
+        """A SecAgg+ reply that did not fit the schema, dropped before the sum (a dropout)."""
+        log.warning("round %d: rejected masked update from node %s: %s", self.last_configured_round, node_id, why)
+        self._rejected_before_sum += 1
+
+    def refuse_round(self, r: int, why: str) -> tuple[Parameters, dict[str, Scalar]]:
+        """Keep the base as it was, write no checkpoint, record the refused round, go on."""
+        log.error("round %d REFUSED, shared base unchanged: %s", r, why)
+        self.refused_rounds.append(r)
+        self.recorder.round({"round": r, "out-of-bounds": why[:500], "seconds": time.perf_counter() - self._round_started})
         return ndarrays_to_parameters(self.theta), {}
 
     def configure_evaluate(self, server_round: int, parameters: Parameters,
@@ -250,10 +298,10 @@ class SharedDeltaStrategy(Strategy):
                            ) -> tuple[float | None, dict[str, Scalar]]:
         rows = []
         for proxy, res in results:
-            extra = set(res.metrics) - self.eval_schema
-            if extra:
-                log.warning("evaluation from node %s rejected: metrics outside the wire schema %s",
-                            proxy.node_id, sorted(extra))
+            try:
+                check_metrics(res.metrics, self.eval_schema)
+            except ValueError as exc:
+                log.warning("evaluation from node %s rejected: %s", proxy.node_id, exc)
                 continue
             rows.append({"node-id": proxy.node_id, **res.metrics})
         if failures:

@@ -11,6 +11,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import math
 import tomllib
 from collections.abc import Mapping
 from pathlib import Path
@@ -112,6 +113,12 @@ class RunConfig:
                 value = getattr(self, key.replace("-", "_"))
                 raise ValueError(f"config '{key}': {value!r} is invalid: {why}")
 
+        for f in dataclasses.fields(self):  # TOML and the CLI accept inf and nan: no setting means either
+            value = getattr(self, f.name)
+            if isinstance(value, float) and not math.isfinite(value):
+                why = ("an infinite budget is no DP: say so with dp = 'off' (NOT PRIVATE)"
+                       if f.name == "dp_epsilon" else "must be a finite number")
+                need(False, f.name.replace("_", "-"), why)
         need(self.task in TASKS, "task", f"unknown task; valid: {', '.join(sorted(TASKS))}")
         need(self.preset in PRESETS, "preset", f"unknown preset; valid: {', '.join(sorted(PRESETS))}")
         if self.task in TASKS:

@@ -5,12 +5,16 @@ Downlink (server -> device): the shared base, one array per name of the preset's
 Uplink (device -> server): the shared *delta* for the same names, in the same order, the
 number of training records, and plaintext metrics restricted to the keys below. Nothing
 else leaves the device: no personal tensor, no record, no text. The server rejects any
-update whose arrays or metric keys do not match.
+update whose arrays (count, shape, dtype, finiteness) or metrics (key, type, range) do not
+match, before anything is written: a bad reply is a rejected reply, never a crash.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
+import math
+from collections.abc import Mapping
 
 import numpy as np
 
@@ -26,23 +30,75 @@ SKIP_REASONS = (
     "tiny-image",          # photos: smaller than 16 pixels a side
     "huge-image",          # photos: larger than 4096 pixels a side or 20 MiB (decompression bombs)
     "extra-subject",       # photos: a subject folder beyond the model's subject slots (its photos unused)
+    "empty-file",          # any user file with no bytes (a document: or only whitespace)
+    "too-large",           # a document, profile.json or behavior.jsonl over its size cap (never read whole)
+    "user-cap",            # a file past the user's total byte cap (all their files together)
+    "symlink",             # a symlink inside the user folder (file or subfolder): never followed
+    "truncated-profile",   # text: the profile line cut to a quarter of the record
 )
 
 DOWNLINK_CONFIG = frozenset({"server-round", "final", "sampled-clients"})
 
-# Plaintext metadata of a training reply: aggregate statistics of the device's round.
-FIT_METRICS = frozenset({
-    "client-index",        # simulation partition id (-1 in deployment); the server already knows the node id
-    "keys-digest",         # hash of the allowlisted names, so both sides agree on the layout
+
+@dataclasses.dataclass(frozen=True)
+class Field:
+    """The type and range of one plaintext metric: a reply whose value does not fit is rejected."""
+
+    kind: type                       # int, float or str (bool is never accepted as an int)
+    lo: float = -math.inf
+    hi: float = math.inf
+    nan: bool = False                # float: NaN allowed (e.g. a loss with no records to score)
+    choices: tuple[str, ...] = ()    # str: the only values allowed (strings are never free text)
+    length: int = 0                  # str: exact length, when not a choice (e.g. a digest)
+
+    def check(self, key: str, value: object) -> None:
+        if self.kind is int:
+            if isinstance(value, bool) or not isinstance(value, int):
+                raise ValueError(f"metric {key!r}: expected an int, got {type(value).__name__}")
+        elif self.kind is float:
+            if isinstance(value, bool) or not isinstance(value, (int, float)):
+                raise ValueError(f"metric {key!r}: expected a number, got {type(value).__name__}")
+            if math.isnan(value):
+                if not self.nan:
+                    raise ValueError(f"metric {key!r}: NaN")
+                return
+        else:
+            if not isinstance(value, str):
+                raise ValueError(f"metric {key!r}: expected a string, got {type(value).__name__}")
+            if self.choices and value not in self.choices:
+                raise ValueError(f"metric {key!r}: {value[:40]!r} is not one of {self.choices}")
+            if self.length and (len(value) != self.length or not all(c in "0123456789abcdef" for c in value)):
+                raise ValueError(f"metric {key!r}: not a {self.length}-digit hex digest")
+            return
+        if not self.lo <= value <= self.hi:
+            raise ValueError(f"metric {key!r}: {value!r} outside [{self.lo}, {self.hi}]")
+
+
+COUNT = Field(int, 0, 2**31)
+LOSS = Field(float, 0.0, 1e6, nan=True)
+
+# Plaintext metadata of a training reply: aggregate statistics of the device's round, typed.
+FIT_SCHEMA: dict[str, Field] = {
+    "client-index": Field(int, -1, 2**31),  # simulation partition id (-1 in deployment); the node id is known anyway
+    "keys-digest": Field(str, length=16),   # hash of the allowlisted names, so both sides agree on the layout
     # data-dependent scalars, sent only by runs without DP (NOT PRIVATE anyway):
-    "train-loss",          # mean shared-adapter training loss this round
-    "val-loss-before",     # loss of the received shared base on the device's validation records
-    "val-loss-after",      # loss after this round's shared + personal training
-    "personal-best-step",  # early-stopping step kept for the personal part
-    "train-seconds",       # wall time of the device's local training (benchmarks: share of round time)
+    "train-loss": LOSS,                     # mean shared-adapter training loss this round
+    "val-loss-before": LOSS,                # loss of the received shared base on the device's validation records
+    "val-loss-after": LOSS,                 # loss after this round's shared + personal training
+    "personal-best-step": Field(int, -1, 2**31),  # early-stopping step kept for the personal part
+    "train-seconds": Field(float, 0.0, 1e7),  # wall time of the device's local training (benchmarks)
     # the round's privacy-ledger event (record-level DP), see shared/privacy/ledger.py
-    "dp-epsilon", "dp-delta", "dp-sigma", "dp-clip", "dp-sample-rate", "dp-steps", "dp-accountant",
-}) | frozenset(f"skipped-{reason}" for reason in SKIP_REASONS)
+    "dp-epsilon": Field(float, 0.0, math.inf),  # inf: the event was not private
+    "dp-delta": Field(float, 0.0, 1.0),
+    "dp-sigma": Field(float, 0.0, 1e6),
+    "dp-clip": Field(float, 0.0, 1e6),
+    "dp-sample-rate": Field(float, 0.0, 1.0),
+    "dp-steps": COUNT,
+    "dp-accountant": Field(str, choices=("prv", "rdp", "none")),
+    "dp-attempt": Field(int, 1, 2**31),      # 2+: the device already spent this round once (a retry after a crash)
+    **{f"skipped-{reason}": COUNT for reason in SKIP_REASONS},
+}
+FIT_METRICS = frozenset(FIT_SCHEMA)
 
 # Status message prefixes of a device that refuses to train: its ε budget is spent, its
 # folder holds too little usable data, or its sealed state was modified on disk. The server
@@ -55,10 +111,26 @@ REFUSALS = (BUDGET_EXHAUSTED, NO_USABLE_DATA, STATE_TAMPERED)
 VARIANTS = ("base", "shared", "personal", "local")
 
 
-def eval_metrics(metric_names: tuple[str, ...]) -> frozenset[str]:
+def eval_schema(metric_names: tuple[str, ...]) -> dict[str, Field]:
     """Plaintext metadata of the final evaluation reply: the task's held-out metrics per variant."""
-    return (frozenset({"client-index", "num-heldout"}) | {f"skipped-{r}" for r in SKIP_REASONS}
-            | {f"{variant}-{metric}" for variant in VARIANTS for metric in metric_names})
+    return {"client-index": FIT_SCHEMA["client-index"], "num-heldout": COUNT,
+            **{f"skipped-{r}": COUNT for r in SKIP_REASONS},
+            **{f"{variant}-{metric}": Field(float, -1e12, 1e12, nan=True)
+               for variant in VARIANTS for metric in metric_names}}
+
+
+def eval_metrics(metric_names: tuple[str, ...]) -> frozenset[str]:
+    """The keys of ``eval_schema``."""
+    return frozenset(eval_schema(metric_names))
+
+
+def check_metrics(metrics: Mapping[str, object], schema: Mapping[str, Field]) -> None:
+    """Raise ``ValueError`` unless every metric is a key of ``schema`` with a value of its type and range."""
+    extra = set(metrics) - set(schema)
+    if extra:
+        raise ValueError(f"malformed update: metrics outside the wire schema: {sorted(str(k)[:40] for k in extra)}")
+    for key, value in metrics.items():
+        schema[key].check(key, value)
 
 
 def keys_digest(names: tuple[str, ...]) -> str:
@@ -66,16 +138,20 @@ def keys_digest(names: tuple[str, ...]) -> str:
     return hashlib.sha256("\n".join(names).encode()).hexdigest()[:16]
 
 
-def check_update(arrays: list[np.ndarray], shapes: list[tuple[int, ...]], metrics: dict[str, object],
-                 *, allowed: frozenset[str]) -> None:
-    """Raise ``ValueError`` for an update that does not match the schema."""
+def check_update(arrays: list[np.ndarray], shapes: list[tuple[int, ...]], metrics: Mapping[str, object], *,
+                 schema: Mapping[str, Field], dtypes: list[np.dtype] | None = None) -> None:
+    """Raise ``ValueError`` for an update that does not match the schema: array count, shape,
+    dtype (exactly the shared base's: no int, complex, float16 or float64 stand-ins), finite
+    values, and every metric's key, type and range."""
     if len(arrays) != len(shapes):
         raise ValueError(f"malformed update: {len(arrays)} arrays, schema has {len(shapes)}")
     for i, (arr, shape) in enumerate(zip(arrays, shapes, strict=True)):
         if tuple(arr.shape) != tuple(shape):
             raise ValueError(f"malformed update: array {i} has shape {tuple(arr.shape)}, schema {shape}")
+        if dtypes is not None and arr.dtype != dtypes[i]:
+            raise ValueError(f"malformed update: array {i} has dtype {arr.dtype}, schema {dtypes[i]}")
+        if not np.issubdtype(arr.dtype, np.floating):
+            raise ValueError(f"malformed update: array {i} has dtype {arr.dtype}, not a float")
         if not np.all(np.isfinite(arr)):
             raise ValueError(f"malformed update: array {i} has non-finite values")
-    extra = set(metrics) - allowed
-    if extra:
-        raise ValueError(f"malformed update: metrics outside the wire schema: {sorted(extra)}")
+    check_metrics(metrics, schema)

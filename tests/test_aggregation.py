@@ -28,7 +28,8 @@ def fit_res(arrays: list[np.ndarray], n: int, **metrics: object) -> FitRes:
 
 @pytest.fixture
 def strategy(make_cfg, tmp_path: Path) -> SharedDeltaStrategy:
-    cfg = make_cfg(min_fit_clients=2, secure_aggregation=False)  # the plain path: individual deltas
+    # the plain path (individual deltas), with a clipping range wide enough for these hand-made deltas
+    cfg = make_cfg(min_fit_clients=2, secure_aggregation=False, secagg_clip=10.0)
     theta = [np.ones((2, 3), np.float32), np.zeros((3,), np.float32)]
     return SharedDeltaStrategy(cfg=cfg, names=NAMES, theta=theta, completed=0, opt_state={},
                                recorder=RunRecorder(tmp_path / "run", cfg))

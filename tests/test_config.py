@@ -67,3 +67,16 @@ def test_every_override_file_in_simulations_is_valid() -> None:
     assert len(files) >= 3
     tasks = {RunConfig.from_mapping(load_override_file(f)).task for f in files}
     assert tasks == {"text", "behavior", "image"}
+
+
+@pytest.mark.parametrize("key", ["dp-epsilon", "lr", "user-clip", "secagg-clip", "round-timeout"])
+@pytest.mark.parametrize("value", ["inf", "nan", float("inf")])
+def test_finding6_infinite_or_nan_settings_are_rejected_naming_the_field(key: str, value: object) -> None:
+    # Issue 12, finding 6: dp-epsilon = inf used to train silently with σ = 10 (ε 0.11)
+    with pytest.raises(ValueError, match=f"config '{key}'"):
+        RunConfig.from_mapping({key: value})
+
+
+def test_finding6_an_infinite_budget_points_to_dp_off() -> None:
+    with pytest.raises(ValueError, match="dp = 'off'"):
+        RunConfig.from_mapping({"dp-epsilon": float("inf")})
