@@ -18,8 +18,9 @@ import torch
 from shared.accelerator import autocast_dtype, precision, select_device
 from shared.adapters import active, get_arrays, get_tensors, set_arrays, set_tensors
 from shared.config import RunConfig
+from shared.locking import exclusive
 from shared.model import build_model
-from shared.privacy.accounting import epsilon
+from shared.privacy.accounting import compose, epsilon
 from shared.privacy.ledger import PrivacyEvent, PrivacyLedger
 from shared.privacy.mechanism import NoPrivacy, RecordDP
 from shared.privacy.plan import DPPlan, check_pattern, personal_in_shared_forward
@@ -165,7 +166,14 @@ class Device:
 
     def fit(self, shared: list[np.ndarray], *, server_round: int,
             sampled_clients: int = 1) -> tuple[list[np.ndarray], int, dict[str, object]]:
-        """One federated round; returns (shared delta, number of training records, wire metrics)."""
+        """One federated round; returns (shared delta, number of training records, wire metrics).
+
+        Holds the state-dir exclusively: a second process on it stops at once (``FolderLockedError``)."""
+        with exclusive(self.store.dir, what="device state-dir"):
+            return self._fit(shared, server_round=server_round, sampled_clients=sampled_clients)
+
+    def _fit(self, shared: list[np.ndarray], *, server_round: int,
+             sampled_clients: int) -> tuple[list[np.ndarray], int, dict[str, object]]:
         cfg = self.cfg
         privacy, plan = self._privacy()
         if plan is not None:  # refuse before touching anything: never exceed a budget silently
@@ -188,6 +196,10 @@ class Device:
             if cfg.user_dp == "distributed":
                 delta = add_noise_share(delta, std=cfg.user_noise_multiplier * cfg.user_clip,
                                         num_clients=sampled_clients, rng=np.random.default_rng())
+        # Every element within the clipping range C: the server holds every device to it (server/bounds.py:
+        # without SecAgg+ it clips, with SecAgg+ it refuses an aggregate whose mean leaves [-C, C]).
+        bound = cfg.secagg_clipping_range
+        delta = [np.clip(d, -bound, bound).astype(d.dtype) for d in delta]
         # Account first (the noise is spent even if the reply is lost), then save the personal
         # part and the bookkeeping, all BEFORE anything is sent.
         event = self._ledger_event(server_round, privacy, plan)
@@ -220,25 +232,37 @@ class Device:
         return self.data.num_train
 
     def _ledger_event(self, server_round: int, privacy: Mechanism, plan: DPPlan | None) -> PrivacyEvent:
-        """Append this round's privacy event to the on-device ledger (before anything is sent)."""
+        """Append this round's privacy event to the on-device ledger (before anything is sent).
+
+        A round this device already spent (the server crashed before checkpointing it and
+        runs it again) is charged again, as a further attempt: the noise was spent both times."""
         cfg = self.cfg
+        attempt = 1 + sum(e.round == server_round for e in self.ledger.events())
         if isinstance(privacy, RecordDP) and plan is not None:
+            if any((s, q) != (plan.noise_multiplier, plan.sample_rate) for s, q, _ in privacy.spent):
+                raise RuntimeError(f"DP steps taken at {privacy.spent}, not at the planned (σ, q) of {plan}")
+            steps = sum(n for _, _, n in privacy.spent)
             event = PrivacyEvent(
                 round=server_round, unit="record", mechanism="DP-SGD (Opacus, Poisson sampling, Gaussian)",
                 noise_multiplier=plan.noise_multiplier, clip=cfg.dp_clip, sample_rate=plan.sample_rate,
-                steps=sum(n for _, _, n in privacy.spent), delta=cfg.dp_delta,
-                epsilon=epsilon(privacy.history, delta=cfg.dp_delta, accountant=cfg.dp_accountant),
-                accountant=cfg.dp_accountant, private=True)
-            self.ledger.append(event, privacy.history)
+                steps=steps, delta=cfg.dp_delta,
+                epsilon=epsilon(compose(self.ledger.history(), sigma=plan.noise_multiplier,
+                                        sample_rate=plan.sample_rate, steps=steps),
+                                delta=cfg.dp_delta, accountant=cfg.dp_accountant),
+                accountant=cfg.dp_accountant, private=True, attempt=attempt)
         else:
             event = PrivacyEvent(round=server_round, unit="record", mechanism="none", noise_multiplier=0.0,
                                  clip=0.0, sample_rate=0.0, steps=0, delta=cfg.dp_delta, epsilon=math.inf,
-                                 accountant="none", private=False)
-            self.ledger.append(event, self.ledger.history())
+                                 accountant="none", private=False, attempt=attempt)
+        self.ledger.append(event)
         return event
 
     def evaluate(self, shared: list[np.ndarray]) -> dict[str, object]:
         """Held-out metrics of base, shared-only, shared+personal and local-only models."""
+        with exclusive(self.store.dir, what="device state-dir"):
+            return self._evaluate(shared)
+
+    def _evaluate(self, shared: list[np.ndarray]) -> dict[str, object]:
         held = self.data.heldout
         out: dict[str, object] = {"client-index": self.client_index, "num-heldout": int(held.shape[0]),
                                   **self._skipped()}

@@ -48,7 +48,9 @@ def simulate(
     flags = {"data-dir": data_dir, "data": "dir" if data_dir else None, "base-model": base_model,
              "num-users": num_users, "num-server-rounds": rounds, "preset": preset, "run-dir": run_dir}
     cfg = RunConfig.from_mapping(_overrides(config, set_, flags))
-    run(cfg, fresh=fresh, console=console)
+    summary = run(cfg, fresh=fresh, console=console)
+    if summary["ended-short"] or summary["out-of-bounds-rounds"]:  # results exist, but not the run asked for
+        raise typer.Exit(3)
 
 
 @cli.command()

@@ -18,6 +18,7 @@ from server.app import build_app as build_server_app
 from server.plots import plot_run
 from server.summary import print_summary
 from shared.config import RunConfig
+from shared.locking import exclusive
 from shared.population import ensure_population, state_dir
 from shared.store import DeviceStore
 from shared.tasks import get_task
@@ -64,24 +65,25 @@ def simulate(cfg: RunConfig, *, fresh: bool = False, console: Console | None = N
     ``client_mods``: (outer, inner) mods around the SecAgg+ mod of every device (tests only).
     """
     console = console or Console()
-    users = ensure_population(cfg)
-    console.print(f"[bold]{len(users)} users[/] ({cfg.data}) task={cfg.task} preset={cfg.preset} "
-                  f"rounds={cfg.num_server_rounds} run-dir={cfg.run_dir}")
-    base = get_task(cfg.task).base_model_path(cfg)  # pre-train and cache once, before any device starts
-    console.print(f"base model: {base}")
-    if prepare_run_dir(cfg, fresh=fresh):
-        console.print("resuming from the newest checkpoint in the run dir (use --fresh to start over)")
-    overrides = cfg.to_toml_dict()
-    os.environ.setdefault("RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO", "0")  # silence a Ray FutureWarning
-    backend = {"client_resources": {"num_cpus": cfg.client_cpus, "num_gpus": 0.0},
-               "init_args": {"num_cpus": os.cpu_count() or 1, "include_dashboard": False}}
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", DeprecationWarning)
-        from flwr.simulation import run_simulation
+    with exclusive(Path(cfg.run_dir), what="run folder"):  # a second run on this folder stops here, at once
+        users = ensure_population(cfg)
+        console.print(f"[bold]{len(users)} users[/] ({cfg.data}) task={cfg.task} preset={cfg.preset} "
+                      f"rounds={cfg.num_server_rounds} run-dir={cfg.run_dir}")
+        base = get_task(cfg.task).base_model_path(cfg)  # pre-train and cache once, before any device starts
+        console.print(f"base model: {base}")
+        if prepare_run_dir(cfg, fresh=fresh):
+            console.print("resuming from the newest checkpoint in the run dir (use --fresh to start over)")
+        overrides = cfg.to_toml_dict()
+        os.environ.setdefault("RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO", "0")  # silence a Ray FutureWarning
+        backend = {"client_resources": {"num_cpus": cfg.client_cpus, "num_gpus": 0.0},
+                   "init_args": {"num_cpus": os.cpu_count() or 1, "include_dashboard": False}}
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", DeprecationWarning)
+            from flwr.simulation import run_simulation
 
-        client_app = build_client_app(overrides, mods=client_mods[0], inner_mods=client_mods[1])
-        run_simulation(server_app=build_server_app(overrides), client_app=client_app,
-                       num_supernodes=len(users), backend_config=backend)
-    plot_run(Path(cfg.run_dir))
-    collect_reports(cfg, users)
-    return print_summary(Path(cfg.run_dir), names={i: u.name for i, u in enumerate(users)}, console=console)
+            client_app = build_client_app(overrides, mods=client_mods[0], inner_mods=client_mods[1])
+            run_simulation(server_app=build_server_app(overrides, fail_short=False), client_app=client_app,
+                           num_supernodes=len(users), backend_config=backend)
+        plot_run(Path(cfg.run_dir))
+        collect_reports(cfg, users)
+        return print_summary(Path(cfg.run_dir), names={i: u.name for i, u in enumerate(users)}, console=console)

@@ -13,14 +13,20 @@ from server.federation import run_server
 from shared.config import RunConfig
 
 
-def build_app(overrides: Mapping[str, Any] | None = None) -> ServerApp:
-    """A ServerApp; ``overrides`` (TOML keys) win over Flower's run config (used by ``fedpgen``)."""
+def build_app(overrides: Mapping[str, Any] | None = None, *, fail_short: bool = True) -> ServerApp:
+    """A ServerApp; ``overrides`` (TOML keys) win over Flower's run config (used by ``fedpgen``).
+
+    ``fail_short``: a run that ends before its planned rounds (budgets spent) or refused an
+    out-of-bounds round fails (``fedpgen simulate`` reports it itself, after the summary)."""
     app = ServerApp()
 
     @app.main()
     def main(grid: Grid, context: Context) -> None:
         cfg = RunConfig.from_mapping({**dict(context.run_config), **dict(overrides or {})})
-        run_server(grid, context, cfg)
+        strategy = run_server(grid, context, cfg)
+        if fail_short and (strategy.stopped or strategy.refused_rounds):
+            raise RuntimeError(f"the run ended short of its plan: {strategy.stopped or ''} "
+                               f"refused rounds {strategy.refused_rounds}")
 
     return app
 

@@ -17,6 +17,7 @@ from server.secure_aggregation import LoudSecAggPlus
 from server.strategy import SharedDeltaStrategy
 from shared.adapters import get_arrays
 from shared.config import RunConfig
+from shared.locking import exclusive
 from shared.model import build_model
 
 log = logging.getLogger(__name__)
@@ -36,6 +37,12 @@ def make_strategy(cfg: RunConfig) -> SharedDeltaStrategy:
 
 
 def run_server(grid: Grid, context: Context, cfg: RunConfig) -> SharedDeltaStrategy:
+    """The whole federation, holding the run folder exclusively (one run per folder, shared/locking.py)."""
+    with exclusive(Path(cfg.run_dir), what="run folder"):
+        return _run(grid, context, cfg)
+
+
+def _run(grid: Grid, context: Context, cfg: RunConfig) -> SharedDeltaStrategy:
     strategy = make_strategy(cfg)
     remaining = max(1, cfg.num_server_rounds - strategy.completed)
     legacy = LegacyContext(context=context, strategy=strategy,

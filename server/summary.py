@@ -25,6 +25,21 @@ def epsilon_by_client(run_dir: Path) -> dict[int, float]:
     return out
 
 
+def final_round(run_dir: Path) -> int:
+    """The round of the newest checkpoint: how far the shared base really got (0: not at all)."""
+    names = (p.name for p in (Path(run_dir) / "checkpoints").glob("round_*.safetensors"))
+    return max((int(n[len("round_"):-len(".safetensors")]) for n in names), default=0)
+
+
+def ended_short(final: int, planned: int, rounds: list[dict[str, Any]]) -> str:
+    """Why the shared base stopped before its planned rounds, or ``""`` if it did not."""
+    if final >= planned:
+        return ""
+    why = next((r["stopped"] for r in reversed(rounds) if r.get("stopped")), "")
+    return (f"training stopped early: the shared base reached round {final} of {planned}"
+            + (f" ({why})" if why else ""))
+
+
 def privacy_lines(run_dir: Path, rounds: list[dict[str, Any]]) -> list[str]:
     """What this run protects, said plainly."""
     cfg = json.loads((Path(run_dir) / "config.json").read_text())
@@ -53,6 +68,13 @@ def privacy_lines(run_dir: Path, rounds: list[dict[str, Any]]) -> list[str]:
     if exhausted:
         lines.append(f"{exhausted} devices refused to train once their ε budget was spent")
     lines += [r["stopped"] for r in rounds if r.get("stopped")]
+    lines += [f"round {r['round']} REFUSED (shared base unchanged, no checkpoint): {r['out-of-bounds']}"
+              for r in rounds if r.get("out-of-bounds")]
+    retried = sorted({int(r["round"]) for r in read_jsonl(Path(run_dir) / "client_rounds.jsonl")
+                      if int(r.get("dp-attempt", 1)) > 1})
+    if retried:
+        lines.append(f"rounds {retried} were run again after an interruption; devices that had already spent "
+                     "them were charged again (their ledgers record the retry)")
     return lines
 
 
@@ -80,12 +102,17 @@ def summarize(run_dir: Path) -> dict[str, Any]:
         return statistics.median(float(c[key]) for c in clients)
 
     all_rounds = read_jsonl(Path(run_dir) / "rounds.jsonl")
+    final, planned = final_round(run_dir), int(cfg["num-server-rounds"])
     summary = {
         "task": task.name,
         "primary-metric": p,
         "higher-is-better": task.higher_is_better,
         "clients": len(clients),
         "rounds": len(rounds),
+        "final-round": final,
+        "planned-rounds": planned,
+        "ended-short": ended_short(final, planned, all_rounds),
+        "out-of-bounds-rounds": sorted({int(r["round"]) for r in all_rounds if r.get("out-of-bounds")}),
         **{f"median-{m}": {v: med(f"{v}-{m}") for v in VARIANTS} for m in task.metric_names
            if all(f"{v}-{m}" in c for c in clients for v in VARIANTS)},
         "personal-beats-shared": sum(task.better(c[f"personal-{p}"], c[f"shared-{p}"]) for c in clients),
@@ -147,6 +174,8 @@ def print_summary(run_dir: Path, names: dict[int, str] | None = None, console: C
         console.print(f"[bold yellow]{summary['refused'][NO_USABLE_DATA]} devices had no usable data "
                       "(empty or unusable logs/documents) and refused to take part")
     for line in summary["privacy"]:
-        style = "bold red" if line.startswith(("NOT PRIVATE", "NO secure")) else "bold green"
+        style = "bold red" if line.startswith(("NOT PRIVATE", "NO secure")) or "REFUSED" in line else "bold green"
         console.print(f"[{style}]{line}")
+    if summary["ended-short"]:
+        console.print(f"[bold red]{summary['ended-short']}")
     return summary

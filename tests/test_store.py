@@ -65,7 +65,7 @@ def test_ledger_edits_removals_and_swaps_are_detected(tmp_path: Path, attack: st
     for r in (1, 2, 3):
         event = PrivacyEvent(round=r, unit="record", mechanism="m", noise_multiplier=1.0, clip=1.0, sample_rate=0.1,
                              steps=5, delta=1e-5, epsilon=float(r), accountant="prv", private=True)
-        ledger.append(event, [(1.0, 0.1, 5 * r)])
+        ledger.append(event)
     assert [e.round for e in ledger.events()] == [1, 2, 3]
     path = tmp_path / "ledger.jsonl.sealed"
     lines = path.read_text().splitlines()
@@ -119,7 +119,7 @@ def test_the_ledger_command_verifies_and_prints_and_refuses_tampering(tmp_path: 
     for r in (1, 2):
         ledger.append(PrivacyEvent(round=r, unit="record", mechanism="DP-SGD", noise_multiplier=1.2, clip=1.0,
                                    sample_rate=0.25, steps=15, delta=1e-5, epsilon=2.5 * r, accountant="prv",
-                                   private=True), [(1.2, 0.25, 15 * r)])
+                                   private=True))
     out = CliRunner().invoke(cli, ["ledger", str(tmp_path / "s")], terminal_width=200)
     assert out.exit_code == 0 and "chain verified" in out.output and "5.000" in out.output
     lines = (tmp_path / "s" / "ledger.jsonl.sealed").read_text().splitlines()

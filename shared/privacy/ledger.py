@@ -1,10 +1,13 @@
 """The privacy ledger: immutable events, appended to a file on the device, never rewritten.
 
-The accountant's state (its history) is persisted beside it and resumed every round, so
-the ε a device reports after k rounds is that of one accountant that saw all k rounds.
-Both are sealed (``shared/sealing.py``): each ledger line is encrypted and chained to the
-previous one, and the accountant state records how many events there are, so an edited,
-removed, reordered or truncated event is detected. ``fedpgen ledger STATE_DIR`` prints it.
+The accountant's state (its history of (σ, q, steps)) is *derived from the events*, never
+kept apart from them, so the ε a device reports after k rounds is that of one accountant
+that saw every event, and ledger and accountant cannot disagree (a lost update in a
+separate file once let a budget be overspent). Sealed (``shared/sealing.py``): each ledger
+line is encrypted and chained to the previous one, and ``accountant.json`` records how many
+events there are, so an edited, removed, reordered or truncated event is detected.
+``fedpgen ledger STATE_DIR`` prints it. The state-dir's writer holds it exclusively
+(``shared/locking.py``).
 """
 
 from __future__ import annotations
@@ -14,7 +17,7 @@ import json
 import os
 from typing import Any
 
-from shared.privacy.accounting import History
+from shared.privacy.accounting import History, compose
 from shared.sealing import TamperedStateError
 from shared.store import SealedFiles
 
@@ -32,12 +35,13 @@ class PrivacyEvent:
     epsilon: float       # cumulative, after this event
     accountant: str
     private: bool        # False when σ = 0: the run is NOT PRIVATE
+    attempt: int = 1     # 2+: this round was spent before (a retry after a crash); charged again
 
     def wire(self) -> dict[str, float | int | str]:
         """The plaintext metadata the server receives for this event (listed in shared/wire.py)."""
         return {"dp-epsilon": self.epsilon, "dp-delta": self.delta, "dp-sigma": self.noise_multiplier,
                 "dp-clip": self.clip, "dp-sample-rate": self.sample_rate, "dp-steps": self.steps,
-                "dp-accountant": self.accountant}
+                "dp-accountant": self.accountant, "dp-attempt": self.attempt}
 
 
 class PrivacyLedger(SealedFiles):
@@ -63,8 +67,8 @@ class PrivacyLedger(SealedFiles):
                                      f"records {recorded} (events removed or a file rolled back)")
         return events
 
-    def append(self, event: PrivacyEvent, history: History) -> None:
-        """Append ``event`` (flushed and fsynced) and persist the accountant history it results from."""
+    def append(self, event: PrivacyEvent) -> None:
+        """Append ``event`` (flushed and fsynced), then record the new event count."""
         lines = self._lines()
         self.events()  # verify the chain before extending it
         line = self.sealer.seal_line(self.EVENTS, lines[-1] if lines else "",
@@ -73,13 +77,15 @@ class PrivacyLedger(SealedFiles):
             fh.write(line + "\n")
             fh.flush()
             os.fsync(fh.fileno())
-        self.write_json(self.STATE, {"history": history, "events": len(lines) + 1})
+        self.write_json(self.STATE, {"events": len(lines) + 1})
 
     def history(self) -> History:
-        state = self.read_json(self.STATE)
-        if not state:
-            return []
-        return [(float(s), float(q), int(n)) for s, q, n in state["history"]]
+        """The accountant's history, composed from the private events (a pure function of the ledger)."""
+        history: History = []
+        for e in self.events():
+            if e.private:
+                history = compose(history, sigma=e.noise_multiplier, sample_rate=e.sample_rate, steps=e.steps)
+        return history
 
     def plan(self) -> dict[str, Any]:
         return self.read_json(self.PLAN) or {}
