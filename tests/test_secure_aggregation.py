@@ -11,7 +11,7 @@ import pytest
 import ray.cloudpickle
 from flwr.app import Context, Message
 from flwr.clientapp.typing import ClientAppCallable
-from flwr.common import bytes_to_ndarray, parameters_to_ndarrays
+from flwr.common import bytes_to_ndarray, ndarray_to_bytes, parameters_to_ndarrays
 from flwr.common.secure_aggregation.quantization import dequantize
 from flwr.common.secure_aggregation.secaggplus_constants import RECORD_KEY_CONFIGS, Key, Stage
 from flwr.compat.common import recorddict_compat as compat
@@ -182,3 +182,51 @@ def test_devices_out_of_budget_refuse_inside_secagg_and_training_stops_cleanly(m
         if device_dir.is_dir():
             events = PrivacyLedger(device_dir).events()
             assert len(events) == 1 and events[0].epsilon <= cfg.dp_epsilon
+
+
+class MaliciousDevice:
+    """A device that tampers with its own masked vector after SecAgg+ built it (what it controls).
+
+    Masks are additive mod 2^32, so what it adds to its masked vector is added to the unmasked
+    sum. Round 1: its weight level pushed by 2^31 (the total weight Flower divides by is then
+    mostly its own) and its elements shifted by Q/2. Round 2: one array fewer than the schema.
+    """
+
+    def __init__(self, partition: int, modulus: int = 2**32, levels: int = 4194304) -> None:
+        self.partition, self.modulus, self.levels = partition, modulus, levels
+
+    def __call__(self, msg: Message, ctxt: Context, call_next: ClientAppCallable) -> Message:
+        configs = msg.content.config_records.get(RECORD_KEY_CONFIGS) if msg.has_content() else None
+        stage = configs.get(Key.STAGE) if configs is not None else None  # read first: SecAgg+ pops it
+        r = int(compat.recorddict_to_fitins(msg.content, keep_input=True).config["server-round"]) \
+            if stage == Stage.COLLECT_MASKED_VECTORS else 0
+        out = call_next(msg, ctxt)
+        if not r or int(ctxt.node_config["partition-id"]) != self.partition:
+            return out
+        reply = out.content.config_records[RECORD_KEY_CONFIGS]
+        vec = [bytes_to_ndarray(b).astype(np.int64) for b in reply[Key.MASKED_PARAMETERS]]
+        if r == 1:
+            vec = [(vec[0] + 2**31) % self.modulus] + [(v + self.levels // 2) % self.modulus for v in vec[1:]]
+        else:
+            vec = vec[:-1]
+        reply[Key.MASKED_PARAMETERS] = [ndarray_to_bytes(v) for v in vec]
+        return out
+
+
+def test_finding2_a_malicious_device_under_secagg_is_refused_and_the_run_goes_on(make_cfg, tmp_path: Path) -> None:
+    # Prepare: a real SecAgg+ simulation; device 0 tampers with its masked vector in both rounds
+    cfg = make_cfg(num_users=3, num_server_rounds=2, min_fit_clients=2, run_dir=str(tmp_path / "run"))
+    # Execute
+    summary = simulate(cfg, client_mods=([MaliciousDevice(0)], []))
+    # Assert: round 1's aggregate is out of bounds: refused, no checkpoint, named in the summary;
+    # round 2's malformed vector is dropped before the sum (a dropout) and the others aggregate
+    rounds = [json.loads(x) for x in (Path(cfg.run_dir) / "rounds.jsonl").read_text().splitlines()]
+    assert rounds[0]["round"] == 1 and "out of bounds" in rounds[0]["out-of-bounds"]
+    assert rounds[1]["round"] == 2 and rounds[1]["clients"] == 2 and rounds[1]["rejected"] == 1
+    names = sorted(p.name for p in (Path(cfg.run_dir) / "checkpoints").iterdir())
+    assert names == ["round_0002.safetensors"]
+    theta0, theta2 = theta_before_after(cfg)
+    change = max(float(np.abs(b - a).max()) for a, b in zip(theta0, theta2, strict=True))
+    assert 0 < change <= cfg.secagg_clipping_range  # the honest update, within the bound
+    assert summary["out-of-bounds-rounds"] == [1]
+    assert any("round 1 REFUSED" in line for line in summary["privacy"])
