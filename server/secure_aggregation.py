@@ -18,7 +18,7 @@ from collections.abc import Callable, Iterable
 from typing import Any
 
 import numpy as np
-from flwr.app import Context, Message
+from flwr.app import Context, Message, RecordDict
 from flwr.common import bytes_to_ndarray
 from flwr.compat.common import recorddict_compat as compat
 from flwr.common.secure_aggregation.secaggplus_constants import RECORD_KEY_CONFIGS, Key
@@ -60,12 +60,12 @@ def error_bound(*, num_clients: int, weights: list[float], clipping_range: float
     return (num_clients * level + 2.0 * num_clients * max_abs_delta / quantization_range) / total
 
 
-def check_masked_reply(msg: Message, *, shapes: list[tuple[int, ...]], modulus: int, max_weight: float,
+def check_masked_reply(content: RecordDict, *, shapes: list[tuple[int, ...]], modulus: int, max_weight: float,
                        digest: str) -> None:
     """Raise ``ValueError`` unless a collect-stage reply fits the wire schema: the masked vector
     (a weight level, then one integer array per shared name, each in ``[0, modulus)``), the
     declared weight and the metrics. Checked before Flower sums the vectors."""
-    configs = msg.content.config_records.get(RECORD_KEY_CONFIGS)
+    configs = content.config_records.get(RECORD_KEY_CONFIGS)
     raw = configs.get(Key.MASKED_PARAMETERS) if configs is not None else None
     if not isinstance(raw, list) or len(raw) != 1 + len(shapes) or not all(isinstance(b, bytes) for b in raw):
         raise ValueError(f"masked vector of {len(raw) if isinstance(raw, list) else 'no'} arrays, "
@@ -79,7 +79,7 @@ def check_masked_reply(msg: Message, *, shapes: list[tuple[int, ...]], modulus: 
             raise ValueError(f"masked array {i}: {arr.dtype} {tuple(arr.shape)}, schema integers {shape}")
         if arr.size and (int(arr.min()) < 0 or int(arr.max()) >= modulus):
             raise ValueError(f"masked array {i}: values outside [0, {modulus})")
-    fitres = compat.recorddict_to_fitres(msg.content, keep_input=True)
+    fitres = compat.recorddict_to_fitres(content, keep_input=True)
     check_weight(fitres.num_examples, max_weight)
     check_metrics(fitres.metrics, FIT_SCHEMA)
     if fitres.metrics.get("keys-digest") != digest:
@@ -90,7 +90,7 @@ class _CheckedReplies:
     """``grid`` whose collect-stage replies are checked before Flower sums them: a reply that
     does not fit is dropped, so SecAgg+ treats its sender as a dropout and removes its masks."""
 
-    def __init__(self, grid: Grid, check: Callable[[Message], None], on_reject: Callable[[int, str], None]) -> None:
+    def __init__(self, grid: Grid, check: Callable[[RecordDict], None], on_reject: Callable[[int, str], None]) -> None:
         self._grid, self._check, self._on_reject = grid, check, on_reject
 
     def __getattr__(self, name: str) -> Any:
@@ -101,7 +101,7 @@ class _CheckedReplies:
         for msg in self._grid.send_and_receive(messages, timeout=timeout):
             if not msg.has_error():
                 try:
-                    self._check(msg)
+                    self._check(msg.content)
                 except (ValueError, TypeError, KeyError) as exc:
                     self._on_reject(msg.metadata.src_node_id, str(exc))
                     continue
@@ -134,8 +134,8 @@ class _SecAggPlus(SecAggPlusWorkflow):
                                      state: WorkflowState) -> bool:
         strategy = self.strategy
 
-        def check(msg: Message) -> None:
-            check_masked_reply(msg, shapes=strategy.shapes, modulus=self.modulus_range,
+        def check(content: RecordDict) -> None:
+            check_masked_reply(content, shapes=strategy.shapes, modulus=self.modulus_range,
                                max_weight=float(self.max_weight), digest=strategy.digest)
 
         checked = _CheckedReplies(grid, check, strategy.reject_before_sum)
