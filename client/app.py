@@ -19,6 +19,7 @@ from client.device import Device, check_usable, verify_state
 from client.node import node_settings
 from client.secure_aggregation import secagg_when_asked
 from shared.config import RunConfig
+from shared.locking import exclusive
 from shared.privacy.ledger import PrivacyLedger
 from shared.privacy.plan import BudgetExhaustedError, check_stored_budget
 from shared.sealing import TamperedStateError
@@ -85,9 +86,10 @@ def budget_gate(cfg: RunConfig) -> Mod:
             try:
                 sealer = device_sealer(settings.state_dir, settings.key_file)  # one key load for all checks
                 store, ledger = DeviceStore(settings.state_dir, sealer), PrivacyLedger(settings.state_dir, sealer)
-                verify_state(store, ledger)
-                check_stored_budget(cfg, ledger)
-                check_usable(cfg, settings.user_dir, store)
+                with exclusive(settings.state_dir, what="device state-dir"):  # never read half an append
+                    verify_state(store, ledger)
+                    check_stored_budget(cfg, ledger)
+                    check_usable(cfg, settings.user_dir, store)
             except BudgetExhaustedError as exc:  # ε figures only: the documented budget reply
                 raise BudgetExhaustedError(f"{BUDGET_EXHAUSTED} node={node}: {exc}") from None
             except NoUsableDataError as exc:

@@ -128,3 +128,21 @@ def test_the_ledger_command_verifies_and_prints_and_refuses_tampering(tmp_path: 
     assert isinstance(out.exception, TamperedStateError)
     out = CliRunner().invoke(cli, ["ledger", str(tmp_path / "nokey")])
     assert isinstance(out.exception, FileNotFoundError)
+
+
+def test_a_crash_between_a_ledger_line_and_its_count_loses_no_event(tmp_path: Path) -> None:
+    # Prepare: two events, then the count of the second is never written (a crash inside append)
+    ledger = PrivacyLedger(tmp_path)
+
+    def event(r: int) -> PrivacyEvent:
+        return PrivacyEvent(round=r, unit="record", mechanism="m", noise_multiplier=1.0, clip=1.0, sample_rate=0.1,
+                            steps=5, delta=1e-5, epsilon=float(r), accountant="prv", private=True)
+
+    ledger.append(event(1))
+    count_after_one = (tmp_path / "accountant.json.sealed").read_bytes()
+    ledger.append(event(2))
+    (tmp_path / "accountant.json.sealed").write_bytes(count_after_one)
+    # Execute / Assert: the authentic second event stands (it is charged), the next append goes on
+    assert [e.round for e in ledger.events()] == [1, 2] and ledger.history() == [(1.0, 0.1, 10)]
+    ledger.append(event(3))
+    assert [e.round for e in PrivacyLedger(tmp_path).events()] == [1, 2, 3]
