@@ -10,6 +10,8 @@ import pytest
 
 # Each test session shares one tiny pre-trained base (cached by its settings).
 os.environ.setdefault("FEDPGEN_CACHE", str(Path(__file__).resolve().parent.parent / ".fedpgen-cache"))
+# Hypothesis caches constants of the code under test from collection on: keep it in that cache too.
+os.environ.setdefault("HYPOTHESIS_STORAGE_DIRECTORY", str(Path(os.environ["FEDPGEN_CACHE"]) / "hypothesis"))
 
 from shared.config import RunConfig  # noqa: E402
 

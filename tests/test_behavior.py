@@ -12,6 +12,7 @@ import torch
 
 from client.device import Device
 from shared.data.behavior_log import CATALOG_FILE, read_catalog, read_log
+from shared.data.safe_read import LOG_MAX_BYTES
 from shared.tasks import NoUsableDataError, get_task
 from shared.tasks.behavior import BehaviorTask, Layout
 
@@ -50,6 +51,55 @@ def test_empty_missing_and_undecodable_logs_are_counted(tmp_path: Path) -> None:
     (tmp_path / "bin").mkdir()
     (tmp_path / "bin" / "behavior.jsonl").write_bytes(b"\xff\xfe\x00\x01")
     assert read_log(tmp_path / "bin", {"a": 0}) == ([], {"unreadable-file": 1, "empty-log": 1})
+
+
+def test_an_infinite_timestamp_does_not_mark_every_later_event_out_of_order(tmp_path: Path) -> None:
+    # Prepare: one event stamped with the string "Infinity" between good ones
+    lines = [event("a", 10), json.dumps({"item": "b", "ts": "Infinity"}), event("b", 20), event("c", 30)]
+    write_lines(tmp_path / "u", lines)
+    # Execute
+    items, skipped = read_log(tmp_path / "u", {"a": 0, "b": 1, "c": 2})
+    # Assert
+    assert (items, skipped) == ([0, 1, 2], {"malformed-line": 1})
+
+
+def test_timestamps_must_be_finite_json_numbers_and_items_strings(tmp_path: Path) -> None:
+    # Prepare: a numeric string, the NaN / Infinity literals, an overflowing float, a bool, a null
+    # timestamp, an int item id; between two good events
+    bad = ['{"item": "a", "ts": "1700000000"}', '{"item": "a", "ts": Infinity}', '{"item": "a", "ts": NaN}',
+           '{"item": "a", "ts": 1e400}', '{"item": "a", "ts": true}', '{"item": "a", "ts": null}',
+           '{"item": 7, "ts": 15}', '{"item": "a", "ts": 1' + "0" * 400 + "}"]
+    write_lines(tmp_path / "u", [event("a", 10), *bad, event("b", 20)])
+    # Execute
+    items, skipped = read_log(tmp_path / "u", {"a": 0, "b": 1, "7": 2})
+    # Assert
+    assert (items, skipped) == ([0, 1], {"malformed-line": len(bad)})
+
+
+def test_a_deeply_nested_log_line_is_malformed_not_a_crash(tmp_path: Path) -> None:
+    # Prepare
+    write_lines(tmp_path / "u", [event("a", 10), "[" * 100_000 + "]" * 100_000, event("b", 20)])
+    # Execute
+    items, skipped = read_log(tmp_path / "u", {"a": 0, "b": 1})
+    # Assert
+    assert (items, skipped) == ([0, 1], {"malformed-line": 1})
+
+
+def test_a_symlinked_empty_or_oversized_log_is_counted_not_read(tmp_path: Path) -> None:
+    # Prepare: a good log outside the user folders, linked in; a zero-byte log; a sparse log over the cap
+    write_lines(tmp_path / "outside", [event("a", 10), event("b", 20)])
+    (tmp_path / "link").mkdir()
+    (tmp_path / "link" / "behavior.jsonl").symlink_to(tmp_path / "outside" / "behavior.jsonl")
+    (tmp_path / "zero").mkdir()
+    (tmp_path / "zero" / "behavior.jsonl").write_bytes(b"")
+    (tmp_path / "big").mkdir()
+    with open(tmp_path / "big" / "behavior.jsonl", "wb") as f:
+        f.truncate(LOG_MAX_BYTES + 1)
+    index = {"a": 0, "b": 1}
+    # Execute, Assert
+    assert read_log(tmp_path / "link", index) == ([], {"symlink": 1, "empty-log": 1})
+    assert read_log(tmp_path / "zero", index) == ([], {"empty-file": 1, "empty-log": 1})
+    assert read_log(tmp_path / "big", index) == ([], {"too-large": 1, "empty-log": 1})
 
 
 def test_an_empty_log_is_no_usable_data_and_bad_lines_reach_the_report(make_cfg, tmp_path: Path) -> None:

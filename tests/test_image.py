@@ -13,10 +13,10 @@ from PIL import Image
 
 from client.device import REPORT, Device
 from shared.data import procedural_faces as faces
-from shared.data.photos import read_photos
+from shared.data.photos import read_photos, write_photos
 from shared.population import ensure_population
 from shared.tasks import NoUsableDataError
-from shared.tasks.image import LABEL_WIDTH, PIXELS, edit_hair_token, pack, unpack
+from shared.tasks.image import LABEL_WIDTH, PIXELS, edit_hair_token, pack, subject_slots, unpack
 from shared.tasks.image_model import attribute_tokens
 from shared.training import mean_loss
 
@@ -38,12 +38,47 @@ def test_bad_photos_are_skipped_and_counted_by_reason(tmp_path: Path) -> None:
     (tmp_path / "subjects" / "rex").mkdir(parents=True)
     Image.fromarray(np.zeros((64, 48, 3), np.uint8)).save(tmp_path / "subjects" / "rex" / "a.jpg")
     # Execute
-    groups, skipped = read_photos(tmp_path, faces.SIZE)
+    face, subjects, skipped = read_photos(tmp_path, faces.SIZE)
     # Assert
-    assert len(groups["face"]) == 2 and len(groups["rex"]) == 1
-    assert groups["rex"][0].shape == (faces.SIZE, faces.SIZE, 3)
-    np.testing.assert_array_equal(groups["face"][0], good)  # already 32x32: no resampling
+    assert len(face) == 2 and len(subjects["rex"]) == 1
+    assert subjects["rex"][0].shape == (faces.SIZE, faces.SIZE, 3)
+    np.testing.assert_array_equal(face[0], good)  # already 32x32: no resampling
     assert skipped == {"not-an-image": 1, "tiny-image": 1, "unreadable-file": 1, "huge-image": 1}
+
+
+def test_a_subject_folder_named_face_never_replaces_the_users_faces(tmp_path: Path) -> None:
+    # Prepare: two face photos, and a subject folder that happens to be called "face"
+    rng = np.random.default_rng(0)
+    own = [faces.render(faces.random_identity(rng), rng) for _ in range(2)]
+    write_photos(tmp_path / "faces", own)
+    write_photos(tmp_path / "subjects" / "face", [np.zeros((32, 32, 3), np.uint8)])
+    # Execute
+    face, subjects, skipped = read_photos(tmp_path, faces.SIZE)
+    # Assert: the faces are the user's; "face" is a subject like any other and gets a slot
+    assert len(face) == 2 and all(np.array_equal(a, b) for a, b in zip(face, own, strict=True))
+    assert list(subjects) == ["face"] and len(subjects["face"]) == 1 and skipped == {}
+    assert subject_slots(subjects, {}) == {"face": 1}
+
+
+def test_symlinked_and_empty_photos_are_counted_not_read(tmp_path: Path) -> None:
+    # Prepare: a photo outside the folder linked in, a symlinked faces folder elsewhere,
+    # a symlinked subject folder, a zero-byte photo
+    rng = np.random.default_rng(0)
+    write_photos(tmp_path / "outside", [faces.render(faces.random_identity(rng), rng) for _ in range(2)])
+    user = tmp_path / "user"
+    write_photos(user / "faces", [faces.render(faces.random_identity(rng), rng)])
+    (user / "faces" / "linked.png").symlink_to(tmp_path / "outside" / "0000.png")
+    (user / "faces" / "zero.png").write_bytes(b"")
+    (user / "subjects").mkdir()
+    (user / "subjects" / "rex").symlink_to(tmp_path / "outside", target_is_directory=True)
+    other = tmp_path / "other"
+    other.mkdir()
+    (other / "faces").symlink_to(tmp_path / "outside", target_is_directory=True)
+    # Execute
+    face, subjects, skipped = read_photos(user, faces.SIZE)
+    # Assert
+    assert len(face) == 1 and subjects == {} and skipped == {"symlink": 2, "empty-file": 1}
+    assert read_photos(other, faces.SIZE) == ([], {}, {"symlink": 1})
 
 
 def test_an_edit_always_asks_for_another_hair_colour() -> None:

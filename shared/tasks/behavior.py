@@ -20,6 +20,7 @@ import hashlib
 import json
 import logging
 import time
+from collections import Counter
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -29,6 +30,7 @@ from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
 
 from shared.data import synthetic_behavior as synth
 from shared.data.behavior_log import CATALOG_FILE, read_catalog, read_log, write_catalog, write_log
+from shared.data.safe_read import UserBudget
 from shared.data.user_folder import read_profile
 from shared.tasks.base import NoUsableDataError, Task, UserData
 from shared.tasks.cache import MARKER, ensure_built
@@ -153,10 +155,10 @@ class BehaviorTask(Task):
         if layout.seq_len != cfg.seq_len:
             raise ValueError(f"config 'seq-len': {cfg.seq_len} but the behavior base was built for {layout.seq_len}")
         index = {item: i for i, item in enumerate(read_catalog(base_path / CATALOG_FILE))}
-        items, skipped = read_log(Path(user_dir), index)
-        profile, bad_profile = read_profile(Path(user_dir))
-        if bad_profile:
-            skipped["malformed-profile"] = bad_profile
+        budget = UserBudget()  # one cap for all of this user's files, the profile read first
+        profile, skipped = read_profile(Path(user_dir), budget=budget)
+        items, log_skipped = read_log(Path(user_dir), index, budget=budget)
+        skipped = dict(Counter(skipped) + Counter(log_skipped))
         n_held = max(1, round(len(items) * cfg.heldout_fraction))
         n_val = round((len(items) - n_held) * cfg.val_fraction)
         n_train = len(items) - n_held - n_val

@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import io
 import json
+from collections import Counter
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -37,6 +38,7 @@ from safetensors.torch import load_file
 
 from shared.data import procedural_faces as faces
 from shared.data.photos import read_photos, write_photos
+from shared.data.safe_read import UserBudget
 from shared.data.user_folder import read_profile
 from shared.tasks.base import NoUsableDataError, Task, UserData
 from shared.tasks.image_base import (cached_encoder_quality, ensure_encoder, ensure_unet, load_encoder, scheduler,
@@ -128,16 +130,15 @@ class ImageTask(Task):
 
     def read_user(self, user_dir: Path, cfg: RunConfig, *, base_path: Path,
                   bindings: dict[str, Any] | None = None) -> UserData:
-        groups, skipped = read_photos(Path(user_dir), faces.SIZE)
-        profile, bad_profile = read_profile(Path(user_dir))
-        if bad_profile:
-            skipped["malformed-profile"] = bad_profile
-        face = groups.pop("face", [])
+        budget = UserBudget()  # one cap for all of this user's files, the profile read first
+        profile, skipped = read_profile(Path(user_dir), budget=budget)
+        face, subjects, photo_skipped = read_photos(Path(user_dir), faces.SIZE, budget=budget)
+        skipped = dict(Counter(skipped) + Counter(photo_skipped))
         if len(face) < 3:
             raise NoUsableDataError(f"user {Path(user_dir).name}: {len(face)} usable face photos (need >= 3); "
                                     f"skipped {skipped or 'nothing'}")
-        slots = subject_slots(groups, (bindings or {}).get("subject-slots", {}))
-        if extra := [name for name in groups if name not in slots]:
+        slots = subject_slots(subjects, (bindings or {}).get("subject-slots", {}))
+        if extra := [name for name in subjects if name not in slots]:
             skipped["extra-subject"] = len(extra)
         n_held = max(1, round(len(face) * cfg.heldout_fraction))
         n_val = round((len(face) - n_held) * cfg.val_fraction)
@@ -145,8 +146,8 @@ class ImageTask(Task):
         attrs = attribute_tokens(profile)
         train = [pack(face[:n_train], 0, attrs)]
         for name, slot in slots.items():
-            if name in groups:  # a trained subject without usable photos now keeps its slot, unused
-                train.append(pack(groups[name], slot, [0] * len(ATTR_KEYS)))
+            if name in subjects:  # a trained subject without usable photos now keeps its slot, unused
+                train.append(pack(subjects[name], slot, [0] * len(ATTR_KEYS)))
         val = pack(face[n_train : n_train + n_val], 0, attrs) if n_val else torch.zeros(0, PIXELS + 1 + len(attrs))
         return UserData(train=torch.cat(train), val=val, heldout=pack(face[n_train + n_val :], 0, attrs),
                         skipped=skipped, bindings={"subject-slots": slots})
@@ -268,15 +269,17 @@ def edit_hair_token(token: int) -> int:
     return hair[(hair.index(token) + 1) % len(hair)] if token in hair else hair[0]
 
 
-def subject_slots(groups: dict[str, list[np.ndarray]], kept: dict[str, int]) -> dict[str, int]:
+def subject_slots(subjects: dict[str, list[np.ndarray]], kept: dict[str, int]) -> dict[str, int]:
     """The subject-token slot of each subject with usable photos (slot 0 is the face).
 
-    ``kept``: the map this device trained with so far; its subjects keep their slots (even
-    when their photos are gone for now), so a new folder never takes over a trained token.
-    New subjects take the free slots in name order; the rest are extra (counted, unused)."""
+    ``subjects``: the user's subjects by folder name (any name, ``face`` included: the faces
+    are read apart). ``kept``: the map this device trained with so far; its subjects keep
+    their slots (even when their photos are gone for now), so a new folder never takes over a
+    trained token. New subjects take the free slots in name order; the rest are extra
+    (counted, unused)."""
     slots = {name: int(slot) for name, slot in kept.items()}
     free = [s for s in range(1, NUM_SLOTS) if s not in slots.values()]
-    for name in sorted(n for n in groups if n != "face" and n not in slots)[: len(free)]:
+    for name in sorted(n for n in subjects if n not in slots)[: len(free)]:
         slots[name] = free.pop(0)
     return slots
 

@@ -1,15 +1,18 @@
 """documents -> text: personalized writing in the user's style with a causal LM.
 
 Records are fixed-length windows of a user's documents (``seq-len`` tokens, the last
-window of a document padded with ``pad_id``, which the loss masks). The split is done on
-the device, deterministically per user: held-out first, then validation for early
-stopping of the personal part; held-out records are never trained on.
+window of a document padded with ``pad_id``, which the loss masks), each starting with the
+user's profile line, cut to a quarter of the record (``profile_prefix``; generation starts
+with the same prefix). The split is done on the device, deterministically per user:
+held-out first, then validation for early stopping of the personal part; held-out records
+are never trained on.
 """
 
 from __future__ import annotations
 
 import hashlib
 import math
+from collections import Counter
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -18,16 +21,18 @@ import torch.nn.functional as F
 from transformers import AutoModelForCausalLM
 
 from shared.data import shakespeare, synthetic_text
+from shared.data.safe_read import UserBudget
 from shared.data.user_folder import read_documents, read_profile, write_user
 from shared.tasks.base import NoUsableDataError, Task, UserData
 from shared.tasks.text_base import ensure_base
-from shared.tasks.text_tokenizer import load_tokenizer
+from shared.tasks.text_tokenizer import Tokenizer, load_tokenizer
 
 if TYPE_CHECKING:
     from shared.config import RunConfig
 
 _MIN_RECORD_TOKENS = 8
 EVAL_BATCH = 64
+PROFILE_SHARE = 4  # the profile prefix takes at most 1/PROFILE_SHARE of a record's tokens
 
 
 def split_records(records: torch.Tensor, *, key: str, heldout: float, val: float) -> tuple[torch.Tensor, ...]:
@@ -47,6 +52,7 @@ class TextTask(Task):
     metric_names = ("ppl", "acc")
     primary, higher_is_better, primary_label = "ppl", False, "held-out perplexity"
     pad_id = -1  # set by load_base from the checkpoint's tokenizer
+    seq_len = 0  # set by read_user: generation cuts the profile prefix as the records did
 
     def base_model_path(self, cfg: RunConfig) -> Path:
         if cfg.base_model:
@@ -73,24 +79,30 @@ class TextTask(Task):
 
     def read_user(self, user_dir: Path, cfg: RunConfig, *, base_path: Path,
                   bindings: dict[str, Any] | None = None) -> UserData:
-        texts, skipped = read_documents(user_dir)
-        profile, bad_profile = read_profile(user_dir)
+        budget = UserBudget()  # one cap for all of this user's files, the profile read first
+        profile, skipped = read_profile(user_dir, budget=budget)
+        texts, doc_skipped = read_documents(user_dir, budget=budget)
+        counts = Counter(skipped) + Counter(doc_skipped)
         tok = load_tokenizer(base_path)
-        prefix = tok.encode(profile_line(profile))
+        self.seq_len = cfg.seq_len
+        prefix, cut = profile_prefix(tok, profile, cfg.seq_len)
+        if cut:
+            counts["truncated-profile"] += 1
+        text_len = cfg.seq_len - len(prefix)  # >= 3/4 of the record: the prefix is cut to fit
         windows: list[list[int]] = []
         for text in texts:
             ids = tok.encode(text)
-            for start in range(0, len(ids), cfg.seq_len - len(prefix)):
-                chunk = (prefix + ids[start : start + cfg.seq_len - len(prefix)])[: cfg.seq_len]
+            for start in range(0, len(ids), text_len):
+                chunk = prefix + ids[start : start + text_len]
                 if len(chunk) - len(prefix) >= _MIN_RECORD_TOKENS:
                     windows.append(chunk + [tok.pad_id] * (cfg.seq_len - len(chunk)))
         if len(windows) < 3:
-            raise NoUsableDataError(f"user {user_dir.name}: {len(windows)} usable records (need >= 3)")
+            raise NoUsableDataError(f"user {user_dir.name}: {len(windows)} usable records (need >= 3); "
+                                    f"skipped {dict(counts) or 'nothing'}")
         records = torch.tensor(windows, dtype=torch.long)
         train, val, held = split_records(records, key=user_dir.name, heldout=cfg.heldout_fraction,
                                          val=cfg.val_fraction)
-        counts = {"unreadable-file": skipped, "malformed-profile": bad_profile}
-        return UserData(train=train, val=val, heldout=held, skipped={k: v for k, v in counts.items() if v})
+        return UserData(train=train, val=val, heldout=held, skipped=dict(counts))
 
     def _token_losses(self, model: torch.nn.Module, batch: torch.Tensor) -> tuple[torch.Tensor, ...]:
         logits = model(input_ids=batch).logits[:, :-1]
@@ -118,11 +130,15 @@ class TextTask(Task):
 
     @torch.no_grad()
     def generate(self, model: torch.nn.Module, base_path: Path, prompt: str, **kwargs: Any) -> str:
-        """Continue ``prompt``, conditioned like training on the user's profile (``kwargs['profile']``)."""
+        """Continue ``prompt``, conditioned like training on the user's profile (``kwargs['profile']``,
+        cut to the records' prefix budget: ``kwargs['seq_len']``, else the seq-len ``read_user`` used)."""
         tok = load_tokenizer(base_path)
         if not prompt:
             raise ValueError("text generation needs a prompt: the start of the text to continue")
-        prefix = tok.encode(profile_line(kwargs.get("profile") or {}))  # tokenized apart, as in the records
+        seq_len = int(kwargs.get("seq_len") or self.seq_len)
+        if seq_len <= 0:
+            raise ValueError("text generation needs the run's seq-len (read the user first, or pass seq_len)")
+        prefix, _ = profile_prefix(tok, kwargs.get("profile") or {}, seq_len)  # tokenized apart, as in the records
         ids = torch.tensor([prefix + tok.encode(prompt)], dtype=torch.long, device=next(model.parameters()).device)
         out = model.generate(input_ids=ids, max_new_tokens=int(kwargs.get("max_new_tokens", 64)),
                              do_sample=True, top_k=int(kwargs.get("top_k", 20)), pad_token_id=tok.pad_id)
@@ -130,5 +146,33 @@ class TextTask(Task):
 
 
 def profile_line(profile: dict[str, str]) -> str:
-    """The profile prefix of every record (and of generation prompts): ``k=v ...`` and a newline; "" if none."""
+    """The profile as one line: ``k=v ...`` and a newline; "" if none."""
     return " ".join(f"{k}={v}" for k, v in sorted(profile.items())) + "\n" if profile else ""
+
+
+def profile_prefix(tok: Tokenizer, profile: dict[str, str], seq_len: int) -> tuple[list[int], bool]:
+    """The tokens every record and every generation prompt start with, and whether they were cut.
+
+    Parameters
+    ----------
+    tok
+        The base model's tokenizer; the line is tokenized apart from the text that follows.
+    profile
+        The user's profile attributes.
+    seq_len
+        Tokens per record. The prefix takes at most ``seq_len // PROFILE_SHARE`` of them, so
+        a long profile never crowds out the user's text: a longer line is cut and still ends
+        with its newline (the boundary between profile and text the model learns).
+
+    Returns
+    -------
+    tuple
+        ``(token ids, cut)``.
+    """
+    ids = tok.encode(profile_line(profile))
+    budget = seq_len // PROFILE_SHARE
+    if len(ids) <= budget:
+        return ids, False
+    newline = tok.encode("\n")
+    keep = budget - len(newline)
+    return (ids[:keep] + newline if keep > 0 else []), True
