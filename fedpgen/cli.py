@@ -71,6 +71,32 @@ def prepare(
 
 
 @cli.command()
+def audit(
+    run_dir: Path,
+    devices: Annotated[list[Path], typer.Option("--devices", help="a device state-dir to audit (repeat); "
+                                                "default: <run-dir>/devices/* of a simulation")] = [],  # noqa: B006
+    key_file: Annotated[Optional[Path], typer.Option(help="device key (default <state-dir>/device.key)")] = None,
+    attacks: Annotated[str, typer.Option(help="comma-separated: accounting, whitebox, wire")]
+    = "accounting,whitebox,wire",
+    canaries: Annotated[int, typer.Option(help="white-box audit: gradient canaries", min=2)] = 1000,
+) -> None:
+    """Audit a run's privacy claims: recompute every ε, check the wire, bound ε empirically.
+
+    Writes <run-dir>/audit/{audit.json,report.html}; exits 1 naming every failed check."""
+    from fedpgen.audit.report import print_table, write_report
+    from fedpgen.audit.runner import audit_run
+
+    result = audit_run(run_dir, devices=devices or None, key_file=key_file, canaries=canaries,
+                       attacks=tuple(a.strip() for a in attacks.split(",") if a.strip()))
+    out = write_report(result)
+    print_table(result, console)
+    console.print(f"report: {out / 'report.html'}  machine-readable: {out / 'audit.json'}")
+    if result.failed:
+        console.print(f"[bold red]audit FAILED:[/] {', '.join(sorted({c.name for c in result.failed}))}")
+        raise typer.Exit(1)
+
+
+@cli.command()
 def summary(run_dir: Path) -> None:
     """Print the results table of a finished run folder."""
     from server.summary import print_summary

@@ -223,7 +223,8 @@ class SharedDeltaStrategy(Strategy):
                **self.refusal_counts(),
                "seconds": time.perf_counter() - self._round_started,
                "delta-norm": float(np.sqrt(sum(float((d * d).sum()) for d in mean_delta))),
-               "bytes-down-mean": float(self._bytes_down), "secure-aggregation": self.cfg.secure_aggregation}
+               "bytes-down-mean": float(self._bytes_down), "secure-aggregation": self.cfg.secure_aggregation,
+               "client-sample-rate": self._sampled / self._population}  # user-level accounting; the audit recomputes it
         if not self.cfg.secure_aggregation:
             row["bytes-up-mean"] = float(np.mean(byte_counts))
         if cfg.user_dp != "off":

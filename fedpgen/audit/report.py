@@ -1,0 +1,127 @@
+"""The audit's outputs: ``<run-dir>/audit/audit.json`` (for machines), ``report.html`` (one
+self-contained page with embedded PNGs, to hand on) and a terminal table."""
+
+from __future__ import annotations
+
+import base64
+import dataclasses
+import html
+import io
+import json
+from collections import Counter
+from pathlib import Path
+from typing import Any
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+from rich.console import Console  # noqa: E402
+from rich.table import Table  # noqa: E402
+
+from fedpgen.audit.runner import AuditResult  # noqa: E402
+
+THREATS = {
+    "accounting": "Claims vs arithmetic: every ε in the ledgers, the server's rows and the summary is recomputed "
+                  "from its (σ, q, steps, δ) with Opacus PRV, Google dp-accounting PLD and RDP (an upper bound).",
+    "whitebox": "The strongest observer of one device: it sees every noised DP-SGD step and plants gradient "
+                "(Dirac) canaries, each included with probability 1/2 (Steinke, Nasr & Jagielski 2023). A "
+                "measured lower bound above the claimed ε means the mechanism adds less noise than it accounts.",
+    "wire": "What crossed the wire: every recorded message checked against shared/wire.py and scanned for the "
+            "devices' raw context.",
+}
+
+
+def as_json(result: AuditResult) -> dict[str, Any]:
+    return {
+        "run-dir": str(result.run_dir),
+        "passed": not result.failed,
+        "failed-checks": sorted({c.name for c in result.failed}),
+        "counts": dict(Counter(c.status for c in result.checks)),
+        "checks": [dataclasses.asdict(c) for c in result.checks],
+        "whitebox": [{**dataclasses.asdict(w), "lower-bound": w.lower_bound, "passed": w.passed}
+                     for w in result.whitebox],
+        "wire": result.wire,
+    }
+
+
+def _png(fig: Any) -> str:
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=110, bbox_inches="tight")
+    plt.close(fig)
+    return base64.b64encode(buf.getvalue()).decode()
+
+
+def _whitebox_plot(result: AuditResult) -> str | None:
+    if not result.whitebox:
+        return None
+    fig, ax = plt.subplots(figsize=(6, 3))
+    labels = [f"σ={w.noise_multiplier:.2f}\nT={w.steps}" for w in result.whitebox]
+    x = range(len(labels))
+    ax.bar([i - 0.25 for i in x], [w.lower_bound for w in result.whitebox], 0.25, label="measured lower bound")
+    ax.bar(list(x), [min(w.claimed_epsilon, 50) for w in result.whitebox], 0.25, label="claimed ε")
+    ax.bar([i + 0.25 for i in x], [w.max_provable for w in result.whitebox], 0.25, label="max provable")
+    ax.set_xticks(list(x), labels)
+    ax.set_ylabel("ε")
+    ax.legend(fontsize=8)
+    ax.set_title("white-box one-run audit (95% confidence)")
+    return _png(fig)
+
+
+def _epsilon_plot(result: AuditResult) -> str | None:
+    points = [(c.values["claimed"], c.values["pld"]) for c in result.checks
+              if c.name == "ledger event: ε recomputed" and "pld" in c.values]
+    if not points:
+        return None
+    fig, ax = plt.subplots(figsize=(4, 4))
+    ax.scatter([p[0] for p in points], [p[1] for p in points], s=12)
+    top = max(max(p) for p in points) * 1.05
+    ax.plot([0, top], [0, top], color="grey", lw=0.8)
+    ax.set_xlabel("ε claimed by the ledger")
+    ax.set_ylabel("ε recomputed (dp-accounting PLD)")
+    ax.set_title("every ledger event")
+    return _png(fig)
+
+
+def write_report(result: AuditResult) -> Path:
+    """Write ``audit.json`` and ``report.html`` under ``<run-dir>/audit/``; return the folder."""
+    out = result.run_dir / "audit"
+    out.mkdir(parents=True, exist_ok=True)
+    data = as_json(result)
+    (out / "audit.json").write_text(json.dumps(data, indent=2, default=str), encoding="utf-8")
+    verdict = "PASSED" if data["passed"] else f"FAILED: {', '.join(data['failed-checks'])}"
+    parts = [f"<h1>Privacy audit of {html.escape(str(result.run_dir))}</h1>",
+             f"<p class={'ok' if data['passed'] else 'bad'}><b>{html.escape(verdict)}</b> — "
+             f"{html.escape(str(data['counts']))}</p>", "<h2>Threat models</h2><ul>"]
+    parts += [f"<li><b>{k}</b>: {html.escape(v)}</li>" for k, v in THREATS.items()]
+    parts.append("</ul>")
+    for title, png in (("Accounting", _epsilon_plot(result)), ("White-box audit", _whitebox_plot(result))):
+        if png:
+            parts.append(f"<h2>{title}</h2><img src='data:image/png;base64,{png}'/>")
+    parts.append("<h2>Checks</h2><table><tr><th>check</th><th>subject</th><th>status</th><th>detail</th></tr>")
+    for c in sorted(result.checks, key=lambda c: (c.status != "fail", c.status != "not-checked", c.name)):
+        parts.append(f"<tr class={c.status.replace('-', '')}><td>{html.escape(c.name)}</td>"
+                     f"<td>{html.escape(c.subject)}</td><td>{c.status}</td><td>{html.escape(c.detail)}</td></tr>")
+    parts.append("</table>")
+    style = ("body{font-family:sans-serif;max-width:1100px;margin:auto} table{border-collapse:collapse;font-size:12px}"
+             "td,th{border:1px solid #ccc;padding:3px} .fail td{background:#fdd} .notchecked td{background:#ffd}"
+             ".ok{color:#070} .bad{color:#a00}")
+    (out / "report.html").write_text(f"<!doctype html><meta charset=utf-8><title>FedPGen audit</title>"
+                                     f"<style>{style}</style>{''.join(parts)}", encoding="utf-8")
+    return out
+
+
+def print_table(result: AuditResult, console: Console) -> None:
+    """One row per check name: how many passed, failed, were not checked; failures spelled out."""
+    table = Table(title=f"Privacy audit of {result.run_dir}")
+    for col in ("check", "pass", "fail", "not checked"):
+        table.add_column(col, justify="left" if col == "check" else "right")
+    names = list(dict.fromkeys(c.name for c in result.checks))
+    for name in names:
+        n = Counter(c.status for c in result.checks if c.name == name)
+        table.add_row(name, str(n["pass"]), f"[bold red]{n['fail']}" if n["fail"] else "0", str(n["not-checked"]))
+    console.print(table)
+    for c in result.failed:
+        console.print(f"[bold red]FAIL[/] {c.name} ({c.subject}): {c.detail}", markup=True, highlight=False)
+    for c in (c for c in result.checks if c.status == "not-checked"):
+        console.print(f"[yellow]not checked[/] {c.name} ({c.subject}): {c.detail}", highlight=False)

@@ -1,0 +1,158 @@
+"""``fedpgen audit RUN_DIR``: run the chosen audits on a run folder (and the device state-dirs
+given) and collect their checks. Writing the report is ``report.py``'s job."""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+from pathlib import Path
+from typing import Any
+
+from fedpgen.audit.accounting import (Check, audit_device, audit_server_view, audit_summary, audit_user_level,
+                                      load_json)
+from fedpgen.audit.whitebox import WhiteboxResult, audit_mechanism
+
+log = logging.getLogger(__name__)
+
+ATTACKS = ("accounting", "whitebox", "wire")
+
+
+@dataclasses.dataclass
+class AuditResult:
+    run_dir: Path
+    checks: list[Check] = dataclasses.field(default_factory=list)
+    whitebox: list[WhiteboxResult] = dataclasses.field(default_factory=list)
+    wire: dict[str, Any] = dataclasses.field(default_factory=dict)
+
+    @property
+    def failed(self) -> list[Check]:
+        return [c for c in self.checks if c.status == "fail"]
+
+
+def _read_jsonl(path: Path) -> list[dict[str, Any]]:
+    from server.results import read_jsonl
+
+    return read_jsonl(path)
+
+
+def _client_indices(run_dir: Path, cfg: dict[str, Any]) -> dict[str, int]:
+    """Simulation: user folder name -> partition id (the sorted order ``fedpgen simulate`` uses)."""
+    from shared.data.user_folder import list_user_dirs
+
+    folder = Path(cfg["data-dir"]).expanduser() if cfg.get("data") == "dir" else run_dir / "users"
+    try:
+        return {p.name: i for i, p in enumerate(list_user_dirs(folder))}
+    except (FileNotFoundError, ValueError):
+        return {}
+
+
+def audit_run(run_dir: Path, *, devices: list[Path] | None = None, key_file: Path | None = None,
+              attacks: tuple[str, ...] = ATTACKS, canaries: int = 1000) -> AuditResult:
+    """Audit ``run_dir`` (a simulation's or a deployment server's run folder).
+
+    ``devices``: state-dirs to audit (default: ``<run-dir>/devices/*`` of a simulation).
+    """
+    run_dir = Path(run_dir)
+    unknown = set(attacks) - set(ATTACKS)
+    if unknown:
+        raise ValueError(f"unknown audit {sorted(unknown)}; valid: {', '.join(ATTACKS)}")
+    if not (run_dir / "config.json").is_file():
+        raise FileNotFoundError(f"{run_dir} is not a run folder (no config.json)")
+    cfg = load_json(run_dir / "config.json")
+    result = AuditResult(run_dir=run_dir)
+    rows = _read_jsonl(run_dir / "client_rounds.jsonl")
+    if devices is None:
+        devices = sorted(p for p in (run_dir / "devices").glob("*") if p.is_dir()) if (run_dir / "devices").is_dir() \
+            else []
+    if "accounting" in attacks:
+        result.checks += _accounting(run_dir, cfg, rows, devices, key_file)
+    if "whitebox" in attacks:
+        result.whitebox = _whitebox(cfg, rows, devices, key_file, canaries)
+        for wb in result.whitebox:
+            result.checks.append(Check(
+                "white-box lower bound within the claim", f"σ={wb.noise_multiplier:.3f} q={wb.sample_rate:.3g} "
+                f"T={wb.steps}", "pass" if wb.passed else "fail",
+                f"measured ε ≥ {wb.lower_bound:.2f} (95%), claimed {wb.claimed_epsilon:.2f}, "
+                f"{wb.guesses.correct}/{wb.guesses.r} guesses right, {wb.guesses.m} canaries "
+                f"(at most {wb.max_provable:.2f} provable)"))
+        if not result.whitebox:
+            result.checks.append(Check("white-box lower bound within the claim", "run", "not-checked",
+                                       "the run is not private at record level (no DP-SGD to audit)"))
+    if "wire" in attacks:
+        result.wire, wire_checks = _wire(run_dir, cfg, devices, key_file)
+        result.checks += wire_checks
+    return result
+
+
+def _accounting(run_dir: Path, cfg: dict[str, Any], rows: list[dict[str, Any]], devices: list[Path],
+                key_file: Path | None) -> list[Check]:
+    checks: list[Check] = []
+    index = _client_indices(run_dir, cfg)
+    ledger_eps: dict[int, list[float]] = {}
+    for state in devices:
+        client = index.get(state.name)
+        mine = [r for r in rows if r.get("client-index") == client] if client is not None else None
+        checks += audit_device(state, cfg=cfg, key_file=key_file, server_rows=mine)
+        if client is not None:
+            try:
+                from shared.privacy.ledger import PrivacyLedger
+                from shared.store import device_sealer
+
+                ledger = PrivacyLedger(state, device_sealer(state, key_file, create=False))
+                ledger_eps[client] = [e.epsilon for e in ledger.events()]
+            except Exception:  # already reported by audit_device (tampered, no key)
+                pass
+    if not devices:
+        checks.append(Check("device ledgers", "run", "not-checked",
+                            "no device state-dirs given (--devices): auditing what the server saw only"))
+    checks += audit_server_view(rows, cfg=cfg)
+    checks += audit_user_level(_read_jsonl(run_dir / "rounds.jsonl"), cfg=cfg)
+    if (run_dir / "summary.json").is_file() and ledger_eps:
+        checks += audit_summary(load_json(run_dir / "summary.json"), ledger_eps)
+    return checks
+
+
+def _plans(cfg: dict[str, Any], rows: list[dict[str, Any]], devices: list[Path],
+           key_file: Path | None) -> set[tuple[float, float, float, int]]:
+    """Distinct (σ, C, q, total DP steps) the devices ran: from their ledgers, else the server's rows."""
+    from shared.privacy.ledger import PrivacyLedger
+    from shared.store import device_sealer
+
+    plans = set()
+    for state in devices:
+        try:
+            events = [e for e in PrivacyLedger(state, device_sealer(state, key_file, create=False)).events()
+                      if e.private]
+        except Exception:  # reported by the accounting audit
+            continue
+        if events:
+            plans.add((events[0].noise_multiplier, events[0].clip, events[0].sample_rate, sum(e.steps for e in events)))
+    if not plans:
+        steps: dict[Any, list[dict[str, Any]]] = {}
+        for r in rows:
+            if float(r.get("dp-sigma", 0)) > 0:
+                steps.setdefault(r.get("client-index", r.get("node-id")), []).append(r)
+        for crows in steps.values():
+            r0 = crows[0]
+            plans.add((float(r0["dp-sigma"]), float(r0["dp-clip"]), float(r0["dp-sample-rate"]),
+                       sum(int(r["dp-steps"]) for r in crows)))
+    return plans
+
+
+def _whitebox(cfg: dict[str, Any], rows: list[dict[str, Any]], devices: list[Path], key_file: Path | None,
+              canaries: int) -> list[WhiteboxResult]:
+    plans = sorted(_plans(cfg, rows, devices, key_file))
+    if len(plans) > 3:  # devices with as many records share a plan; audit the extremes and the middle
+        plans = [plans[0], plans[len(plans) // 2], plans[-1]]
+    return [audit_mechanism(noise_multiplier=s, clip=c, sample_rate=q, steps=t, delta=float(cfg["dp-delta"]),
+                            canaries=canaries, accountant=str(cfg["dp-accountant"]))
+            for s, c, q, t in plans]
+
+
+def _wire(run_dir: Path, cfg: dict[str, Any], devices: list[Path],
+          key_file: Path | None) -> tuple[dict[str, Any], list[Check]]:
+    try:
+        from fedpgen.audit import wire_scan
+    except ImportError:
+        return {}, [Check("wire transcript", "run", "not-checked", "the wire audit is not available")]
+    return wire_scan.audit_wire(run_dir, cfg=cfg, devices=devices, key_file=key_file)

@@ -1,0 +1,138 @@
+"""Issue 13: the audit recomputes every ε independently, bounds ε empirically, catches a lie,
+and says clearly what it could not check."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+from typer.testing import CliRunner
+
+from client.device import Device
+from fedpgen.audit.accounting import audit_device
+from fedpgen.audit.one_run import epsilon_lower_bound, max_provable
+from fedpgen.audit.runner import audit_run
+from fedpgen.audit.whitebox import audit_mechanism
+from fedpgen.cli import cli
+from shared.population import ensure_population, state_dir
+from shared.privacy.accounting import calibrate_sigma
+from shared.privacy.ledger import PrivacyLedger
+from shared.privacy.mechanism import RecordDP
+from shared.store import device_sealer
+
+
+class UnderstatedNoise(RecordDP):
+    """Test-only lie: adds σ/10 of noise while its accountant history records σ."""
+
+    def open(self, *args, **kwargs):  # type: ignore[no-untyped-def]
+        claimed = self.noise_multiplier
+        self.noise_multiplier = claimed / 10
+        try:
+            return super().open(*args, **kwargs)
+        finally:
+            self.noise_multiplier = claimed
+
+    def record(self, *, sigma: float, sample_rate: float, steps: int) -> None:
+        super().record(sigma=self.noise_multiplier, sample_rate=sample_rate, steps=steps)
+
+
+def test_the_one_run_bound_matches_the_papers_worked_example() -> None:
+    # Steinke, Nasr & Jagielski (2023): m = 1000 canaries, r = 100 guesses, v = 75 right, δ = 1e-4
+    assert epsilon_lower_bound(m=1000, r=100, v=75, delta=1e-4) == pytest.approx(0.67, abs=0.01)
+    assert epsilon_lower_bound(m=1000, r=100, v=50, delta=1e-4) == 0.0  # chance: nothing proven
+    assert max_provable(m=1000, r=100, delta=1e-5) > epsilon_lower_bound(m=1000, r=100, v=90, delta=1e-5)
+
+
+def test_the_whitebox_audit_passes_the_honest_mechanism_and_catches_a_lie() -> None:
+    # Prepare: σ calibrated so that 60 steps at q = 0.1 claim ε = 1
+    sigma = calibrate_sigma(target_epsilon=1.0, delta=1e-5, sample_rate=0.1, steps=60, accountant="prv")
+    params = dict(noise_multiplier=sigma, clip=1.0, sample_rate=0.1, steps=60, delta=1e-5, canaries=1000)
+    # Execute
+    honest = audit_mechanism(**params)
+    lie = audit_mechanism(**params, mechanism=UnderstatedNoise)
+    # Assert: both claim ε ≈ 1; only the lie is refuted (its bound is above its claim)
+    assert honest.claimed_epsilon == pytest.approx(1.0, abs=0.02) and lie.claimed_epsilon == honest.claimed_epsilon
+    assert honest.passed and honest.lower_bound < honest.claimed_epsilon
+    assert not lie.passed and lie.lower_bound > 2 * lie.claimed_epsilon
+
+
+def fake_run(make_cfg, tmp_path: Path, rounds: int = 2, **overrides: object) -> Path:
+    """A run folder as a simulation leaves it (config, users, device state-dirs, the server's
+    rows), made by the devices themselves without Flower: the audit reads files only."""
+    cfg = make_cfg(**{"run_dir": str(tmp_path / "run"), "local_steps": 2, "personal_max_steps": 0,
+                      "num_server_rounds": rounds, **overrides})
+    run = Path(cfg.run_dir)
+    run.mkdir(parents=True, exist_ok=True)
+    (run / "config.json").write_text(json.dumps(cfg.to_toml_dict()))
+    rows = []
+    for i, user in enumerate(ensure_population(cfg)):
+        d = Device(cfg, user_dir=user, state_dir=state_dir(cfg, user), client_index=i)
+        for r in range(1, rounds + 1):
+            _, n, metrics = d.fit(d.init_send, server_round=r)
+            rows.append({"round": r, "num-examples": n, **metrics})
+    (run / "client_rounds.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return run
+
+
+def test_a_ledger_rewritten_and_resealed_with_the_key_is_caught_by_recomputation(make_cfg, tmp_path: Path) -> None:
+    # Prepare: a device's ledger, copied and rewritten with a smaller ε, re-sealed with the key
+    run = fake_run(make_cfg, tmp_path)
+    honest = sorted((run / "devices").iterdir())[0]
+    forged = tmp_path / "forged"
+    forged.mkdir()
+    for name in ("device.key", "dp_plan.json.sealed", "device.json.sealed"):
+        shutil.copy(honest / name, forged / name)
+    events = PrivacyLedger(honest).events()
+    ledger = PrivacyLedger(forged, device_sealer(forged, create=False))
+    for e in events:
+        ledger.append(dataclasses.replace(e, epsilon=e.epsilon / 2))
+    assert [e.epsilon for e in ledger.events()] == [e.epsilon / 2 for e in events]  # the chain verifies
+    cfg = json.loads((run / "config.json").read_text())
+    # Execute
+    checks = audit_device(forged, cfg=cfg)
+    # Assert: the chain passes (the key holder re-sealed it), the arithmetic does not
+    status = {(c.name, c.subject.split()[-1]): c.status for c in checks}
+    assert status[("ledger chain", "forged")] == "pass"
+    assert [c.status for c in checks if c.name == "ledger event: ε recomputed"] == ["fail", "fail"]
+    assert not [c for c in audit_device(honest, cfg=cfg) if c.status == "fail"]
+
+
+def test_the_audit_command_passes_an_honest_run_and_names_what_fails(make_cfg, tmp_path: Path,
+                                                                     monkeypatch: pytest.MonkeyPatch) -> None:
+    run = fake_run(make_cfg, tmp_path)
+    ok = CliRunner().invoke(cli, ["audit", str(run), "--attacks", "accounting,whitebox", "--canaries", "200"])
+    assert ok.exit_code == 0, ok.output
+    report = json.loads((run / "audit" / "audit.json").read_text())
+    assert report["passed"] and report["counts"]["pass"] >= 20
+    assert "<img src='data:image/png;base64," in (run / "audit" / "report.html").read_text()
+    # A device's state-dir tampered on disk: the chain fails, named in the output and the exit code
+    ledger_file = sorted((run / "devices").iterdir())[1] / "ledger.jsonl.sealed"
+    ledger_file.write_text(ledger_file.read_text().splitlines()[0] + "\n")
+    bad = CliRunner().invoke(cli, ["audit", str(run), "--attacks", "accounting"])
+    assert bad.exit_code == 1 and "ledger chain" in bad.output
+
+
+def test_the_product_mechanism_under_audit_is_the_one_the_run_uses(make_cfg, tmp_path: Path,
+                                                                  monkeypatch: pytest.MonkeyPatch) -> None:
+    # A bug in the product's DP-SGD (σ/10 added, σ accounted) at ε = 1: the run's audit fails
+    run = fake_run(make_cfg, tmp_path, rounds=3, dp_epsilon=1.0, local_steps=20, min_records=40)
+    monkeypatch.setattr("fedpgen.audit.whitebox.RecordDP", UnderstatedNoise)
+    result = audit_run(run, attacks=("whitebox",), canaries=1000)
+    assert [c.status for c in result.checks] and all(c.status == "fail" for c in result.checks)
+    assert all(w.lower_bound > w.claimed_epsilon for w in result.whitebox)
+
+
+def test_bad_inputs_say_what_could_not_be_checked(make_cfg, tmp_path: Path) -> None:
+    with pytest.raises(FileNotFoundError, match="not a run folder"):
+        audit_run(tmp_path / "nowhere")
+    run = fake_run(make_cfg, tmp_path, rounds=1)
+    shutil.rmtree(run / "devices")  # a deployment server's folder: no device state
+    result = audit_run(run, attacks=("accounting",))
+    notes = {c.name: c for c in result.checks if c.status == "not-checked"}
+    assert "no device state-dirs" in notes["device ledgers"].detail
+    assert any(c.name.startswith("server view") and c.status == "pass" for c in result.checks)
+    with pytest.raises(ValueError, match="unknown audit"):
+        audit_run(run, attacks=("telepathy",))
