@@ -18,6 +18,7 @@ from flwr.common.secure_aggregation.secaggplus_constants import RECORD_KEY_CONFI
 from client.device import Device, check_usable, verify_state
 from client.node import node_settings
 from client.secure_aggregation import secagg_when_asked
+from shared.wire_transcript import transcript_mod
 from shared.config import RunConfig
 from shared.locking import exclusive
 from shared.privacy.ledger import PrivacyLedger
@@ -106,7 +107,8 @@ def build_app(overrides: Mapping[str, Any] | None = None, mods: list[Mod] | None
     """A ClientApp; ``overrides`` (TOML keys) win over Flower's run config (used by ``fedpgen``).
 
     ``mods`` wrap the SecAgg+ mod, ``inner_mods`` sit between it and the app (tests use them
-    to simulate dropouts and to record what a device computed).
+    to simulate dropouts and to record what a device computed). The wire transcript's mod
+    (``wire-transcript``) wraps them all: it records what actually leaves the device.
     """
 
     def client_fn(context: Context) -> Client:
@@ -119,7 +121,8 @@ def build_app(overrides: Mapping[str, Any] | None = None, mods: list[Mod] | None
         cfg = RunConfig.from_mapping({**dict(ctxt.run_config), **dict(overrides or {})})
         return budget_gate(cfg)(msg, ctxt, call_next)
 
-    return ClientApp(client_fn=client_fn, mods=[*(mods or []), gate, secagg_when_asked, *(inner_mods or [])])
+    return ClientApp(client_fn=client_fn, mods=[transcript_mod(overrides), *(mods or []), gate, secagg_when_asked,
+                                                *(inner_mods or [])])
 
 
 app = build_app()

@@ -14,6 +14,7 @@ from rich.console import Console
 
 from client.app import build_app as build_client_app
 from client.device import REPORT
+from shared.wire_transcript import RUN_TRANSCRIPT_DIR
 from server.app import build_app as build_server_app
 from server.plots import plot_run
 from server.summary import print_summary
@@ -37,6 +38,7 @@ def prepare_run_dir(cfg: RunConfig, *, fresh: bool) -> bool:
     resuming = any((run_dir / "checkpoints").glob("round_*.safetensors"))
     if not resuming:
         shutil.rmtree(run_dir / "devices", ignore_errors=True)
+        shutil.rmtree(run_dir / RUN_TRANSCRIPT_DIR, ignore_errors=True)  # a fresh run, a fresh transcript
         for name in _RESULT_FILES:
             (run_dir / name).unlink(missing_ok=True)
     (run_dir / "clients.csv").unlink(missing_ok=True)

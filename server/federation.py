@@ -11,6 +11,7 @@ from flwr.server import Grid, LegacyContext, ServerConfig
 from flwr.server.workflow import DefaultWorkflow
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
+from shared.wire_transcript import recording_grid
 from server import checkpoint
 from server.results import RunRecorder
 from server.secure_aggregation import LoudSecAggPlus
@@ -57,7 +58,7 @@ def _run(grid: Grid, context: Context, cfg: RunConfig) -> SharedDeltaStrategy:
 
         strategy.on_round_end = advance
         fit_workflow = LoudSecAggPlus(cfg, strategy) if cfg.secure_aggregation else None
-        DefaultWorkflow(fit_workflow=fit_workflow)(grid, legacy)
+        DefaultWorkflow(fit_workflow=fit_workflow)(recording_grid(grid, cfg), legacy)  # wire-transcript: audits
     if not strategy.final_metrics:
         raise RuntimeError("the final evaluation returned no client metrics")
     return strategy

@@ -20,7 +20,8 @@ from typing import Any
 PYPROJECT = Path(__file__).resolve().parent.parent / "pyproject.toml"
 
 # Keys that do not change what a checkpoint means: a run may resume with other values.
-_RESUMABLE_KEYS = frozenset({"num-server-rounds", "run-dir", "client-cpus", "threads-per-client", "round-timeout"})
+_RESUMABLE_KEYS = frozenset({"num-server-rounds", "run-dir", "client-cpus", "threads-per-client", "round-timeout",
+                             "wire-transcript"})
 
 
 def default_config() -> dict[str, Any]:
@@ -103,6 +104,7 @@ class RunConfig:
     run_dir: str
     client_cpus: float
     threads_per_client: int
+    wire_transcript: bool
 
     def __post_init__(self) -> None:
         from shared.presets import PRESETS
@@ -168,6 +170,7 @@ class RunConfig:
         need(bool(self.run_dir), "run-dir", "must not be empty")
         need(self.client_cpus > 0.0, "client-cpus", "must be > 0")
         need(self.threads_per_client >= 1, "threads-per-client", "must be >= 1")
+        need(isinstance(self.wire_transcript, bool), "wire-transcript", "must be true or false")
 
     @classmethod
     def from_mapping(cls, overrides: Mapping[str, Any] | None = None) -> RunConfig:

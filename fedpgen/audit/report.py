@@ -98,6 +98,16 @@ def write_report(result: AuditResult) -> Path:
     for title, png in (("Accounting", _epsilon_plot(result)), ("White-box audit", _whitebox_plot(result))):
         if png:
             parts.append(f"<h2>{title}</h2><img src='data:image/png;base64,{png}'/>")
+    rows = [r for r in result.wire.get("bytes-per-round", []) if r.get("side") == "server"] \
+        or result.wire.get("bytes-per-round", [])
+    if rows:  # what crossed the wire, as the server's transcript saw it (else the devices')
+        parts.append("<h2>Bytes on the wire per round</h2><table><tr><th>side</th><th>round</th><th>direction</th>"
+                     "<th>message</th><th>stage</th><th>messages</th><th>bytes</th></tr>")
+        parts += [f"<tr><td>{html.escape(str(r.get('side')))}</td><td>{r.get('round')}</td>"
+                  f"<td>{html.escape(str(r.get('direction')))}</td><td>{html.escape(str(r.get('message_type')))}</td>"
+                  f"<td>{html.escape(str(r.get('stage') or ''))}</td><td>{r.get('messages')}</td>"
+                  f"<td>{r.get('bytes')}</td></tr>" for r in rows]
+        parts.append("</table>")
     parts.append("<h2>Checks</h2><table><tr><th>check</th><th>subject</th><th>status</th><th>detail</th></tr>")
     for c in sorted(result.checks, key=lambda c: (c.status != "fail", c.status != "not-checked", c.name)):
         parts.append(f"<tr class={c.status.replace('-', '')}><td>{html.escape(c.name)}</td>"
