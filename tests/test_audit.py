@@ -12,11 +12,13 @@ import pytest
 from typer.testing import CliRunner
 
 from client.device import Device
+from conftest import TINY
 from fedpgen.audit.accounting import audit_device
 from fedpgen.audit.one_run import epsilon_lower_bound, max_provable
 from fedpgen.audit.runner import audit_run
 from fedpgen.audit.whitebox import audit_mechanism
 from fedpgen.cli import cli
+from shared.config import RunConfig
 from shared.population import ensure_population, state_dir
 from shared.privacy.accounting import calibrate_sigma
 from shared.privacy.ledger import PrivacyLedger
@@ -59,11 +61,12 @@ def test_the_whitebox_audit_passes_the_honest_mechanism_and_catches_a_lie() -> N
     assert not lie.passed and lie.lower_bound > 2 * lie.claimed_epsilon
 
 
-def fake_run(make_cfg, tmp_path: Path, rounds: int = 2, **overrides: object) -> Path:
+def fake_run(root: Path, rounds: int = 2, **overrides: object) -> Path:
     """A run folder as a simulation leaves it (config, users, device state-dirs, the server's
     rows), made by the devices themselves without Flower: the audit reads files only."""
-    cfg = make_cfg(**{"run_dir": str(tmp_path / "run"), "local_steps": 2, "personal_max_steps": 0,
-                      "num_server_rounds": rounds, **overrides})
+    values = {**TINY, "run-dir": str(root / "run"), "local-steps": 2, "personal-max-steps": 0,
+              "num-server-rounds": rounds, **{k.replace("_", "-"): v for k, v in overrides.items()}}
+    cfg = RunConfig.from_mapping(values)
     run = Path(cfg.run_dir)
     run.mkdir(parents=True, exist_ok=True)
     (run / "config.json").write_text(json.dumps(cfg.to_toml_dict()))
@@ -77,9 +80,21 @@ def fake_run(make_cfg, tmp_path: Path, rounds: int = 2, **overrides: object) -> 
     return run
 
 
-def test_a_ledger_rewritten_and_resealed_with_the_key_is_caught_by_recomputation(make_cfg, tmp_path: Path) -> None:
+@pytest.fixture(scope="module")
+def honest_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return fake_run(tmp_path_factory.mktemp("honest"))
+
+
+@pytest.fixture
+def run_copy(honest_run: Path, tmp_path: Path) -> Path:
+    """A copy of the honest run folder that a test may damage."""
+    return Path(shutil.copytree(honest_run, tmp_path / "run"))
+
+
+def test_a_ledger_rewritten_and_resealed_with_the_key_is_caught_by_recomputation(honest_run: Path,
+                                                                                  tmp_path: Path) -> None:
     # Prepare: a device's ledger, copied and rewritten with a smaller ε, re-sealed with the key
-    run = fake_run(make_cfg, tmp_path)
+    run = honest_run
     honest = sorted((run / "devices").iterdir())[0]
     forged = tmp_path / "forged"
     forged.mkdir()
@@ -100,9 +115,8 @@ def test_a_ledger_rewritten_and_resealed_with_the_key_is_caught_by_recomputation
     assert not [c for c in audit_device(honest, cfg=cfg) if c.status == "fail"]
 
 
-def test_the_audit_command_passes_an_honest_run_and_names_what_fails(make_cfg, tmp_path: Path,
-                                                                     monkeypatch: pytest.MonkeyPatch) -> None:
-    run = fake_run(make_cfg, tmp_path)
+def test_the_audit_command_passes_an_honest_run_and_names_what_fails(run_copy: Path) -> None:
+    run = run_copy
     ok = CliRunner().invoke(cli, ["audit", str(run), "--attacks", "accounting,whitebox", "--canaries", "200"])
     assert ok.exit_code == 0, ok.output
     report = json.loads((run / "audit" / "audit.json").read_text())
@@ -115,20 +129,20 @@ def test_the_audit_command_passes_an_honest_run_and_names_what_fails(make_cfg, t
     assert bad.exit_code == 1 and "ledger chain" in bad.output
 
 
-def test_the_product_mechanism_under_audit_is_the_one_the_run_uses(make_cfg, tmp_path: Path,
+def test_the_product_mechanism_under_audit_is_the_one_the_run_uses(tmp_path: Path,
                                                                   monkeypatch: pytest.MonkeyPatch) -> None:
     # A bug in the product's DP-SGD (σ/10 added, σ accounted) at ε = 1: the run's audit fails
-    run = fake_run(make_cfg, tmp_path, rounds=3, dp_epsilon=1.0, local_steps=20, min_records=40)
+    run = fake_run(tmp_path, rounds=3, dp_epsilon=1.0, local_steps=20, min_records=40)
     monkeypatch.setattr("fedpgen.audit.whitebox.RecordDP", UnderstatedNoise)
     result = audit_run(run, attacks=("whitebox",), canaries=1000)
     assert [c.status for c in result.checks] and all(c.status == "fail" for c in result.checks)
     assert all(w.lower_bound > w.claimed_epsilon for w in result.whitebox)
 
 
-def test_bad_inputs_say_what_could_not_be_checked(make_cfg, tmp_path: Path) -> None:
+def test_bad_inputs_say_what_could_not_be_checked(run_copy: Path, tmp_path: Path) -> None:
     with pytest.raises(FileNotFoundError, match="not a run folder"):
         audit_run(tmp_path / "nowhere")
-    run = fake_run(make_cfg, tmp_path, rounds=1)
+    run = run_copy
     shutil.rmtree(run / "devices")  # a deployment server's folder: no device state
     result = audit_run(run, attacks=("accounting",))
     notes = {c.name: c for c in result.checks if c.status == "not-checked"}
