@@ -107,7 +107,7 @@ def audit_device(state_dir: Path, *, cfg: dict[str, Any], key_file: Path | None 
     checks = [Check("ledger chain", subject, "pass", f"{len(events)} events, chain and count verified")]
     if not events:
         return checks
-    delta, budget = float(cfg["dp-delta"]), float(cfg["dp-epsilon"])
+    budget = float(cfg["dp-epsilon"])
     private = [e for e in events if e.private]
     for event, history in zip(events, _history_of(events), strict=True):
         if event.private:
