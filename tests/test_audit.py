@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import shutil
 from pathlib import Path
 
@@ -16,7 +17,7 @@ from conftest import TINY
 from fedpgen.audit.accounting import audit_device
 from fedpgen.audit.one_run import epsilon_lower_bound, max_provable
 from fedpgen.audit.runner import audit_run
-from fedpgen.audit.whitebox import audit_mechanism
+from fedpgen.audit.whitebox import audit_mechanism, canary_layout
 from fedpgen.cli import cli
 from shared.config import RunConfig
 from shared.population import ensure_population, state_dir
@@ -150,3 +151,9 @@ def test_bad_inputs_say_what_could_not_be_checked(run_copy: Path, tmp_path: Path
     assert any(c.name.startswith("server view") and c.status == "pass" for c in result.checks)
     with pytest.raises(ValueError, match="unknown audit"):
         audit_run(run, attacks=("telepathy",))
+
+
+@pytest.mark.parametrize(("canaries", "rate"), [(1000, 1 / 51), (1000, 1 / 13), (7, 1 / 3), (1000, 1.0)])
+def test_canaries_are_laid_out_at_exactly_the_devices_sample_rate(canaries: int, rate: float) -> None:
+    records, batch = canary_layout(canaries, rate)
+    assert records >= canaries and 1 / math.ceil(records / batch) == pytest.approx(rate, rel=1e-12)

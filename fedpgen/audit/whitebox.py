@@ -64,15 +64,14 @@ class _CanaryModel(torch.nn.Module):
         return -(batch[:, 1].float() * push) * self.w(batch[:, 0]).squeeze(-1)
 
 
-def batch_for_rate(records: int, sample_rate: float) -> int:
-    """The batch size whose Poisson rate over ``records`` is ``sample_rate`` (Opacus: 1/⌈n/b⌉)."""
+def canary_layout(canaries: int, sample_rate: float) -> tuple[int, int]:
+    """``(records, batch)``: at least ``canaries`` records, split so that Opacus' Poisson rate
+    ``1/⌈records/batch⌉`` is exactly ``sample_rate`` (FedPGen's rates are always 1/k)."""
     batches = round(1.0 / sample_rate)
     if batches < 1 or abs(1.0 / batches - sample_rate) > 1e-12:
         raise ValueError(f"sample rate {sample_rate} is not 1/k for an integer k (FedPGen's rates always are)")
-    batch = math.ceil(records / batches)
-    if math.ceil(records / batch) != batches:
-        raise ValueError(f"{records} canaries cannot be split into {batches} batches: use more canaries")
-    return batch
+    batch = math.ceil(canaries / batches)
+    return batches * batch, batch
 
 
 def audit_mechanism(*, noise_multiplier: float, clip: float, sample_rate: float, steps: int, delta: float,
@@ -86,12 +85,13 @@ def audit_mechanism(*, noise_multiplier: float, clip: float, sample_rate: float,
     """
     if canaries < 2 or steps < 1:
         raise ValueError(f"need >= 2 canaries and >= 1 step, got {canaries} and {steps}")
+    canaries, batch = canary_layout(canaries, sample_rate)  # rounded up to a whole number of batches
     included = np.random.default_rng(seed).random(canaries) < 0.5
     records = torch.stack([torch.arange(canaries), torch.as_tensor(included, dtype=torch.long)], dim=1)
     model = _CanaryModel(canaries)
     params = list(model.parameters())
     privacy = (mechanism or RecordDP)(noise_multiplier=noise_multiplier, clip=clip, accountant=accountant, history=[])
-    session = privacy.open(model, params, records, batch_size=batch_for_rate(canaries, sample_rate), lr=1e-3,
+    session = privacy.open(model, params, records, batch_size=batch, lr=1e-3,
                            gen=torch.Generator().manual_seed(seed))
     scores = torch.zeros(canaries, dtype=torch.float64)
     push = 10.0 * clip  # any gradient norm above C is clipped to C: the canary's full weight
