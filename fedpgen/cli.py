@@ -76,8 +76,8 @@ def audit(
     devices: Annotated[list[Path], typer.Option("--devices", help="a device state-dir to audit (repeat); "
                                                 "default: <run-dir>/devices/* of a simulation")] = [],  # noqa: B006
     key_file: Annotated[Optional[Path], typer.Option(help="device key (default <state-dir>/device.key)")] = None,
-    attacks: Annotated[str, typer.Option(help="comma-separated: accounting, whitebox, wire")]
-    = "accounting,whitebox,wire",
+    attacks: Annotated[str, typer.Option(help="comma-separated: accounting, whitebox, wire, membership")]
+    = "accounting,whitebox,wire,membership",
     canaries: Annotated[int, typer.Option(help="white-box audit: gradient canaries", min=2)] = 1000,
 ) -> None:
     """Audit a run's privacy claims: recompute every ε, check the wire, bound ε empirically.

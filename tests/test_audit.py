@@ -9,12 +9,14 @@ import math
 import shutil
 from pathlib import Path
 
+import numpy as np
 import pytest
 from typer.testing import CliRunner
 
 from client.device import Device
 from conftest import TINY
 from fedpgen.audit.accounting import audit_device
+from fedpgen.audit.membership import analyse, clopper_pearson, roc
 from fedpgen.audit.one_run import epsilon_lower_bound, max_provable
 from fedpgen.audit.runner import audit_run
 from fedpgen.audit.whitebox import audit_mechanism, canary_layout
@@ -157,3 +159,30 @@ def test_bad_inputs_say_what_could_not_be_checked(run_copy: Path, tmp_path: Path
 def test_canaries_are_laid_out_at_exactly_the_devices_sample_rate(canaries: int, rate: float) -> None:
     records, batch = canary_layout(canaries, rate)
     assert records >= canaries and 1 / math.ceil(records / batch) == pytest.approx(rate, rel=1e-12)
+
+
+def test_clopper_pearson_and_the_membership_statistics_match_hand_values() -> None:
+    low, high = clopper_pearson(0, 10)
+    assert low == 0.0 and high == pytest.approx(1 - 0.025 ** (1 / 10), rel=1e-9)
+    members, nonmembers = np.array([3.0, 4.0, 5.0]), np.array([1.0, 2.0, 3.5])
+    r = analyse(members, nonmembers, epsilon=1.0, delta=1e-5, view="hand")
+    assert r.auc == pytest.approx(8 / 9)  # of 9 (member, non-member) pairs, 8 rank the member higher
+    fpr, tpr = roc(members, nonmembers)
+    assert fpr[-1] == tpr[-1] == 1.0 and fpr[0] == tpr[0] == 0.0
+
+
+def test_membership_inference_refutes_only_a_claim_it_beats() -> None:
+    rng = np.random.default_rng(0)
+    # Members' losses far below non-members': a perfect attack, 2000 each
+    separable = analyse(rng.normal(5, 1, 2000), rng.normal(-5, 1, 2000), epsilon=1.0, delta=1e-5, view="leak")
+    assert separable.auc > 0.99 and separable.worst_excess > 0  # refutes ε = 1
+    assert analyse(rng.normal(5, 1, 2000), rng.normal(-5, 1, 2000), epsilon=20.0, delta=1e-5,
+                   view="leak").worst_excess <= 0  # but not ε = 20
+    chance = analyse(rng.normal(0, 1, 2000), rng.normal(0, 1, 2000), epsilon=1.0, delta=1e-5, view="none")
+    assert chance.auc_ci[0] < 0.5 < chance.auc_ci[1] and chance.worst_excess <= 0
+
+
+def test_membership_without_a_checkpoint_is_not_checked(run_copy: Path) -> None:
+    result = audit_run(run_copy, attacks=("membership",))
+    (check,) = result.checks
+    assert check.status == "not-checked" and "no shared base" in check.detail

@@ -27,6 +27,9 @@ THREATS = {
     "whitebox": "The strongest observer of one device: it sees every noised DP-SGD step and plants gradient "
                 "(Dirac) canaries, each included with probability 1/2 (Steinke, Nasr & Jagielski 2023). A "
                 "measured lower bound above the claimed ε means the mechanism adds less noise than it accounts.",
+    "membership": "Anyone holding the final shared base asks of a user's record whether it was trained on: a "
+                  "loss-threshold attack, members = users' training records, non-members = their held-out records. "
+                  "Checked against TPR ≤ e^ε·FPR + δ with confidence limits on both rates.",
     "wire": "What crossed the wire: every recorded message checked against shared/wire.py and scanned for the "
             "devices' raw context.",
 }
@@ -42,6 +45,8 @@ def as_json(result: AuditResult) -> dict[str, Any]:
         "whitebox": [{**dataclasses.asdict(w), "lower-bound": w.lower_bound, "passed": w.passed}
                      for w in result.whitebox],
         "wire": result.wire,
+        "membership": [{k: v for k, v in dataclasses.asdict(m).items() if k not in ("fpr", "tpr")}
+                       for m in result.membership],
     }
 
 
@@ -83,6 +88,22 @@ def _epsilon_plot(result: AuditResult) -> str | None:
     return _png(fig)
 
 
+def _roc_plot(result: AuditResult) -> str | None:
+    if not result.membership:
+        return None
+    fig, ax = plt.subplots(figsize=(4, 4))
+    for m in result.membership:
+        ax.plot([max(f, 1e-4) for f in m.fpr], [max(t, 1e-4) for t in m.tpr], label=f"AUC {m.auc:.3f}")
+    ax.plot([1e-4, 1], [1e-4, 1], color="grey", lw=0.8, ls="--")
+    ax.set_xscale("log")
+    ax.set_yscale("log")
+    ax.set_xlabel("false positive rate")
+    ax.set_ylabel("true positive rate")
+    ax.set_title("membership inference (final model)")
+    ax.legend(fontsize=8)
+    return _png(fig)
+
+
 def write_report(result: AuditResult) -> Path:
     """Write ``audit.json`` and ``report.html`` under ``<run-dir>/audit/``; return the folder."""
     out = result.run_dir / "audit"
@@ -95,7 +116,8 @@ def write_report(result: AuditResult) -> Path:
              f"{html.escape(str(data['counts']))}</p>", "<h2>Threat models</h2><ul>"]
     parts += [f"<li><b>{k}</b>: {html.escape(v)}</li>" for k, v in THREATS.items()]
     parts.append("</ul>")
-    for title, png in (("Accounting", _epsilon_plot(result)), ("White-box audit", _whitebox_plot(result))):
+    for title, png in (("Accounting", _epsilon_plot(result)), ("White-box audit", _whitebox_plot(result)),
+                       ("Membership inference", _roc_plot(result))):
         if png:
             parts.append(f"<h2>{title}</h2><img src='data:image/png;base64,{png}'/>")
     rows = [r for r in result.wire.get("bytes-per-round", []) if r.get("side") == "server"] \

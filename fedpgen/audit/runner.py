@@ -10,11 +10,12 @@ from typing import Any
 
 from fedpgen.audit.accounting import (Check, audit_device, audit_server_view, audit_summary, audit_user_level,
                                       load_json)
+from fedpgen.audit.membership import MembershipResult, final_model_attack
 from fedpgen.audit.whitebox import WhiteboxResult, audit_mechanism
 
 log = logging.getLogger(__name__)
 
-ATTACKS = ("accounting", "whitebox", "wire")
+ATTACKS = ("accounting", "whitebox", "wire", "membership")
 
 
 @dataclasses.dataclass
@@ -23,6 +24,7 @@ class AuditResult:
     checks: list[Check] = dataclasses.field(default_factory=list)
     whitebox: list[WhiteboxResult] = dataclasses.field(default_factory=list)
     wire: dict[str, Any] = dataclasses.field(default_factory=dict)
+    membership: list[MembershipResult] = dataclasses.field(default_factory=list)
 
     @property
     def failed(self) -> list[Check]:
@@ -81,7 +83,24 @@ def audit_run(run_dir: Path, *, devices: list[Path] | None = None, key_file: Pat
     if "wire" in attacks:
         result.wire, wire_checks = _wire(run_dir, cfg, devices, key_file)
         result.checks += wire_checks
+    if "membership" in attacks:
+        result.checks.append(_membership(run_dir, cfg, result))
     return result
+
+
+def _membership(run_dir: Path, cfg: dict[str, Any], result: AuditResult) -> Check:
+    name = "membership inference within the DP bound"
+    try:
+        mia = final_model_attack(run_dir, cfg)
+    except (FileNotFoundError, ValueError) as exc:  # no checkpoint, no users' folders, no records
+        return Check(name, "final shared model", "not-checked", str(exc))
+    result.membership.append(mia)
+    low, high = mia.tpr_at[0.001][1:], mia.tpr_at[0.01][1:]
+    return Check(name, "final shared model", "pass" if mia.worst_excess <= 0 else "fail",
+                 f"{mia.view}: {mia.members} members / {mia.nonmembers} non-members, AUC {mia.auc:.3f} "
+                 f"[{mia.auc_ci[0]:.3f}, {mia.auc_ci[1]:.3f}], TPR@0.1% FPR {mia.tpr_at[0.001][0]:.4f} "
+                 f"[{low[0]:.4f}, {low[1]:.4f}], TPR@1% FPR {mia.tpr_at[0.01][0]:.4f} [{high[0]:.4f}, {high[1]:.4f}]",
+                 {"auc": mia.auc, "tpr@0.001": mia.tpr_at[0.001][0], "tpr@0.01": mia.tpr_at[0.01][0]})
 
 
 def _accounting(run_dir: Path, cfg: dict[str, Any], rows: list[dict[str, Any]], devices: list[Path],

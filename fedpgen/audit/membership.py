@@ -1,0 +1,127 @@
+"""Membership inference against the final shared model (black box): a loss-threshold attack.
+
+Threat model: anyone holding the final shared base (every device does; a deployment may
+publish it) and a candidate record of some user asks "was it trained on?". Members: each
+user's training records; non-members: the same users' held-out records (never trained on;
+the device's own deterministic split). Score: minus the record's loss under base + final
+shared adapter (personal part off). Reported: AUC (Mann–Whitney) with a bootstrap 95%
+interval, TPR at 0.1% and 1% FPR with Clopper–Pearson 95% intervals, and the ROC curve.
+
+Check against the claim: (ε, δ)-DP for each record bounds any test by TPR ≤ e^ε·FPR + δ;
+at every point of the curve the TPR's lower 95% limit must stay below e^ε times the FPR's
+upper 95% limit, plus δ (pointwise limits: a screen for gross violations, weaker than the
+one-run audit).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from scipy import stats
+
+FPRS = (0.001, 0.01)
+
+
+@dataclasses.dataclass(frozen=True)
+class MembershipResult:
+    view: str
+    members: int
+    nonmembers: int
+    auc: float
+    auc_ci: tuple[float, float]
+    tpr_at: dict[float, tuple[float, float, float]]  # fpr -> (tpr, low, high)
+    fpr: list[float]
+    tpr: list[float]
+    worst_excess: float  # max over the curve of TPR_low - (e^ε·FPR + δ); > 0 refutes the claim
+
+
+def clopper_pearson(k: int, n: int, confidence: float = 0.95) -> tuple[float, float]:
+    """Exact binomial confidence interval for k successes in n trials."""
+    if n == 0:
+        return 0.0, 1.0
+    a = (1 - confidence) / 2
+    low = 0.0 if k == 0 else float(stats.beta.ppf(a, k, n - k + 1))
+    high = 1.0 if k == n else float(stats.beta.ppf(1 - a, k + 1, n - k))
+    return low, high
+
+
+def roc(members: np.ndarray, nonmembers: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(FPR, TPR) of "member if score ≥ t" over every threshold t, from (0, 0) to (1, 1)."""
+    scores = np.concatenate([members, nonmembers])
+    truth = np.concatenate([np.ones(len(members)), np.zeros(len(nonmembers))])
+    order = np.argsort(-scores, kind="stable")
+    tp, fp = np.cumsum(truth[order]), np.cumsum(1 - truth[order])
+    return (np.concatenate([[0.0], fp / max(len(nonmembers), 1)]),
+            np.concatenate([[0.0], tp / max(len(members), 1)]))
+
+
+def analyse(members: np.ndarray, nonmembers: np.ndarray, *, epsilon: float, delta: float, view: str,
+            seed: int = 0) -> MembershipResult:
+    """AUC, TPR at low FPR and the DP-bound check for scores (higher: more likely a member)."""
+    members, nonmembers = np.asarray(members, float), np.asarray(nonmembers, float)
+    if len(members) == 0 or len(nonmembers) == 0:
+        raise ValueError(f"membership inference needs members and non-members, got {len(members)} and "
+                         f"{len(nonmembers)}")
+    auc = float(stats.mannwhitneyu(members, nonmembers).statistic) / (len(members) * len(nonmembers))
+    rng = np.random.default_rng(seed)
+    boot = [float(stats.mannwhitneyu(rng.choice(members, len(members)), rng.choice(nonmembers, len(nonmembers)))
+                  .statistic) / (len(members) * len(nonmembers)) for _ in range(200)]
+    fpr, tpr = roc(members, nonmembers)
+    tpr_at = {}
+    for target in FPRS:
+        i = int(np.searchsorted(fpr, target, side="right")) - 1  # the last point with FPR ≤ target
+        k = int(round(tpr[i] * len(members)))
+        tpr_at[target] = (float(tpr[i]), *clopper_pearson(k, len(members)))
+    # Both rates are estimates: the claim is refuted only where the TPR's lower limit exceeds
+    # e^ε times the FPR's upper limit (+ δ). Pointwise 95% limits, not corrected over the curve.
+    fpr_high = np.array([clopper_pearson(int(round(f * len(nonmembers))), len(nonmembers))[1] for f in fpr])
+    bound = np.minimum(1.0, np.exp(min(epsilon, 700.0)) * fpr_high + delta)
+    lows = np.array([clopper_pearson(int(round(t * len(members))), len(members))[0] for t in tpr])
+    return MembershipResult(view=view, members=len(members), nonmembers=len(nonmembers), auc=auc,
+                            auc_ci=(float(np.percentile(boot, 2.5)), float(np.percentile(boot, 97.5))),
+                            tpr_at=tpr_at, fpr=fpr.tolist(), tpr=tpr.tolist(),
+                            worst_excess=float((lows - bound).max()))
+
+
+@torch.no_grad()
+def record_losses(model: torch.nn.Module, task: Any, records: torch.Tensor, chunk: int = 64) -> np.ndarray:
+    """Per-record loss, deterministic (a stochastic loss draws from a fixed seed in a forked RNG)."""
+    model.eval()
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        out = [task.per_record_loss(model, records[i : i + chunk]).float() for i in range(0, records.shape[0], chunk)]
+    return torch.cat(out).numpy() if out else np.zeros(0)
+
+
+def final_model_attack(run_dir: Path, cfg_dict: dict[str, Any]) -> MembershipResult:
+    """The loss-threshold attack on a simulation's final shared model, over every user."""
+    from server import checkpoint
+    from shared.adapters import active, set_arrays
+    from shared.config import RunConfig
+    from shared.data.user_folder import list_user_dirs
+    from shared.model import build_model
+    from shared.tasks import NoUsableDataError
+
+    cfg = RunConfig.from_mapping(cfg_dict)
+    built = build_model(cfg)
+    ckpt = checkpoint.latest(Path(run_dir) / "checkpoints", config_hash=cfg.model_hash(), names=built.sets.send)
+    if ckpt is None:
+        raise FileNotFoundError(f"{run_dir}/checkpoints: no shared base to attack")
+    set_arrays(built.model, built.sets.send, ckpt.theta)
+    folder = Path(cfg.data_dir).expanduser() if cfg.data == "dir" else Path(run_dir) / "users"
+    members, nonmembers = [], []
+    for user in list_user_dirs(folder):
+        try:
+            data = built.task.read_user(user, cfg, base_path=built.base_path)
+        except NoUsableDataError:
+            continue
+        with active(built.model, ["shared"], ()):
+            members.append(-record_losses(built.model, built.task, data.train))
+            nonmembers.append(-record_losses(built.model, built.task, data.heldout))
+    eps = float(cfg.dp_epsilon) if cfg.record_dp else float("inf")
+    return analyse(np.concatenate(members), np.concatenate(nonmembers), epsilon=eps, delta=cfg.dp_delta,
+                   view="black box: final shared model, loss threshold")
