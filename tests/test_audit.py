@@ -186,3 +186,14 @@ def test_membership_without_a_checkpoint_is_not_checked(run_copy: Path) -> None:
     result = audit_run(run_copy, attacks=("membership",))
     (check,) = result.checks
     assert check.status == "not-checked" and "no shared base" in check.detail
+
+
+def test_the_server_view_of_a_run_without_dp_says_not_private() -> None:
+    from fedpgen.audit.accounting import audit_server_view
+
+    rows = [{"round": r, "client-index": 0, "dp-epsilon": math.inf, "dp-sigma": 0.0, "dp-sample-rate": 0.0,
+             "dp-steps": 0, "dp-delta": 1e-5, "dp-accountant": "none"} for r in (1, 2)]
+    (check,) = audit_server_view(rows, cfg={})
+    assert (check.name, check.status) == ("server view: not private", "pass")
+    rows[1]["dp-epsilon"] = 0.5  # a noiseless round claiming a finite ε
+    assert audit_server_view(rows, cfg={})[0].status == "fail"

@@ -155,6 +155,12 @@ def audit_server_view(rows: list[dict[str, Any]], *, cfg: dict[str, Any]) -> lis
     if not by_client:
         return [Check("server view: dp-* fields", "server", "not-checked", "no dp-* fields in client_rounds.jsonl")]
     for client, crows in sorted(by_client.items(), key=lambda kv: str(kv[0])):
+        if any(float(r["dp-sigma"]) <= 0 for r in crows):  # a round without noise: NOT PRIVATE, ε = ∞
+            claims = {float(r["dp-epsilon"]) for r in crows if float(r["dp-sigma"]) <= 0}
+            checks.append(Check("server view: not private", f"client {client}",
+                                "pass" if claims == {math.inf} else "fail",
+                                f"rounds without noise claim ε {sorted(claims)} (must be ∞)"))
+            continue
         history: History = []
         for row in sorted(crows, key=lambda r: (int(r["round"]), int(r.get("dp-attempt", 1)))):
             if float(row["dp-sigma"]) > 0:
