@@ -19,24 +19,10 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from fedpgen.audit.whitebox import audit_mechanism  # noqa: E402
+from fedpgen.audit.whitebox import UnderstatedNoise, audit_mechanism  # noqa: E402
 from shared.privacy.accounting import calibrate_sigma  # noqa: E402
-from shared.privacy.mechanism import RecordDP  # noqa: E402
 
 
-class UnderstatedNoise(RecordDP):
-    """Adds σ/10 while its history records σ: the lie the audit must catch."""
-
-    def open(self, *args, **kwargs):  # type: ignore[no-untyped-def]
-        claimed = self.noise_multiplier
-        self.noise_multiplier = claimed / 10
-        try:
-            return super().open(*args, **kwargs)
-        finally:
-            self.noise_multiplier = claimed
-
-    def record(self, *, sigma: float, sample_rate: float, steps: int) -> None:
-        super().record(sigma=self.noise_multiplier, sample_rate=sample_rate, steps=steps)
 
 
 def main() -> None:

@@ -19,29 +19,15 @@ from fedpgen.audit.accounting import audit_device
 from fedpgen.audit.membership import analyse, clopper_pearson, roc
 from fedpgen.audit.one_run import epsilon_lower_bound, max_provable
 from fedpgen.audit.runner import audit_run
-from fedpgen.audit.whitebox import audit_mechanism, canary_layout
+from fedpgen.audit.whitebox import UnderstatedNoise, audit_mechanism, canary_layout
 from fedpgen.cli import cli
 from shared.config import RunConfig
 from shared.population import ensure_population, state_dir
 from shared.privacy.accounting import calibrate_sigma
 from shared.privacy.ledger import PrivacyLedger
-from shared.privacy.mechanism import RecordDP
 from shared.store import device_sealer
 
 
-class UnderstatedNoise(RecordDP):
-    """Test-only lie: adds σ/10 of noise while its accountant history records σ."""
-
-    def open(self, *args, **kwargs):  # type: ignore[no-untyped-def]
-        claimed = self.noise_multiplier
-        self.noise_multiplier = claimed / 10
-        try:
-            return super().open(*args, **kwargs)
-        finally:
-            self.noise_multiplier = claimed
-
-    def record(self, *, sigma: float, sample_rate: float, steps: int) -> None:
-        super().record(sigma=self.noise_multiplier, sample_rate=sample_rate, steps=steps)
 
 
 def test_the_one_run_bound_matches_the_papers_worked_example() -> None:

@@ -20,6 +20,7 @@ from __future__ import annotations
 import dataclasses
 import math
 from collections.abc import Callable
+from typing import Any
 
 import numpy as np
 import torch
@@ -29,6 +30,22 @@ from shared.privacy.accounting import epsilon
 from shared.privacy.mechanism import RecordDP
 
 MechanismFactory = Callable[..., RecordDP]
+
+
+class UnderstatedNoise(RecordDP):
+    """A lie for the audit's own tests and benchmark (never built by a run): adds σ/10 of
+    noise while its accountant history records σ. The white-box audit must catch it."""
+
+    def open(self, *args: Any, **kwargs: Any) -> Any:
+        claimed = self.noise_multiplier
+        self.noise_multiplier = claimed / 10
+        try:
+            return super().open(*args, **kwargs)
+        finally:
+            self.noise_multiplier = claimed
+
+    def record(self, *, sigma: float, sample_rate: float, steps: int) -> None:
+        super().record(sigma=self.noise_multiplier, sample_rate=sample_rate, steps=steps)
 
 
 @dataclasses.dataclass(frozen=True)
