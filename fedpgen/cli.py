@@ -76,8 +76,10 @@ def audit(
     devices: Annotated[list[Path], typer.Option("--devices", help="a device state-dir to audit (repeat); "
                                                 "default: <run-dir>/devices/* of a simulation")] = [],  # noqa: B006
     key_file: Annotated[Optional[Path], typer.Option(help="device key (default <state-dir>/device.key)")] = None,
-    attacks: Annotated[str, typer.Option(help="comma-separated: accounting, whitebox, wire, membership")]
-    = "accounting,whitebox,wire,membership",
+    users: Annotated[Optional[Path], typer.Option(help="the users' device folders, named as the state-dirs (wire "
+                                                  "audit; default: a simulation's population)")] = None,
+    attacks: Annotated[str, typer.Option(help="comma-separated: accounting, whitebox, wire, membership, canaries")]
+    = "accounting,whitebox,wire,membership,canaries",
     canaries: Annotated[int, typer.Option(help="white-box audit: gradient canaries", min=2)] = 1000,
 ) -> None:
     """Audit a run's privacy claims: recompute every ε, check the wire, bound ε empirically.
@@ -86,7 +88,7 @@ def audit(
     from fedpgen.audit.report import print_table, write_report
     from fedpgen.audit.runner import audit_run
 
-    result = audit_run(run_dir, devices=devices or None, key_file=key_file, canaries=canaries,
+    result = audit_run(run_dir, devices=devices or None, key_file=key_file, canaries=canaries, users_dir=users,
                        attacks=tuple(a.strip() for a in attacks.split(",") if a.strip()))
     out = write_report(result)
     print_table(result, console)
@@ -94,6 +96,34 @@ def audit(
     if result.failed:
         console.print(f"[bold red]audit FAILED:[/] {', '.join(sorted({c.name for c in result.failed}))}")
         raise typer.Exit(1)
+
+
+@cli.command("plant-canaries")
+def plant_canaries(
+    config: Annotated[Optional[Path], typer.Option(help="the run's override file, e.g. simulations/canary.toml")] = None,
+    set_: Annotated[list[str], typer.Option("--set", help="key=value override of a run-config key")] = [],  # noqa: B006
+    data_dir: Annotated[Optional[str], typer.Option(help="folder of user device folders (sets data=dir)")] = None,
+    one_run: Annotated[int, typer.Option(help="one-run canaries, each planted once with probability 1/2", min=0)]
+    = 200,
+    per_repetition: Annotated[int, typer.Option(help="exposure canaries planted 1x, 10x and 100x, each", min=0)] = 2,
+    chosen_users: Annotated[int, typer.Option(help="users whose folders hold the exposure canaries", min=1)] = 2,
+) -> None:
+    """Plant canaries (text task) in the users' folders of a run before it starts, for `fedpgen audit`.
+
+    Writes canary documents into the device folders and the secret to <run-dir>/audit/canaries.json;
+    then run `fedpgen simulate` with the same options, then `fedpgen audit <run-dir>`."""
+    from fedpgen.audit.canaries import plant
+    from shared.population import ensure_population
+
+    flags = {"data-dir": data_dir, "data": "dir" if data_dir else None}
+    cfg = RunConfig.from_mapping(_overrides(config, set_, flags))
+    if cfg.task != "text":
+        raise typer.BadParameter(f"canaries are planted in documents: the text task only (task={cfg.task})")
+    users = ensure_population(cfg)
+    path = plant(users, run_dir=Path(cfg.run_dir), one_run=one_run, per_repetition=per_repetition,
+                 chosen_users=chosen_users)
+    console.print(f"planted canaries in {len(users)} users' folders; the secret is {path} "
+                  "(keep it from the devices; `fedpgen audit` reads it)")
 
 
 @cli.command()

@@ -1,11 +1,9 @@
-"""Membership inference against the final shared model (black box): a loss-threshold attack.
+"""Membership inference: does a record of some user belong to what trained the shared base?
 
-Threat model: anyone holding the final shared base (every device does; a deployment may
-publish it) and a candidate record of some user asks "was it trained on?". Members: each
-user's training records; non-members: the same users' held-out records (never trained on;
-the device's own deterministic split). Score: minus the record's loss under base + final
-shared adapter (personal part off). Reported: AUC (Mann–Whitney) with a bootstrap 95%
-interval, TPR at 0.1% and 1% FPR with Clopper–Pearson 95% intervals, and the ROC curve.
+Members: each user's training records; non-members: the same users' held-out records (never
+trained on; the device's own deterministic split). The observers and their scores (final
+model, calibrated; aggregate; per-device update) are ``fedpgen/audit/views.py``'s.
+Reported: AUC (Mann–Whitney) with a bootstrap 95% interval, TPR at 0.1% and 1% FPR with Clopper–Pearson 95% intervals, and the ROC curve.
 
 Check against the claim: (ε, δ)-DP for each record bounds any test by TPR ≤ e^ε·FPR + δ;
 at every point of the curve the TPR's lower 95% limit must stay below e^ε times the FPR's
@@ -16,7 +14,6 @@ one-run audit).
 from __future__ import annotations
 
 import dataclasses
-from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -97,31 +94,21 @@ def record_losses(model: torch.nn.Module, task: Any, records: torch.Tensor, chun
     return torch.cat(out).numpy() if out else np.zeros(0)
 
 
-def final_model_attack(run_dir: Path, cfg_dict: dict[str, Any]) -> MembershipResult:
-    """The loss-threshold attack on a simulation's final shared model, over every user."""
-    from server import checkpoint
-    from shared.adapters import active, set_arrays
-    from shared.config import RunConfig
-    from shared.data.user_folder import list_user_dirs
-    from shared.model import build_model
+def view_attack(observer: Any, view: str, *, epsilon: float, delta: float) -> MembershipResult:
+    """Members: every user's training records; non-members: their held-out records, scored by
+    one view of :class:`fedpgen.audit.views.Observer` (only users the view says anything about)."""
+    from fedpgen.audit.views import VIEWS
     from shared.tasks import NoUsableDataError
 
-    cfg = RunConfig.from_mapping(cfg_dict)
-    built = build_model(cfg)
-    ckpt = checkpoint.latest(Path(run_dir) / "checkpoints", config_hash=cfg.model_hash(), names=built.sets.send)
-    if ckpt is None:
-        raise FileNotFoundError(f"{run_dir}/checkpoints: no shared base to attack")
-    set_arrays(built.model, built.sets.send, ckpt.theta)
-    folder = Path(cfg.data_dir).expanduser() if cfg.data == "dir" else Path(run_dir) / "users"
     members, nonmembers = [], []
-    for user in list_user_dirs(folder):
+    for user in observer.participants(view):
         try:
-            data = built.task.read_user(user, cfg, base_path=built.base_path)
+            data = observer.user_data(user)
         except NoUsableDataError:
             continue
-        with active(built.model, ["shared"], ()):
-            members.append(-record_losses(built.model, built.task, data.train))
-            nonmembers.append(-record_losses(built.model, built.task, data.heldout))
-    eps = float(cfg.dp_epsilon) if cfg.record_dp else float("inf")
-    return analyse(np.concatenate(members), np.concatenate(nonmembers), epsilon=eps, delta=cfg.dp_delta,
-                   view="black box: final shared model, loss threshold")
+        members.append(observer.score(view, user, data.train, "train"))
+        nonmembers.append(observer.score(view, user, data.heldout, "heldout"))
+    if not members:
+        raise ValueError(f"{view}: no user's records to attack")
+    return analyse(np.concatenate(members), np.concatenate(nonmembers), epsilon=epsilon, delta=delta,
+                   view=VIEWS[view])

@@ -27,9 +27,14 @@ THREATS = {
     "whitebox": "The strongest observer of one device: it sees every noised DP-SGD step and plants gradient "
                 "(Dirac) canaries, each included with probability 1/2 (Steinke, Nasr & Jagielski 2023). A "
                 "measured lower bound above the claimed ε means the mechanism adds less noise than it accounts.",
-    "membership": "Anyone holding the final shared base asks of a user's record whether it was trained on: a "
-                  "loss-threshold attack, members = users' training records, non-members = their held-out records. "
-                  "Checked against TPR ≤ e^ε·FPR + δ with confidence limits on both rates.",
+    "membership": "Does a user's record belong to what trained the shared base? Members = users' training records, "
+                  "non-members = their held-out records, scored by four observers: anyone with the final shared "
+                  "model (loss threshold; RMIA with the pre-federation base as reference model), a server with "
+                  "SecAgg+ (each round's aggregate), a server without it (each device's own update). Checked against "
+                  "TPR ≤ e^ε·FPR + δ with confidence limits on both rates.",
+    "canaries": "Canaries planted in users' documents before the run (fedpgen plant-canaries): the exposure of "
+                "secrets repeated 1×, 10×, 100× under the final shared model (Carlini et al. 2019), and a black-box "
+                "one-run lower bound on ε per observer from canaries each planted with probability 1/2.",
     "wire": "What crossed the wire: every recorded message checked against shared/wire.py and scanned for the "
             "devices' raw context.",
 }
@@ -47,6 +52,8 @@ def as_json(result: AuditResult) -> dict[str, Any]:
         "wire": result.wire,
         "membership": [{k: v for k, v in dataclasses.asdict(m).items() if k not in ("fpr", "tpr")}
                        for m in result.membership],
+        "exposure": [dataclasses.asdict(e) for e in result.exposure],
+        "one-run": result.one_run,
     }
 
 
@@ -91,17 +98,47 @@ def _epsilon_plot(result: AuditResult) -> str | None:
 def _roc_plot(result: AuditResult) -> str | None:
     if not result.membership:
         return None
-    fig, ax = plt.subplots(figsize=(4, 4))
+    fig, ax = plt.subplots(figsize=(5, 5))
     for m in result.membership:
-        ax.plot([max(f, 1e-4) for f in m.fpr], [max(t, 1e-4) for t in m.tpr], label=f"AUC {m.auc:.3f}")
+        ax.plot([max(f, 1e-4) for f in m.fpr], [max(t, 1e-4) for t in m.tpr],
+                label=f"{m.view.split(':')[-1].strip()[:38]} (AUC {m.auc:.3f})")
     ax.plot([1e-4, 1], [1e-4, 1], color="grey", lw=0.8, ls="--")
     ax.set_xscale("log")
     ax.set_yscale("log")
     ax.set_xlabel("false positive rate")
     ax.set_ylabel("true positive rate")
-    ax.set_title("membership inference (final model)")
-    ax.legend(fontsize=8)
+    ax.set_title("membership inference, per observer")
+    ax.legend(fontsize=7)
     return _png(fig)
+
+
+def _attack_tables(result: AuditResult) -> list[str]:
+    """Membership per observer, one-run bounds per observer, canary exposure per repetition."""
+    parts = []
+    if result.membership:
+        parts.append("<h3>Membership inference per observer</h3><table><tr><th>observer</th><th>members</th>"
+                     "<th>non-members</th><th>AUC [95%]</th><th>TPR@0.1% FPR [95%]</th><th>TPR@1% FPR [95%]</th></tr>")
+        parts += [f"<tr><td>{html.escape(m.view)}</td><td>{m.members}</td><td>{m.nonmembers}</td>"
+                  f"<td>{m.auc:.3f} [{m.auc_ci[0]:.3f}, {m.auc_ci[1]:.3f}]</td>"
+                  + "".join(f"<td>{m.tpr_at[f][0]:.4f} [{m.tpr_at[f][1]:.4f}, {m.tpr_at[f][2]:.4f}]</td>"
+                            for f in (0.001, 0.01)) + "</tr>" for m in result.membership]
+        parts.append("</table>")
+    if result.one_run:
+        parts.append("<h3>Black-box one-run audit per observer (planted canaries, 95% confidence)</h3><table><tr>"
+                     "<th>observer</th><th>canaries</th><th>right / guesses</th><th>ε lower bound</th>"
+                     "<th>max provable</th><th>claimed ε</th></tr>")
+        parts += [f"<tr><td>{html.escape(o['view'])}</td><td>{o['canaries']}</td><td>{o['correct']} / {o['guesses']}"
+                  f"</td><td>{o['lower-bound']:.2f}</td><td>{o['max-provable']:.2f}</td><td>{o['claimed']:.2f}</td></tr>"
+                  for o in result.one_run]
+        parts.append("</table>")
+    if result.exposure:
+        parts.append("<h3>Canary exposure under the final shared model (Secret Sharer; at most log2 10^6 = 19.9)"
+                     "</h3><table><tr><th>repetitions</th><th>exposure (skew-normal fit)</th>"
+                     "<th>exposure (empirical, capped)</th><th>candidates</th></tr>")
+        parts += [f"<tr><td>{e.repetitions}</td><td>{e.exposure_fit:.2f}</td><td>{e.exposure_empirical:.2f}</td>"
+                  f"<td>{e.candidates}</td></tr>" for e in result.exposure]
+        parts.append("</table>")
+    return parts
 
 
 def write_report(result: AuditResult) -> Path:
@@ -120,6 +157,7 @@ def write_report(result: AuditResult) -> Path:
                        ("Membership inference", _roc_plot(result))):
         if png:
             parts.append(f"<h2>{title}</h2><img src='data:image/png;base64,{png}'/>")
+    parts += _attack_tables(result)
     rows = [r for r in result.wire.get("bytes-per-round", []) if r.get("side") == "server"] \
         or result.wire.get("bytes-per-round", [])
     if rows:  # what crossed the wire, as the server's transcript saw it (else the devices')
@@ -153,6 +191,14 @@ def print_table(result: AuditResult, console: Console) -> None:
         n = Counter(c.status for c in result.checks if c.name == name)
         table.add_row(name, str(n["pass"]), f"[bold red]{n['fail']}" if n["fail"] else "0", str(n["not-checked"]))
     console.print(table)
+    for m in result.membership:
+        console.print(f"membership, {m.view}: AUC {m.auc:.3f}, TPR@0.1% FPR {m.tpr_at[0.001][0]:.4f}", highlight=False)
+    for o in result.one_run:
+        console.print(f"one-run, {o['view']}: ε ≥ {o['lower-bound']:.2f} (claimed {o['claimed']:.2f}, "
+                      f"{o['correct']}/{o['guesses']} right)", highlight=False)
+    for e in result.exposure:
+        console.print(f"canary exposure at {e.repetitions}×: {e.exposure_fit:.2f} (empirical {e.exposure_empirical:.2f})",
+                      highlight=False)
     for c in result.failed:
         console.print(f"[bold red]FAIL[/] {c.name} ({c.subject}): {c.detail}", markup=True, highlight=False)
     for c in (c for c in result.checks if c.status == "not-checked"):

@@ -10,12 +10,13 @@ from typing import Any
 
 from fedpgen.audit.accounting import (Check, audit_device, audit_server_view, audit_summary, audit_user_level,
                                       load_json)
-from fedpgen.audit.membership import MembershipResult, final_model_attack
+from fedpgen.audit.canaries import Exposure
+from fedpgen.audit.membership import MembershipResult
 from fedpgen.audit.whitebox import WhiteboxResult, audit_mechanism
 
 log = logging.getLogger(__name__)
 
-ATTACKS = ("accounting", "whitebox", "wire", "membership")
+ATTACKS = ("accounting", "whitebox", "wire", "membership", "canaries")
 
 
 @dataclasses.dataclass
@@ -25,6 +26,8 @@ class AuditResult:
     whitebox: list[WhiteboxResult] = dataclasses.field(default_factory=list)
     wire: dict[str, Any] = dataclasses.field(default_factory=dict)
     membership: list[MembershipResult] = dataclasses.field(default_factory=list)
+    exposure: list[Exposure] = dataclasses.field(default_factory=list)
+    one_run: list[dict[str, Any]] = dataclasses.field(default_factory=list)  # black-box one-run bounds per view
 
     @property
     def failed(self) -> list[Check]:
@@ -49,10 +52,12 @@ def _client_indices(run_dir: Path, cfg: dict[str, Any]) -> dict[str, int]:
 
 
 def audit_run(run_dir: Path, *, devices: list[Path] | None = None, key_file: Path | None = None,
-              attacks: tuple[str, ...] = ATTACKS, canaries: int = 1000) -> AuditResult:
+              attacks: tuple[str, ...] = ATTACKS, canaries: int = 1000, users_dir: Path | None = None) -> AuditResult:
     """Audit ``run_dir`` (a simulation's or a deployment server's run folder).
 
-    ``devices``: state-dirs to audit (default: ``<run-dir>/devices/*`` of a simulation).
+    ``devices``: state-dirs to audit (default: ``<run-dir>/devices/*`` of a simulation);
+    ``users_dir``: the users' device folders, for the wire audit's raw-context scan (default:
+    the simulation's population).
     """
     run_dir = Path(run_dir)
     unknown = set(attacks) - set(ATTACKS)
@@ -81,26 +86,98 @@ def audit_run(run_dir: Path, *, devices: list[Path] | None = None, key_file: Pat
             result.checks.append(Check("white-box lower bound within the claim", "run", "not-checked",
                                        "the run is not private at record level (no DP-SGD to audit)"))
     if "wire" in attacks:
-        result.wire, wire_checks = _wire(run_dir, cfg, devices, key_file)
+        result.wire, wire_checks = _wire(run_dir, cfg, devices, key_file, users_dir)
         result.checks += wire_checks
-    if "membership" in attacks:
-        result.checks.append(_membership(run_dir, cfg, result))
+    if "membership" in attacks or "canaries" in attacks:
+        result.checks += _attacks(run_dir, cfg, result, attacks)
     return result
 
 
-def _membership(run_dir: Path, cfg: dict[str, Any], result: AuditResult) -> Check:
+def _attacks(run_dir: Path, cfg_dict: dict[str, Any], result: AuditResult, attacks: tuple[str, ...]) -> list[Check]:
+    """Membership inference under every view, and the planted canaries (exposure, one-run bounds)."""
+    from fedpgen.audit import canaries
+    from fedpgen.audit.views import VIEWS, Observer
+    from shared.config import RunConfig
+
+    mia_name, canary_name = "membership inference within the DP bound", "one-run lower bound within the claim"
+    cfg = RunConfig.from_mapping(cfg_dict)
+    checks, planted = [], None
+    if "canaries" in attacks:
+        try:
+            planted = canaries.load(run_dir)
+            why = "no canaries were planted before this run (fedpgen plant-canaries)"
+        except ValueError as exc:
+            why = str(exc)
+        if planted is not None and cfg.task != "text":
+            planted, why = None, f"canaries are planted in documents: the text task only (this run: {cfg.task})"
+        if planted is None:
+            checks.append(Check(canary_name, "run", "not-checked", why))
+    wanted = ([mia_name] if "membership" in attacks else []) + ([canary_name] if planted is not None else [])
+    if not wanted:
+        return checks
+    try:
+        observer = Observer(run_dir, cfg)
+    except (FileNotFoundError, ValueError) as exc:  # no checkpoint, no users' folders
+        return checks + [Check(name, "run", "not-checked", str(exc)) for name in wanted]
+    eps = float(cfg.dp_epsilon) if cfg.record_dp else float("inf")
+    for view, label in VIEWS.items():
+        reason = observer.available(view)
+        if reason:
+            checks += [Check(name, label, "not-checked", reason) for name in wanted]
+            continue
+        if "membership" in attacks:
+            checks.append(_membership_check(observer, view, label, eps, cfg.dp_delta, result))
+        if planted is not None:
+            checks.append(_one_run_check(observer, planted, view, label, eps, cfg.dp_delta, result))
+    if planted is not None:
+        result.exposure = canaries.measure_exposure(planted, observer.final_losses)
+    return checks
+
+
+def _membership_check(observer: Any, view: str, label: str, eps: float, delta: float, result: AuditResult) -> Check:
+    from fedpgen.audit.membership import view_attack
+
     name = "membership inference within the DP bound"
     try:
-        mia = final_model_attack(run_dir, cfg)
-    except (FileNotFoundError, ValueError) as exc:  # no checkpoint, no users' folders, no records
-        return Check(name, "final shared model", "not-checked", str(exc))
+        mia = view_attack(observer, view, epsilon=eps, delta=delta)
+    except ValueError as exc:
+        return Check(name, label, "not-checked", str(exc))
     result.membership.append(mia)
     low, high = mia.tpr_at[0.001][1:], mia.tpr_at[0.01][1:]
-    return Check(name, "final shared model", "pass" if mia.worst_excess <= 0 else "fail",
-                 f"{mia.view}: {mia.members} members / {mia.nonmembers} non-members, AUC {mia.auc:.3f} "
+    return Check(name, label, "pass" if mia.worst_excess <= 0 else "fail",
+                 f"{mia.members} members / {mia.nonmembers} non-members, AUC {mia.auc:.3f} "
                  f"[{mia.auc_ci[0]:.3f}, {mia.auc_ci[1]:.3f}], TPR@0.1% FPR {mia.tpr_at[0.001][0]:.4f} "
                  f"[{low[0]:.4f}, {low[1]:.4f}], TPR@1% FPR {mia.tpr_at[0.01][0]:.4f} [{high[0]:.4f}, {high[1]:.4f}]",
                  {"auc": mia.auc, "tpr@0.001": mia.tpr_at[0.001][0], "tpr@0.01": mia.tpr_at[0.01][0]})
+
+
+def _one_run_check(observer: Any, planted: Any, view: str, label: str, eps: float, delta: float,
+                   result: AuditResult) -> Check:
+    """Steinke et al.'s one-run audit, black box: each one-run canary scored by the view."""
+    import numpy as np
+
+    from fedpgen.audit.canaries import canary_text
+    from fedpgen.audit.one_run import best_guesses, max_provable
+
+    items = planted.of("one-run")
+    if len(items) < 2:
+        return Check("one-run lower bound within the claim", label, "not-checked", "fewer than 2 one-run canaries")
+    scores = np.zeros(len(items))
+    by_user: dict[str, list[int]] = {}
+    for i, c in enumerate(items):
+        by_user.setdefault(c.user, []).append(i)
+    for user, idx in by_user.items():
+        recs = observer.canary_records(user, [canary_text(items[i].secret) for i in idx])
+        scores[idx] = observer.score(view, user, recs, "one-run-canaries")
+    included = np.array([c.included for c in items])
+    g = best_guesses(scores, included, delta=delta)
+    ceiling = max_provable(m=g.m, r=g.r, delta=delta)
+    result.one_run.append({"view": label, "canaries": g.m, "guesses": g.r, "correct": g.correct,
+                           "lower-bound": g.epsilon, "claimed": eps, "max-provable": ceiling})
+    return Check("one-run lower bound within the claim", label, "pass" if g.epsilon <= eps else "fail",
+                 f"measured ε ≥ {g.epsilon:.2f} (95%), claimed {eps:.2f}: {g.correct}/{g.r} guesses right on "
+                 f"{g.m} planted-or-not canaries (at most {ceiling:.2f} provable)",
+                 {"lower-bound": g.epsilon, "claimed": eps})
 
 
 def _accounting(run_dir: Path, cfg: dict[str, Any], rows: list[dict[str, Any]], devices: list[Path],
@@ -168,10 +245,10 @@ def _whitebox(cfg: dict[str, Any], rows: list[dict[str, Any]], devices: list[Pat
             for s, c, q, t in plans]
 
 
-def _wire(run_dir: Path, cfg: dict[str, Any], devices: list[Path],
-          key_file: Path | None) -> tuple[dict[str, Any], list[Check]]:
+def _wire(run_dir: Path, cfg: dict[str, Any], devices: list[Path], key_file: Path | None,
+          users_dir: Path | None) -> tuple[dict[str, Any], list[Check]]:
     try:
         from fedpgen.audit import wire_scan
     except ImportError:
         return {}, [Check("wire transcript", "run", "not-checked", "the wire audit is not available")]
-    return wire_scan.audit_wire(run_dir, cfg=cfg, devices=devices, key_file=key_file)
+    return wire_scan.audit_wire(run_dir, cfg=cfg, devices=devices, key_file=key_file, users_dir=users_dir)

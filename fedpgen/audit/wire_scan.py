@@ -391,7 +391,7 @@ def describe_hit(hit: Hit) -> str:
 
 
 def audit_wire(run_dir: Path, *, cfg: Mapping[str, Any] | None = None, devices: Sequence[Path] = (),
-               key_file: Path | None = None) -> tuple[dict[str, Any], list[Any]]:
+               key_file: Path | None = None, users_dir: Path | None = None) -> tuple[dict[str, Any], list[Any]]:
     """The wire part of ``fedpgen audit``: :func:`scan_run` as a dict and as audit checks.
 
     Parameters
@@ -405,6 +405,9 @@ def audit_wire(run_dir: Path, *, cfg: Mapping[str, Any] | None = None, devices: 
         default: the simulated devices of the run folder.
     key_file
         One device key for every state-dir given (default ``<state-dir>/device.key``).
+    users_dir
+        A folder of the users' device folders, named as their state-dirs (a deployment's:
+        the auditor was given them); default: the simulation's population.
 
     Returns
     -------
@@ -416,7 +419,12 @@ def audit_wire(run_dir: Path, *, cfg: Mapping[str, Any] | None = None, devices: 
 
     states = {Path(d).name: Path(d) for d in devices} or None
     keys = {name: Path(key_file) for name in states} if key_file and states else None
-    scan = scan_run(Path(run_dir), devices=states, key_files=keys)
+    users = None
+    if users_dir is not None:
+        from shared.data.user_folder import list_user_dirs
+
+        users = {p.name: p for p in list_user_dirs(Path(users_dir))}
+    scan = scan_run(Path(run_dir), users=users, devices=states, key_files=keys)
     checks = []
     for c in scan.checks:
         kind, _, subject = c.name.partition(":")
