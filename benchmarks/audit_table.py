@@ -9,6 +9,9 @@ DP has no plan for the audit's white box: it is audited here with σ = 0 on the 
 first private run given. Prints; asserts nothing.
 
     python benchmarks/audit_table.py "no DP=runs/canary-nodp" "ε = 8=runs/canary" "ε = 1=runs/canary-eps1"
+
+A run audited in parts (e.g. `--attacks membership,canaries` again after a fix): give the
+folder holding the white-box audit as `--whitebox LABEL=RUN_DIR`.
 """
 
 from __future__ import annotations
@@ -32,10 +35,18 @@ OBSERVERS = [
 
 
 def main() -> None:
-    runs = [arg.split("=", 1) for arg in sys.argv[1:]]
+    args, whitebox_from = sys.argv[1:], {}
+    while "--whitebox" in args:
+        i = args.index("--whitebox")
+        label, path = args[i + 1].rsplit("=", 1)
+        whitebox_from[label] = json.loads((Path(path) / "audit" / "audit.json").read_text())["whitebox"]
+        del args[i : i + 2]
+    runs = [arg.rsplit("=", 1) for arg in args]
     if not runs or any(len(r) != 2 for r in runs):
         raise SystemExit(__doc__)
     audits = {label: json.loads((Path(path) / "audit" / "audit.json").read_text()) for label, path in runs}
+    for label, wb in whitebox_from.items():
+        audits[label]["whitebox"] = wb
     plan = next((w for a in audits.values() for w in a["whitebox"]), None)
     print("| setting | threat model | MIA AUC [95%] | TPR@0.1% FPR | one-run ε ≥ (95%) | max provable | claimed ε |")
     print("|---|---|---|---|---|---|---|")

@@ -155,6 +155,11 @@ def test_clopper_pearson_and_the_membership_statistics_match_hand_values() -> No
     assert r.auc == pytest.approx(8 / 9)  # of 9 (member, non-member) pairs, 8 rank the member higher
     fpr, tpr = roc(members, nonmembers)
     assert fpr[-1] == tpr[-1] == 1.0 and fpr[0] == tpr[0] == 0.0
+    # A record and its copy, one trained on and one held out, score alike: no threshold separates them
+    fpr, tpr = roc(np.array([2.0, 1.0, 1.0, 1.0]), np.array([1.0, 1.0, 0.0]))
+    assert fpr.tolist() == [0.0, 0.0, 2 / 3, 1.0] and tpr.tolist() == [0.0, 0.25, 1.0, 1.0]
+    ties = analyse(np.full(3000, 0.5), np.full(3000, 0.5), epsilon=0.01, delta=1e-5, view="copies")
+    assert ties.worst_excess <= 0 and ties.tpr_at[0.001][0] == 0.0 and ties.auc == 0.5
 
 
 def test_membership_inference_refutes_only_a_claim_it_beats() -> None:

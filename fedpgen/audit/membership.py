@@ -47,13 +47,18 @@ def clopper_pearson(k: int, n: int, confidence: float = 0.95) -> tuple[float, fl
 
 
 def roc(members: np.ndarray, nonmembers: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """(FPR, TPR) of "member if score ≥ t" over every threshold t, from (0, 0) to (1, 1)."""
+    """(FPR, TPR) of "member if score ≥ t" over every threshold t, from (0, 0) to (1, 1).
+
+    Only thresholds an attacker can set: records with equal scores (a record and its copy,
+    one trained on and one held out) are on the same side of every threshold, so a tie group
+    adds one point, never a member before a non-member."""
     scores = np.concatenate([members, nonmembers])
     truth = np.concatenate([np.ones(len(members)), np.zeros(len(nonmembers))])
     order = np.argsort(-scores, kind="stable")
     tp, fp = np.cumsum(truth[order]), np.cumsum(1 - truth[order])
-    return (np.concatenate([[0.0], fp / max(len(nonmembers), 1)]),
-            np.concatenate([[0.0], tp / max(len(members), 1)]))
+    ends = np.flatnonzero(np.append(np.diff(scores[order]) != 0, True))  # the last record of each tie group
+    return (np.concatenate([[0.0], fp[ends] / max(len(nonmembers), 1)]),
+            np.concatenate([[0.0], tp[ends] / max(len(members), 1)]))
 
 
 def analyse(members: np.ndarray, nonmembers: np.ndarray, *, epsilon: float, delta: float, view: str,

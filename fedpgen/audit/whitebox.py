@@ -74,7 +74,8 @@ class _CanaryModel(torch.nn.Module):
 
     def __init__(self, canaries: int) -> None:
         super().__init__()
-        self.w = torch.nn.Embedding(canaries, 1)  # padding_idx None: exact per-sample grads (DESIGN.md §6)
+        # padding_idx None: exact per-sample gradients (docs/privacy.md, "Exact per-record gradients")
+        self.w = torch.nn.Embedding(canaries, 1)
 
     def per_record_loss(self, batch: torch.Tensor, push: float) -> torch.Tensor:
         # record = (canary index, included): an included canary's gradient is -push along its own row
