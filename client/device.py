@@ -20,19 +20,27 @@ from shared.adapters import active, get_arrays, get_tensors, set_arrays, set_ten
 from shared.config import RunConfig
 from shared.locking import exclusive
 from shared.model import build_model
+from shared.presets import PERSONAL, PERSONALIZE, SHARED, Phase
 from shared.privacy.accounting import compose, epsilon
 from shared.privacy.ledger import PrivacyEvent, PrivacyLedger
 from shared.privacy.mechanism import NoPrivacy, RecordDP
-from shared.privacy.plan import DPPlan, check_pattern, personal_in_shared_forward
+from shared.privacy.plan import BudgetExhaustedError, DPPlan, check_stored_budget
 from shared.privacy.user_level import add_noise_share, clip_delta
+from shared.sealing import TamperedStateError
 from shared.store import DeviceStore, device_sealer
-from shared.tasks import get_task
+from shared.tasks import NoUsableDataError, get_task
 from shared.training import TrainResult, mean_loss, train
-from shared.wire import keys_digest
+from shared.wire import (
+    BUDGET_EXHAUSTED,
+    NO_USABLE_DATA,
+    STATE_TAMPERED,
+    encode_refusal,
+    keys_digest,
+)
 
 log = logging.getLogger(__name__)
 
-SHARED, BOTH = ["shared"], ["shared", "personal"]
+BOTH = [SHARED, PERSONAL]
 REPORT = "report.png"
 Mechanism = NoPrivacy | RecordDP
 
@@ -55,6 +63,35 @@ def check_usable(cfg: RunConfig, user_dir: Path, store: DeviceStore) -> None:
     task.read_user(Path(user_dir), cfg, base_path=task.base_model_path(cfg))
 
 
+def preflight(cfg: RunConfig, *, user_dir: Path, state_dir: Path, key_file: Path | None = None) -> None:
+    """Can this device take part in a round? Cheap: no model is built.
+
+    Raises ``TamperedStateError`` (a sealed state file fails authentication),
+    ``BudgetExhaustedError`` (the stored plan cannot afford another round) or
+    ``NoUsableDataError`` (the folder cannot train) — the refusals of ``REFUSING``.
+    """
+    sealer = device_sealer(state_dir, key_file)  # one key load for all checks
+    store, ledger = DeviceStore(state_dir, sealer), PrivacyLedger(state_dir, sealer)
+    with exclusive(state_dir, what="device state-dir"):  # never read half an append
+        verify_state(store, ledger)
+        check_stored_budget(cfg, ledger)
+        check_usable(cfg, user_dir, store)
+
+
+REFUSING = (BudgetExhaustedError, NoUsableDataError, TamperedStateError)
+
+
+def refusal_text(exc: BaseException, node: int | None = None) -> str:
+    """What a refusing device sends (``shared/wire.py``): the reason code, the node id when
+    known, and ε figures for a spent budget. Other details name the user's folder and local
+    paths: they go to the device's log, not the wire."""
+    if isinstance(exc, BudgetExhaustedError):
+        return encode_refusal(BUDGET_EXHAUSTED, node=node, detail=str(exc))
+    reason = NO_USABLE_DATA if isinstance(exc, NoUsableDataError) else STATE_TAMPERED
+    log.error("refusing (%s): %s", reason, exc)
+    return encode_refusal(reason, node=node)
+
+
 class Device:
     """A user's device: its raw context, its personal part and its store never leave it."""
 
@@ -71,6 +108,7 @@ class Device:
         self.model, self.sets = built.model.to(self.device), built.sets
         self.init_send = get_arrays(self.model, self.sets.send)
         self.init_keep = get_tensors(self.model, self.sets.keep)
+        self._trainable = {SHARED: self.sets.shared_trainable, PERSONAL: self.sets.personal_trainable}
         # Everything in the state-dir is sealed with the device key (readers pass create_key=False).
         sealer = device_sealer(state_dir, key_file, create=create_key)
         self.store = DeviceStore(state_dir, sealer)
@@ -85,40 +123,30 @@ class Device:
         digest = hashlib.sha256(f"{self.cfg.seed}/{self.key}/{purpose}/{server_round}".encode()).digest()
         return torch.Generator().manual_seed(int.from_bytes(digest[:8], "little"))
 
-    def _shared_phase(self, adapters: list[str], names: tuple[str, ...], gen: torch.Generator,
-                      privacy: Mechanism) -> TrainResult:
+    def _phase(self, phase: Phase, gen: torch.Generator, privacy: Mechanism) -> TrainResult:
+        """One phase of the schedule: a private phase under ``privacy``, the others without DP;
+        early stopping on validation only without DP (selection is not private)."""
         cfg = self.cfg
-        with active(self.model, adapters, names) as params:
-            return train(self.model, params, self.data.train, task=self.task, steps=cfg.local_steps,
-                         batch_size=cfg.batch_size, lr=cfg.lr, gen=gen, privacy=privacy,
-                         micro_batch=self.micro_batch, dtype=self.dtype)
-
-    def _personal_phase(self, gen: torch.Generator, privacy: Mechanism = NoPrivacy()) -> TrainResult:
-        """Personal training: early stopping without DP; fixed steps under DP (selection is not private)."""
-        cfg, names = self.cfg, self.sets.personal_trainable
-        val = None if privacy.private else self.data.val
-        with active(self.model, BOTH, names) as params:
-            return train(self.model, params, self.data.train, task=self.task, steps=cfg.personal_max_steps,
-                         batch_size=cfg.batch_size, lr=cfg.personal_lr, gen=gen, privacy=privacy, val=val,
-                         names=names, eval_every=cfg.personal_eval_every, micro_batch=self.micro_batch,
+        mechanism = privacy if phase.private else NoPrivacy()
+        names = tuple(n for part in phase.trains for n in self._trainable[part])
+        val = self.data.val if phase.early_stopping and not mechanism.private else None
+        with active(self.model, list(phase.adapters), names) as params:
+            return train(self.model, params, self.data.train, task=self.task, steps=phase.num_steps(cfg),
+                         batch_size=cfg.batch_size, lr=phase.learning_rate(cfg), gen=gen, privacy=mechanism,
+                         val=val, names=names, eval_every=cfg.personal_eval_every, micro_batch=self.micro_batch,
                          dtype=self.dtype)
 
     def _round(self, gen: torch.Generator, privacy: Mechanism = NoPrivacy()) -> tuple[TrainResult, TrainResult]:
-        """Train this round per the preset's schedule (DESIGN.md §2 patterns a / b)."""
-        sets = self.sets
-        personal_privacy = privacy if personal_in_shared_forward(self.preset) else NoPrivacy()
-        check_pattern(self.preset, shared=privacy, personal=personal_privacy)
+        """Train this round: the preset's schedule, phase by phase (``shared/presets.py``).
+
+        Returns the results of the (last) phase training the shared part and of the phase
+        training the personal part alone (a NaN loss if none)."""
+        self.preset.check_pattern()
         schedule = self.preset.schedule
-        if schedule == "shared-then-personal":  # pattern (a): personal adapter switched off
-            return (self._shared_phase(SHARED, sets.shared_trainable, gen, privacy),
-                    self._personal_phase(gen, personal_privacy))
-        if schedule == "joint":  # pattern (b): one DP optimizer over both parts
-            both = sets.shared_trainable + sets.personal_trainable
-            return self._shared_phase(BOTH, both, gen, privacy), TrainResult(0, float("nan"))
-        if schedule == "personal-then-shared":  # FedRep: head first, then body, both under DP
-            personal = self._personal_phase(gen, personal_privacy)
-            return self._shared_phase(BOTH, sets.shared_trainable, gen, privacy), personal
-        raise ValueError(f"unknown schedule {schedule!r}")
+        results = [self._phase(phase, gen, privacy) for phase in schedule]
+        shared = [r for p, r in zip(schedule, results, strict=True) if SHARED in p.trains]
+        personal = [r for p, r in zip(schedule, results, strict=True) if p.trains == (PERSONAL,)]
+        return shared[-1], (personal[-1] if personal else TrainResult(mean_loss=float("nan")))
 
     def _privacy(self) -> tuple[Mechanism, DPPlan | None]:
         """The record-level mechanism from validated config, σ planned once for the run and stored."""
@@ -152,7 +180,7 @@ class Device:
             set_tensors(self.model, candidates[min(losses)[1]])
         else:
             set_tensors(self.model, candidates[0])
-        self._personal_phase(gen)
+        self._phase(PERSONALIZE, gen, NoPrivacy())
 
     def _load_personal(self) -> None:
         stored = self.store.load_personal()
@@ -242,6 +270,9 @@ class Device:
             if any((s, q) != (plan.noise_multiplier, plan.sample_rate) for s, q, _ in privacy.spent):
                 raise RuntimeError(f"DP steps taken at {privacy.spent}, not at the planned (σ, q) of {plan}")
             steps = sum(n for _, _, n in privacy.spent)
+            if steps != plan.steps_per_round:  # the schedule and the plan disagree: ε would be misstated
+                raise RuntimeError(f"this round took {steps} DP steps; the plan calibrated σ for "
+                                   f"{plan.steps_per_round} per round")
             event = PrivacyEvent(
                 round=server_round, unit="record", mechanism="DP-SGD (Opacus, Poisson sampling, Gaussian)",
                 noise_multiplier=plan.noise_multiplier, clip=cfg.dp_clip, sample_rate=plan.sample_rate,
@@ -282,7 +313,7 @@ class Device:
         record("base", None)
         set_arrays(self.model, self.sets.send, shared)
         set_tensors(self.model, self.init_keep)
-        record("shared", SHARED)
+        record("shared", [SHARED])
         self._personalize(self._generator("personalize", 0))
         record("personal", BOTH)
         # Local-only: the same schedule for as many rounds as this device trained, never averaged.
@@ -291,7 +322,7 @@ class Device:
         for r in range(max(1, int(self.store.load_meta().get("rounds_trained", 0)))):
             self._round(self._generator("local", r))
         if self.sets.personal_trainable:
-            self._personal_phase(self._generator("local-personalize", 0))  # same final fit as above
+            self._phase(PERSONALIZE, self._generator("local-personalize", 0), NoPrivacy())  # same final fit
         record("local", BOTH)
         png = self.task.render_report(parts, held)
         if png is not None:  # e.g. sample grids: personal data, kept sealed on the device

@@ -9,13 +9,13 @@ every device's state is under ``<run-dir>/devices/<user>`` and its folder under
 from __future__ import annotations
 
 import dataclasses
-import json
 from pathlib import Path
 
 import torch
 
 from client.device import BOTH, SHARED, Device
 from server import checkpoint
+from server.results import read_config
 from shared.adapters import active, set_arrays, set_tensors
 from shared.config import RunConfig
 from shared.data.user_folder import read_profile
@@ -26,11 +26,7 @@ VARIANTS = ("personal", "shared", "base")  # shared+personal (the product), shar
 
 def run_config(run_dir: Path) -> RunConfig:
     """The configuration a run folder was written with (its ``run-dir`` set to where it is now)."""
-    path = Path(run_dir) / "config.json"
-    if not path.is_file():
-        raise FileNotFoundError(f"{run_dir}: not a run folder (no config.json); run `fedpgen simulate` first")
-    cfg = RunConfig.from_mapping(json.loads(path.read_text()))
-    return dataclasses.replace(cfg, run_dir=str(run_dir))
+    return dataclasses.replace(read_config(run_dir), run_dir=str(run_dir))
 
 
 def generate(run_dir: Path, user: str, prompt: str, *, variant: str = "personal", out: Path | None = None,

@@ -1,12 +1,49 @@
-"""Aggregation of shared deltas: one weighted mean, then a server optimizer step.
+"""Aggregation of shared deltas, in one place: the round's mean delta, then a server optimizer step.
 
 The server only ever needs the weighted *sum* of deltas (what secure aggregation yields);
-nothing here keeps an individual delta.
+nothing here keeps an individual delta. Four ways to the mean (:func:`aggregate`): the plain
+weighted mean; SecAgg+'s unmasked aggregate (bounds checked: ``server/bounds.py``); and
+DP-FedAvg at user level, the noise added by the server (central) or by the devices'
+shares (distributed), each with or without SecAgg+.
 """
 
 from __future__ import annotations
 
+from typing import Any
+
 import numpy as np
+
+from server.bounds import check_secure_aggregate
+from shared.privacy.user_level import user_level_mean
+
+
+class RoundFailedError(RuntimeError):
+    """A round produced no valid aggregate: the run stops instead of keeping the old base."""
+
+
+def aggregate(deltas: list[list[np.ndarray]], weights: list[float], *, declared: list[int], cfg: Any,
+              sampled: int, rng: np.random.Generator) -> tuple[list[np.ndarray], bool]:
+    """``(the round's mean delta, whether it was a user-level DP round)`` of accepted updates.
+
+    Under SecAgg+ every delta is the same unmasked aggregate (``declared``: the weights the
+    devices declared, for its bounds check; ``OutOfBoundsError`` if it fails). Under
+    user-level DP the devices sent weight 1 and the mean has the fixed denominator
+    ``sampled``; the server adds N(0, (z·S)²) when central.
+    """
+    central = cfg.user_noise_multiplier * cfg.user_clip if cfg.user_dp == "central" else 0.0
+    if cfg.secure_aggregation:
+        check_secure_aggregate(deltas[0], weights=declared, clipping_range=cfg.secagg_clipping_range,
+                               quantization_range=cfg.secagg_quantization, max_weight=cfg.secagg_max_weight)
+        if any(not all(np.array_equal(a, b) for a, b in zip(d, deltas[0], strict=True)) for d in deltas[1:]):
+            raise RoundFailedError("secure aggregation returned differing aggregates")
+        mean = [d.astype(np.float64) for d in deltas[0]]
+        if cfg.user_dp == "off":
+            return mean, False
+        return user_level_mean([[d * len(deltas) for d in mean]], num_sampled=sampled, central_std=central,
+                               rng=rng), True
+    if cfg.user_dp == "off":
+        return weighted_mean(deltas, weights), False
+    return user_level_mean(deltas, num_sampled=sampled, central_std=central, rng=rng), True
 
 
 def weighted_mean(deltas: list[list[np.ndarray]], weights: list[float]) -> list[np.ndarray]:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import matplotlib
@@ -10,8 +9,8 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
-from server.results import read_clients, read_jsonl  # noqa: E402
-from shared.tasks import get_task  # noqa: E402
+from server.results import read_clients, read_config, read_jsonl  # noqa: E402
+from shared.tasks import TASKS  # noqa: E402
 from shared.wire import VARIANTS  # noqa: E402
 
 
@@ -54,7 +53,7 @@ def plot_run(run_dir: Path) -> list[Path]:
         written.append(run_dir / "privacy.png")
     clients = read_clients(run_dir)
     if clients:
-        task = get_task(json.loads((run_dir / "config.json").read_text())["task"])
+        task = TASKS[read_config(run_dir).task]
         fig, ax = plt.subplots(figsize=(max(6, len(clients) * 0.35), 4))
         width = 0.2
         metric = f"{task.primary_label} ({'higher' if task.higher_is_better else 'lower'} is better)"

@@ -38,6 +38,24 @@ class RunRecorder:
             writer.writerows(sorted(rows, key=lambda r: r.get("client-index", -1)))
 
 
+def read_config(run_dir: Path) -> RunConfig:
+    """The validated configuration a run folder was written with (``config.json``).
+
+    Raises ``FileNotFoundError`` without one and ``ValueError`` naming the file when it does
+    not parse or no longer validates (an old or hand-edited ``config.json``).
+    """
+    path = Path(run_dir) / "config.json"
+    if not path.is_file():
+        raise FileNotFoundError(f"{run_dir}: not a run folder (no config.json)")
+    try:
+        values = json.loads(path.read_text(encoding="utf-8"))
+        if not isinstance(values, dict):
+            raise TypeError(f"a JSON object of config keys expected, got {type(values).__name__}")
+        return RunConfig.from_mapping(values)
+    except (TypeError, ValueError) as exc:  # json.JSONDecodeError is a ValueError
+        raise ValueError(f"{path}: not a valid run configuration: {exc}") from exc
+
+
 def read_jsonl(path: Path) -> list[dict[str, Any]]:
     if not path.is_file():
         return []

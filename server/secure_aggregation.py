@@ -48,18 +48,6 @@ def secagg_parameters(cfg: RunConfig) -> dict[str, float | int]:
     }
 
 
-def error_bound(*, num_clients: int, weights: list[float], clipping_range: float, quantization_range: int,
-                max_weight: float, max_abs_delta: float) -> float:
-    """Bound on |secure aggregate − plain weighted mean| per element.
-
-    Each device sends stochastic-rounded levels of (w_i/max_weight)·Δ_i (error < one level
-    2C/Q each) with its weight itself rounded to 1/Q; the sum is divided by Σ w_i/max_weight.
-    """
-    total = sum(weights) / max_weight
-    level = 2.0 * clipping_range / quantization_range
-    return (num_clients * level + 2.0 * num_clients * max_abs_delta / quantization_range) / total
-
-
 def check_masked_reply(content: RecordDict, *, shapes: list[tuple[int, ...]], modulus: int, max_weight: float,
                        digest: str) -> None:
     """Raise ``ValueError`` unless a collect-stage reply fits the wire schema: the masked vector

@@ -2,58 +2,76 @@
 
 A legacy ``flwr.server.strategy.Strategy`` on purpose: Flower 1.42's SecAgg+ workflow
 (``SecAggPlusWorkflow``) only drives legacy strategies through ``LegacyContext``
-(DESIGN.md §6), and secure aggregation plugs in as the fit workflow.
+(docs/architecture.md, "Why the server uses Flower's legacy strategy API"), and secure
+aggregation plugs in as the fit workflow.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import math
-import re
 import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import numpy as np
-from flwr.common import EvaluateIns, EvaluateRes, FitIns, FitRes, Parameters, Scalar
-from flwr.common import ndarrays_to_parameters, parameters_to_ndarrays
+from flwr.common import (
+    EvaluateIns,
+    EvaluateRes,
+    FitIns,
+    FitRes,
+    Parameters,
+    Scalar,
+    ndarrays_to_parameters,
+    parameters_to_ndarrays,
+)
 from flwr.server.client_manager import ClientManager
 from flwr.server.client_proxy import ClientProxy
 from flwr.server.criterion import Criterion
 from flwr.server.strategy import Strategy
 
 from server import checkpoint
-from server.aggregation import make_server_optimizer, weighted_mean
-from server.bounds import OutOfBoundsError, cap_weight, check_secure_aggregate, check_weight, clip_elements
+from server.aggregation import RoundFailedError, aggregate, make_server_optimizer
+from server.bounds import OutOfBoundsError, cap_weight, check_weight, clip_elements
 from server.results import RunRecorder
 from shared.config import RunConfig
-from shared.privacy.user_level import clip_delta, user_epsilon, user_level_mean
+from shared.privacy.user_level import clip_delta, user_epsilon
 from shared.tasks import TASKS
-from shared.wire import (BUDGET_EXHAUSTED, FIT_SCHEMA, NO_USABLE_DATA, REFUSALS, STATE_TAMPERED, check_metrics,
-                         check_update, eval_schema, keys_digest)
+from shared.wire import (
+    BUDGET_EXHAUSTED,
+    FIT_SCHEMA,
+    REFUSAL_MEANING,
+    REFUSALS,
+    check_metrics,
+    check_update,
+    decode_refusal,
+    eval_schema,
+    keys_digest,
+)
 
 log = logging.getLogger(__name__)
 
 
-class RoundFailedError(RuntimeError):
-    """A round produced no valid aggregate: the run stops instead of keeping the old base."""
-
-
-_REFUSAL = re.compile(rf"({'|'.join(REFUSALS)}) node=(\d+)")
-_REASONS = {BUDGET_EXHAUSTED: "privacy budget spent", NO_USABLE_DATA: "no usable data",
-            STATE_TAMPERED: "on-device state failed authentication"}
+@dataclasses.dataclass(frozen=True)
+class _Accepted:
+    res: FitRes
+    delta: list[np.ndarray]
+    weight: float
+    nbytes: int
 
 
 def refusals_in(failures: list[Any]) -> dict[int, str]:
     """{node id: reason} of refusals that arrived as failed messages (inside SecAgg+)."""
-    found = (_REFUSAL.search(str(f)) for f in failures if isinstance(f, BaseException))
-    return {int(m.group(2)): m.group(1) for m in found if m}
+    found = (decode_refusal(str(f), anywhere=True) for f in failures if isinstance(f, BaseException))
+    return {node: reason for reason, node in (f for f in found if f) if node is not None}
 
 
 def refusal_of(res: FitRes) -> str:
     """The refusal reason of a fit reply, or ``""``."""
-    return next((r for r in REFUSALS if res.status.message.startswith(r)), "")
+    found = decode_refusal(res.status.message)
+    return found[0] if found else ""
 
 
 class _NotRefused(Criterion):
@@ -89,6 +107,7 @@ class SharedDeltaStrategy(Strategy):
         self.stopped: str = ""
         self.refused_round = 0
         self._rejected_before_sum = 0
+        self._refused_now = 0  # devices that refused in the round being aggregated
         self.refused_rounds: list[int] = []  # rounds whose updates were out of bounds: base kept, no checkpoint
         self._round_started = time.perf_counter()
 
@@ -97,11 +116,6 @@ class SharedDeltaStrategy(Strategy):
 
     def initialize_parameters(self, client_manager: ClientManager) -> Parameters | None:
         return ndarrays_to_parameters(self.theta)
-
-    @property
-    def exhausted(self) -> set[int]:
-        """Devices whose ε budget is spent."""
-        return {n for n, why in self.refused.items() if why == BUDGET_EXHAUSTED}
 
     def refusal_counts(self) -> dict[str, int]:
         return {reason: sum(why == reason for why in self.refused.values()) for reason in REFUSALS}
@@ -115,7 +129,7 @@ class SharedDeltaStrategy(Strategy):
             self.refused_round = r
 
     def _refusal_text(self) -> str:
-        return ", ".join(f"{n} {_REASONS[why]}" for why, n in self.refusal_counts().items() if n)
+        return ", ".join(f"{n} {REFUSAL_MEANING[why]}" for why, n in self.refusal_counts().items() if n)
 
     def stop(self, r: int, why: str) -> None:
         """Stop training (the final evaluation still runs), and say so in the results."""
@@ -152,100 +166,107 @@ class SharedDeltaStrategy(Strategy):
     def aggregate_fit(self, server_round: int, results: list[tuple[ClientProxy, FitRes]],
                       failures: list[tuple[ClientProxy, FitRes] | BaseException]
                       ) -> tuple[Parameters | None, dict[str, Scalar]]:
+        """Accept (refusals, checks, bounds) → aggregate (server/aggregation.py) → record."""
         r = self.absolute_round(server_round)
+        failures = self._take_refusals(r, failures)
+        accepted, rejected, refused_because = self._accept_all(r, results)
+        if refused_because:
+            return self.refuse_round(r, refused_because)
+        if not self._enough(r, accepted, rejected, failures):
+            return ndarrays_to_parameters(self.theta), {}
+        cfg = self.cfg
+        try:
+            mean_delta, user_round = aggregate([a.delta for a in accepted], [a.weight for a in accepted],
+                                               declared=[int(a.res.num_examples) for a in accepted], cfg=cfg,
+                                               sampled=self._sampled, rng=np.random.default_rng())
+        except OutOfBoundsError as exc:
+            return self.refuse_round(r, f"the unmasked aggregate is out of bounds: {exc}")
+        except RoundFailedError as exc:
+            raise RoundFailedError(f"round {r}: {exc}") from None
+        theta = self.optimizer.step(self.theta, mean_delta)
+        if not all(np.all(np.isfinite(t)) for t in theta):  # never reached with the bounds above; never written
+            return self.refuse_round(r, "the updated base is not finite")
+        self.theta = theta
+        self.user_rounds += int(user_round)
+        self._record(r, accepted, rejected, failures, mean_delta)
+        return ndarrays_to_parameters(self.theta), {}
+
+    def _take_refusals(self, r: int, failures: list[Any]) -> list[Any]:
+        """Mark the devices that refused (never sampled again); the other failures."""
         refused = {proxy.node_id: refusal_of(res) for proxy, res in (f for f in failures if isinstance(f, tuple))
                    if refusal_of(res)}
         refused.update(refusals_in(failures))
         self.mark_refused(refused, r)
-        failures = [f for f in failures if not (isinstance(f, tuple) and f[0].node_id in refused)
-                    and not (isinstance(f, BaseException) and _REFUSAL.search(str(f)))]
-        deltas, weights, declared, byte_counts, accepted = [], [], [], [], []
+        self._refused_now = len(refused)
+        return [f for f in failures if not (isinstance(f, tuple) and f[0].node_id in refused)
+                and not (isinstance(f, BaseException) and refusals_in([f]))]
+
+    def _accept_all(self, r: int, results: list[tuple[ClientProxy, FitRes]]) -> tuple[list[_Accepted], int, str]:
+        """``(accepted updates, rejected count, why the round is refused or "")``: a malformed reply
+        is rejected; under SecAgg+ its contribution is inside the sum, so the round is refused."""
+        accepted: list[_Accepted] = []
         rejected, self._rejected_before_sum = self._rejected_before_sum, 0
         for proxy, res in results:
             try:
                 delta, weight = self._accept(res)
             except ValueError as exc:
-                if self.cfg.secure_aggregation:  # its contribution is inside the sum: the round is refused
-                    return self.refuse_round(r, f"node {proxy.node_id}: {exc}")
+                if self.cfg.secure_aggregation:
+                    return [], rejected, f"node {proxy.node_id}: {exc}"
                 rejected += 1
                 log.warning("round %d: rejected update from node %s: %s", r, proxy.node_id, exc)
                 continue
-            deltas.append(delta)
-            weights.append(weight)
-            declared.append(int(res.num_examples))
-            accepted.append(res)
             nbytes = sum(len(t) for t in res.parameters.tensors)  # under SecAgg+: the aggregate, not an upload
-            byte_counts.append(nbytes)
+            accepted.append(_Accepted(res=res, delta=delta, weight=weight, nbytes=nbytes))
             self.recorder.client_round({"round": r, "node-id": proxy.node_id, "bytes-down": self._bytes_down,
                                         "num-examples": res.num_examples,
                                         **({} if self.cfg.secure_aggregation else {"bytes-up": nbytes}),
                                         **{k: v for k, v in res.metrics.items() if k != "keys-digest"}})
-        if refused and len(deltas) < self.cfg.min_fit_clients:
-            self.stop(r, f"{len(refused)} devices refused ({self._refusal_text()}); training stopped")
-            return ndarrays_to_parameters(self.theta), {}
-        if len(deltas) < self.cfg.min_fit_clients:
-            raise RoundFailedError(
-                f"round {r}: {len(deltas)} valid updates (min-fit-clients = {self.cfg.min_fit_clients}); "
-                f"{rejected} rejected, {len(failures)} failed: {[str(f)[:200] for f in failures[:3]]}")
-        if self.cfg.secure_aggregation:
-            try:
-                check_secure_aggregate(deltas[0], weights=declared, clipping_range=self.cfg.secagg_clipping_range,
-                                       quantization_range=self.cfg.secagg_quantization,
-                                       max_weight=self.cfg.secagg_max_weight)
-            except OutOfBoundsError as exc:
-                return self.refuse_round(r, f"the unmasked aggregate is out of bounds: {exc}")
+        return accepted, rejected, ""
+
+    def _enough(self, r: int, accepted: list[_Accepted], rejected: int, failures: list[Any]) -> bool:
+        """Enough valid updates to aggregate? Too few after refusals stops training (the final
+        evaluation still runs); too few otherwise fails the run loudly."""
+        if len(accepted) >= self.cfg.min_fit_clients:
+            return True
+        if self._refused_now:
+            self.stop(r, f"{self._refused_now} devices refused ({self._refusal_text()}); training stopped")
+            return False
+        raise RoundFailedError(
+            f"round {r}: {len(accepted)} valid updates (min-fit-clients = {self.cfg.min_fit_clients}); "
+            f"{rejected} rejected, {len(failures)} failed: {[str(f)[:200] for f in failures[:3]]}")
+
+    def _record(self, r: int, accepted: list[_Accepted], rejected: int, failures: list[Any],
+                mean_delta: list[np.ndarray]) -> None:
+        """Checkpoint the new base, then write the round's row (rounds.jsonl) and log it."""
         cfg = self.cfg
-        if cfg.secure_aggregation:
-            # SecAgg+ hands every result the same unmasked aggregate: the weighted mean, never one delta.
-            if any(not all(np.array_equal(a, b) for a, b in zip(d, deltas[0], strict=True)) for d in deltas[1:]):
-                raise RoundFailedError(f"round {r}: secure aggregation returned differing aggregates")
-            mean_delta = [d.astype(np.float64) for d in deltas[0]]
-            if cfg.user_dp != "off":  # devices sent weight 1: rescale to the fixed denominator n
-                mean_delta = user_level_mean([[d * len(deltas) for d in mean_delta]], num_sampled=self._sampled,
-                                             central_std=cfg.user_noise_multiplier * cfg.user_clip
-                                             if cfg.user_dp == "central" else 0.0, rng=np.random.default_rng())
-                self.user_rounds += 1
-        elif cfg.user_dp == "off":
-            mean_delta = weighted_mean(deltas, weights)
-        else:  # DP-FedAvg: fixed denominator, uniform weights; the server adds the noise if central
-            central = cfg.user_noise_multiplier * cfg.user_clip if cfg.user_dp == "central" else 0.0
-            mean_delta = user_level_mean(deltas, num_sampled=self._sampled, central_std=central,
-                                         rng=np.random.default_rng())
-            self.user_rounds += 1
-        del deltas  # never kept: only the aggregate moves on
-        theta = self.optimizer.step(self.theta, mean_delta)
-        if not all(np.all(np.isfinite(t)) for t in theta):  # never reached with the bounds above; never written
-            return self.refuse_round(r, "the updated base is not finite")
-        self.theta = theta
-        checkpoint.save(Path(self.cfg.run_dir) / "checkpoints", server_round=r, config_hash=self.cfg.model_hash(),
+        checkpoint.save(Path(cfg.run_dir) / "checkpoints", server_round=r, config_hash=cfg.model_hash(),
                         names=self.names, theta=self.theta, opt_state=self.optimizer.state())
-        row = {"round": r, "clients": len(weights), "rejected": rejected, "failures": len(failures),
+        row = {"round": r, "clients": len(accepted), "rejected": rejected, "failures": len(failures),
                **self.refusal_counts(),
                "seconds": time.perf_counter() - self._round_started,
                "delta-norm": float(np.sqrt(sum(float((d * d).sum()) for d in mean_delta))),
-               "bytes-down-mean": float(self._bytes_down), "secure-aggregation": self.cfg.secure_aggregation,
+               "bytes-down-mean": float(self._bytes_down), "secure-aggregation": cfg.secure_aggregation,
                "client-sample-rate": self._sampled / self._population}  # user-level accounting; the audit recomputes it
-        if not self.cfg.secure_aggregation:
-            row["bytes-up-mean"] = float(np.mean(byte_counts))
+        if not cfg.secure_aggregation:
+            row["bytes-up-mean"] = float(np.mean([a.nbytes for a in accepted]))
         if cfg.user_dp != "off":
             row["user-epsilon"] = user_epsilon(noise_multiplier=cfg.user_noise_multiplier,
                                                sample_rate=self._sampled / self._population,
                                                rounds=self.user_rounds, delta=cfg.dp_delta,
                                                accountant=cfg.dp_accountant)
-        eps = [float(res.metrics["dp-epsilon"]) for res in accepted if "dp-epsilon" in res.metrics]
+        eps = [float(a.res.metrics["dp-epsilon"]) for a in accepted if "dp-epsilon" in a.res.metrics]
         if eps:
             row["epsilon-max"] = max(eps)
         for key in ("train-loss", "val-loss-before", "val-loss-after"):
-            vals = [(float(res.metrics[key]), res.num_examples) for res in accepted
-                    if key in res.metrics and math.isfinite(float(res.metrics[key]))]
+            vals = [(float(a.res.metrics[key]), a.res.num_examples) for a in accepted
+                    if key in a.res.metrics and math.isfinite(float(a.res.metrics[key]))]
             if vals:
                 row[key] = sum(v * w for v, w in vals) / sum(w for _, w in vals)
         self.recorder.round(row)
         self.aggregated_rounds += 1
         self.on_round_end(row)
-        log.info("round %d/%d: %d clients, %.1fs, max record-level ε so far %.2f", r, self.cfg.num_server_rounds,
-                 len(weights), row["seconds"], row.get("epsilon-max", float("inf")))
-        return ndarrays_to_parameters(self.theta), {}
+        log.info("round %d/%d: %d clients, %.1fs, max record-level ε so far %.2f", r, cfg.num_server_rounds,
+                 len(accepted), row["seconds"], row.get("epsilon-max", float("inf")))
 
     def _accept(self, res: FitRes) -> tuple[list[np.ndarray], float]:
         """One reply's delta and weight, checked and bounded (server/bounds.py); ``ValueError`` if malformed.

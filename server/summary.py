@@ -11,8 +11,9 @@ from typing import Any
 from rich.console import Console
 from rich.table import Table
 
-from server.results import read_clients, read_jsonl
-from shared.tasks import Task, get_task
+from server.results import read_clients, read_config, read_jsonl
+from shared.config import RunConfig
+from shared.tasks import TASKS, TaskInfo, get_task
 from shared.wire import BUDGET_EXHAUSTED, NO_USABLE_DATA, REFUSALS, SKIP_REASONS, VARIANTS
 
 
@@ -40,24 +41,22 @@ def ended_short(final: int, planned: int, rounds: list[dict[str, Any]]) -> str:
             + (f" ({why})" if why else ""))
 
 
-def privacy_lines(run_dir: Path, rounds: list[dict[str, Any]]) -> list[str]:
+def privacy_lines(run_dir: Path, rounds: list[dict[str, Any]], *, cfg: RunConfig) -> list[str]:
     """What this run protects, said plainly."""
-    cfg = json.loads((Path(run_dir) / "config.json").read_text())
     eps = sorted(epsilon_by_client(run_dir).values())
-    private = cfg["dp"] == "epsilon" or (cfg["dp"] == "sigma" and cfg["dp-noise-multiplier"] > 0)
-    if private and eps:
-        lines = [f"record-level DP (DP-SGD, {cfg['dp-accountant'].upper()} accountant, δ={cfg['dp-delta']:g}, "
-                 f"C={cfg['dp-clip']}): ε per user min {eps[0]:.2f} / median {statistics.median(eps):.2f} / "
-                 f"max {eps[-1]:.2f} (budget {cfg['dp-epsilon']:g})"]
+    if cfg.record_dp and eps:
+        lines = [(f"record-level DP (DP-SGD, {cfg.dp_accountant.upper()} accountant, δ={cfg.dp_delta:g}, "
+                  f"C={cfg.dp_clip}): ε per user min {eps[0]:.2f} / median {statistics.median(eps):.2f} / "
+                  f"max {eps[-1]:.2f} (budget {cfg.dp_epsilon:g})")]
     else:
         lines = ["NOT PRIVATE at record level: no DP-SGD (dp = off or σ = 0)"]
     user_eps = [r["user-epsilon"] for r in rounds if "user-epsilon" in r]
-    if cfg["user-dp"] != "off":
-        lines.append(f"user-level DP ({cfg['user-dp']} DP-FedAvg, S={cfg['user-clip']}, "
-                     f"z={cfg['user-noise-multiplier']}): ε = {user_eps[-1] if user_eps else 0.0:.2f} per user")
-    if cfg.get("secure-aggregation"):
-        lines.append(f"secure aggregation (Flower SecAgg+, num-shares {cfg['secagg-num-shares']:g}, threshold "
-                     f"{cfg['secagg-threshold']:g}): the server unmasked only the weighted sum of deltas. Still seen in "
+    if cfg.user_dp != "off":
+        lines.append(f"user-level DP ({cfg.user_dp} DP-FedAvg, S={cfg.user_clip}, "
+                     f"z={cfg.user_noise_multiplier}): ε = {user_eps[-1] if user_eps else 0.0:.2f} per user")
+    if cfg.secure_aggregation:
+        lines.append(f"secure aggregation (Flower SecAgg+, num-shares {cfg.secagg_num_shares:g}, threshold "
+                     f"{cfg.secagg_threshold:g}): the server unmasked only the weighted sum of deltas. Still seen in "
                      "plaintext: each device's number of examples, its dp-* ledger fields, counts, timings and "
                      "final evaluation metrics. Assumes an honest-but-curious server; Flower seeds its masks from "
                      "32 bits of the shared secret (docs/wire.md)")
@@ -78,13 +77,13 @@ def privacy_lines(run_dir: Path, rounds: list[dict[str, Any]]) -> list[str]:
     return lines
 
 
-def _gain(task: Task, shared: float, personal: float) -> float:
+def _gain(task: TaskInfo, shared: float, personal: float) -> float:
     """How much better ``personal`` is than ``shared``: a ratio for lower-is-better metrics
     (perplexity), a difference for rates that may be 0 (HR@10)."""
     return personal - shared if task.higher_is_better else shared / personal
 
 
-def _fmt_gain(task: Task, gain: float) -> str:
+def _fmt_gain(task: TaskInfo, gain: float) -> str:
     return f"{gain:+.3f}" if task.higher_is_better else f"{gain:.3f}x"
 
 
@@ -94,15 +93,15 @@ def summarize(run_dir: Path) -> dict[str, Any]:
     rounds = [r for r in read_jsonl(Path(run_dir) / "rounds.jsonl") if "bytes-down-mean" in r]
     if not clients:
         raise RuntimeError(f"{run_dir}: no per-client results (clients.csv)")
-    cfg = json.loads((Path(run_dir) / "config.json").read_text())
-    task = get_task(cfg["task"])
+    cfg = read_config(run_dir)
+    task = TASKS[cfg.task]
     p = task.primary
 
     def med(key: str) -> float:
         return statistics.median(float(c[key]) for c in clients)
 
     all_rounds = read_jsonl(Path(run_dir) / "rounds.jsonl")
-    final, planned = final_round(run_dir), int(cfg["num-server-rounds"])
+    final, planned = final_round(run_dir), cfg.num_server_rounds
     summary = {
         "task": task.name,
         "primary-metric": p,
@@ -125,8 +124,8 @@ def summarize(run_dir: Path) -> dict[str, Any]:
         "refused": {r: max((int(row.get(r, 0)) for row in all_rounds), default=0) for r in REFUSALS},
         "mean-bytes-down-per-client-round": statistics.mean(r["bytes-down-mean"] for r in rounds) if rounds else 0.0,
         "epsilon-by-client": epsilon_by_client(run_dir),
-        "privacy": privacy_lines(run_dir, all_rounds),
-        "instrument": task.instrument(),
+        "privacy": privacy_lines(run_dir, all_rounds, cfg=cfg),
+        "instrument": get_task(cfg.task).instrument(),
     }
     (Path(run_dir) / "summary.json").write_text(json.dumps(summary, indent=2))
     return summary
@@ -135,7 +134,7 @@ def summarize(run_dir: Path) -> dict[str, Any]:
 def print_summary(run_dir: Path, names: dict[int, str] | None = None, console: Console | None = None) -> dict:
     console = console or Console()
     summary = summarize(run_dir)
-    task = get_task(summary["task"])
+    task = TASKS[summary["task"]]
     p = task.primary
     direction = "higher" if task.higher_is_better else "lower"
     label = task.primary_label[:1].upper() + task.primary_label[1:]

@@ -9,6 +9,7 @@ type and validated here. Invalid values raise ``ValueError`` naming the field.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import hashlib
 import json
 import math
@@ -16,6 +17,9 @@ import tomllib
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
+
+from shared.presets import PRESETS
+from shared.tasks.registry import TASKS
 
 PYPROJECT = Path(__file__).resolve().parent.parent / "pyproject.toml"
 
@@ -106,15 +110,13 @@ class RunConfig:
     threads_per_client: int
     wire_transcript: bool
 
+    def _need(self, ok: bool, key: str, why: str) -> None:
+        if not ok:
+            value = getattr(self, key.replace("-", "_"))
+            raise ValueError(f"config '{key}': {value!r} is invalid: {why}")
+
     def __post_init__(self) -> None:
-        from shared.presets import PRESETS
-        from shared.tasks import TASKS
-
-        def need(ok: bool, key: str, why: str) -> None:
-            if not ok:
-                value = getattr(self, key.replace("-", "_"))
-                raise ValueError(f"config '{key}': {value!r} is invalid: {why}")
-
+        need = self._need
         for f in dataclasses.fields(self):  # TOML and the CLI accept inf and nan: no setting means either
             value = getattr(self, f.name)
             if isinstance(value, float) and not math.isfinite(value):
@@ -149,6 +151,15 @@ class RunConfig:
         need(self.personal_rank >= 1, "personal-rank", "must be >= 1")
         need(self.server_optimizer in {"fedavg", "fedadam"}, "server-optimizer", "valid: fedavg, fedadam")
         need(self.server_lr > 0.0, "server-lr", "must be > 0")
+        need(bool(self.run_dir), "run-dir", "must not be empty")
+        need(self.client_cpus > 0.0, "client-cpus", "must be > 0")
+        need(self.threads_per_client >= 1, "threads-per-client", "must be >= 1")
+        need(isinstance(self.wire_transcript, bool), "wire-transcript", "must be true or false")
+        self._check_privacy()
+
+    def _check_privacy(self) -> None:
+        """Record-level DP, user-level DP and SecAgg+ settings."""
+        need = self._need
         need(self.dp in {"epsilon", "sigma", "off"}, "dp", "valid: epsilon, sigma, off")
         need(self.dp_epsilon > 0.0, "dp-epsilon", "must be > 0")
         need(0.0 < self.dp_delta < 1.0, "dp-delta", "must be in (0, 1)")
@@ -167,10 +178,15 @@ class RunConfig:
         need(self.secagg_clip >= 0.0, "secagg-clip", "must be >= 0 (0 = derived)")
         need(self.secagg_max_weight >= 1.0, "secagg-max-weight", "must be >= 1")
         need(self.secagg_quantization >= 2**8, "secagg-quantization", "must be >= 256")
-        need(bool(self.run_dir), "run-dir", "must not be empty")
-        need(self.client_cpus > 0.0, "client-cpus", "must be > 0")
-        need(self.threads_per_client >= 1, "threads-per-client", "must be >= 1")
-        need(isinstance(self.wire_transcript, bool), "wire-transcript", "must be true or false")
+
+    @classmethod
+    def merged(cls, *mappings: Mapping[str, Any] | None) -> RunConfig:
+        """From the mappings merged in order (later keys win), parsed and validated once per
+        distinct content: a ClientApp asks for its run config on every message."""
+        merged: dict[str, Any] = {}
+        for mapping in mappings:
+            merged.update(mapping or {})
+        return _parse_once(json.dumps(merged, sort_keys=True, default=str))
 
     @classmethod
     def from_mapping(cls, overrides: Mapping[str, Any] | None = None) -> RunConfig:
@@ -222,3 +238,8 @@ def load_override_file(path: str | Path) -> dict[str, Any]:
     with p.open("rb") as fh:
         data = tomllib.load(fh)
     return dict(data.get("config", data))
+
+
+@functools.lru_cache(maxsize=16)
+def _parse_once(items: str) -> RunConfig:
+    return RunConfig.from_mapping(json.loads(items))

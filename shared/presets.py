@@ -1,73 +1,110 @@
-"""Personalization presets: which parameters are shared, personal, frozen; in what order.
+"""Personalization presets: which parameters are shared, personal, frozen, and one round's schedule.
 
-One mechanism (DESIGN.md §3): two named PEFT adapters, ``shared`` and ``personal``,
-and regular expressions over parameter names. Nothing is hand-picked in code.
+One mechanism (docs/architecture.md, "Presets"): two named PEFT adapters, ``shared`` and
+``personal``, and regular expressions over parameter names. Nothing is hand-picked in code.
 
 - ``send``: shared parameters whose deltas leave the device (the wire allowlist).
-- ``keep``: parameters that stay on the device (the personal part, stored encrypted later).
+- ``keep``: parameters that stay on the device (the personal part, sealed).
 - ``frozen``: parameters that never train (FFA-LoRA's A: a common seeded init).
-- ``schedule``: ``shared-then-personal`` (DESIGN.md §2 pattern a: the personal adapter is
-  switched off while the shared one trains), ``joint`` (pattern b: both in one optimizer),
-  ``personal-then-shared`` (FedRep: head first, then body).
+- ``schedule``: one round on a device, as a list of :class:`Phase`. The device executes it
+  (``client/device.py``), the DP plan counts its private steps (``shared/privacy/plan.py``)
+  and the pattern check reads it: the three cannot disagree.
 """
 
 from __future__ import annotations
 
 import dataclasses
 
+SHARED, PERSONAL = "shared", "personal"
+
+
+@dataclasses.dataclass(frozen=True)
+class Phase:
+    """One training phase of a device's round.
+
+    ``adapters``: the adapters in the forward pass; ``trains``: whose trainable parameters
+    the optimizer updates (``shared``, ``personal`` or both); ``steps`` and ``lr``: the
+    run-config keys giving its step count and learning rate; ``private``: it runs under
+    the record-level mechanism when the run is private (its steps are planned and
+    accounted); ``early_stopping``: without DP, validate and keep the best state.
+    """
+
+    adapters: tuple[str, ...]
+    trains: tuple[str, ...]
+    steps: str
+    lr: str
+    private: bool
+    early_stopping: bool = False
+
+    def num_steps(self, cfg: object) -> int:
+        return int(getattr(cfg, self.steps.replace("-", "_")))
+
+    def learning_rate(self, cfg: object) -> float:
+        return float(getattr(cfg, self.lr.replace("-", "_")))
+
+
+# The phases the presets are made of (docs/privacy.md, "What DP covers": patterns a and b)
+SHARED_ALONE = Phase(adapters=(SHARED,), trains=(SHARED,), steps="local-steps", lr="lr", private=True)
+SHARED_OVER_PERSONAL = Phase(adapters=(SHARED, PERSONAL), trains=(SHARED,), steps="local-steps", lr="lr",
+                             private=True)
+BOTH_JOINTLY = Phase(adapters=(SHARED, PERSONAL), trains=(SHARED, PERSONAL), steps="local-steps", lr="lr",
+                     private=True)
+PERSONAL_AFTER = Phase(adapters=(SHARED, PERSONAL), trains=(PERSONAL,), steps="personal-max-steps",
+                       lr="personal-lr", private=False, early_stopping=True)
+PERSONAL_FIRST = Phase(adapters=(SHARED, PERSONAL), trains=(PERSONAL,), steps="personal-max-steps",
+                       lr="personal-lr", private=True, early_stopping=True)
+# Fitting the personal part to a final shared base (never private: nothing of it is sent)
+PERSONALIZE = PERSONAL_AFTER
+
 
 @dataclasses.dataclass(frozen=True)
 class Preset:
-    """A personalization scheme expressed as name patterns."""
+    """A personalization scheme expressed as name patterns and a schedule."""
 
     name: str
     personal_targets: str  # "mlp" | "head" | "" (no personal adapter)
     send: str
     keep: str
     frozen: str
-    schedule: str
-    description: str
+    schedule: tuple[Phase, ...]
+
+    def private_steps(self, cfg: object) -> int:
+        """DP-SGD steps of one round under record-level DP: what the plan calibrates σ for."""
+        return sum(p.num_steps(cfg) for p in self.schedule if p.private)
+
+    def personal_in_shared_forward(self) -> bool:
+        """Pattern (b): the personal part sits in the forward pass that produces the shared gradients."""
+        return any(PERSONAL in p.adapters for p in self.schedule if SHARED in p.trains)
+
+    def check_pattern(self) -> None:
+        """Refuse a schedule whose shared delta would depend on non-DP personal training.
+
+        Under record-level DP everything that influences the shared delta must itself be an
+        output of a DP mechanism: a personal part trained without DP inside the shared
+        forward pass makes the delta depend on every record through it, voiding the guarantee.
+        """
+        if self.personal_in_shared_forward() and any(PERSONAL in p.trains and not p.private for p in self.schedule):
+            raise ValueError(f"preset {self.name}: the personal part sits in the shared forward pass and would "
+                             "train without DP; that voids the record-level guarantee (docs/privacy.md, pattern b)")
 
 
 PRESETS: dict[str, Preset] = {
     p.name: p
     for p in (
-        Preset(
-            name="fedavg-lora",
-            personal_targets="mlp",
-            send=r"\.lora_[AB]\.shared\.",
-            keep=r"\.lora_[AB]\.personal\.",
-            frozen=r"$^",
-            schedule="shared-then-personal",
-            description="shared LoRA (A and B) on attention, personal LoRA on the MLP",
-        ),
-        Preset(
-            name="ffa-lora",
-            personal_targets="mlp",
-            send=r"\.lora_B\.shared\.",
-            keep=r"\.lora_[AB]\.personal\.",
-            frozen=r"\.lora_A\.shared\.",
-            schedule="shared-then-personal",
-            description="FFA-LoRA: shared A frozen at a common seeded init, only B trained and shared",
-        ),
-        Preset(
-            name="fedsa-lora",
-            personal_targets="",
-            send=r"\.lora_A\.shared\.",
-            keep=r"\.lora_B\.shared\.",
-            frozen=r"$^",
-            schedule="joint",
-            description="FedSA-LoRA: A shared, B personal (same LoRA, trained jointly)",
-        ),
-        Preset(
-            name="fedrep",
-            personal_targets="head",
-            send=r"\.lora_[AB]\.shared\.",
-            keep=r"\.lora_[AB]\.personal\.",
-            frozen=r"$^",
-            schedule="personal-then-shared",
-            description="FedRep: personal low-rank output head trained first, then the shared body",
-        ),
+        # shared LoRA (A and B) on attention, personal LoRA on the MLP; pattern (a): the personal
+        # adapter is switched off while the shared one trains, then fitted without DP
+        Preset(name="fedavg-lora", personal_targets="mlp", send=r"\.lora_[AB]\.shared\.",
+               keep=r"\.lora_[AB]\.personal\.", frozen=r"$^", schedule=(SHARED_ALONE, PERSONAL_AFTER)),
+        # FFA-LoRA: shared A frozen at a common seeded init, only B trained and shared
+        Preset(name="ffa-lora", personal_targets="mlp", send=r"\.lora_B\.shared\.",
+               keep=r"\.lora_[AB]\.personal\.", frozen=r"\.lora_A\.shared\.",
+               schedule=(SHARED_ALONE, PERSONAL_AFTER)),
+        # FedSA-LoRA: A shared, B personal (the same LoRA), one DP optimizer over both (pattern b)
+        Preset(name="fedsa-lora", personal_targets="", send=r"\.lora_A\.shared\.", keep=r"\.lora_B\.shared\.",
+               frozen=r"$^", schedule=(BOTH_JOINTLY,)),
+        # FedRep: a personal low-rank output head first, then the shared body over it, both under DP
+        Preset(name="fedrep", personal_targets="head", send=r"\.lora_[AB]\.shared\.",
+               keep=r"\.lora_[AB]\.personal\.", frozen=r"$^", schedule=(PERSONAL_FIRST, SHARED_OVER_PERSONAL)),
     )
 }
 

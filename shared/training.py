@@ -1,8 +1,10 @@
-"""The one training loop and the one evaluation loop, for every task.
+"""The device's training loop and evaluation loop, for every task and every preset phase.
 
 Tasks vary the loss (``per_record_loss``) and the records; privacy mechanisms vary how
 batches are drawn and how a step is taken (``shared/privacy/mechanism.py``). The loop
-itself never changes.
+itself never changes. Pre-training the built-in bases (``shared/tasks/pretraining.py``)
+and the image task's identity encoder have loops of their own (docs/architecture.md,
+"Training loops").
 """
 
 from __future__ import annotations
@@ -19,10 +21,8 @@ from shared.tasks.base import Task
 
 @dataclasses.dataclass(frozen=True)
 class TrainResult:
-    steps: int
     mean_loss: float
-    best_step: int = -1
-    best_val_loss: float = math.nan
+    best_step: int = -1  # the step whose state was kept by early stopping (-1: no early stopping)
 
 
 def model_device(model: torch.nn.Module) -> torch.device:
@@ -67,11 +67,12 @@ def train(model: torch.nn.Module, params: list[torch.nn.Parameter], records: tor
 
     With ``val`` (records carved from the user's *training* split, never the held-out
     one), validate every ``eval_every`` steps and restore the best state of ``names``,
-    step 0 included: personal data is small and fixed step counts overfit (DESIGN.md §2).
+    step 0 included: personal data is small and fixed step counts overfit (docs/architecture.md,
+    "Early stopping of the personal part").
     Validation-based selection is not differentially private, so it is refused under DP.
     """
     if not params or steps == 0:
-        return TrainResult(steps=0, mean_loss=math.nan)
+        return TrainResult(mean_loss=math.nan)
     early_stop = val is not None and val.shape[0] > 0 and eval_every > 0
     if early_stop and privacy.private:
         raise ValueError("early stopping on validation data is not differentially private; train fixed steps")
@@ -101,6 +102,6 @@ def train(model: torch.nn.Module, params: list[torch.nn.Parameter], records: tor
     finite = [v for v in losses if math.isfinite(v)]
     mean = sum(finite) / len(finite) if finite else math.nan
     if not early_stop:
-        return TrainResult(steps=steps, mean_loss=mean)
+        return TrainResult(mean_loss=mean)
     set_tensors(model, best[2])
-    return TrainResult(steps=steps, mean_loss=mean, best_step=best[1], best_val_loss=best[0])
+    return TrainResult(mean_loss=mean, best_step=best[1])

@@ -14,6 +14,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import math
+import re
 from collections.abc import Mapping
 
 import numpy as np
@@ -37,6 +38,8 @@ SKIP_REASONS = (
     "truncated-profile",   # text: the profile line cut to a quarter of the record
 )
 
+# The keys of a FitIns / EvaluateIns config; the wire audit (fedpgen/audit/wire_schema.py)
+# checks every recorded downlink config against them.
 DOWNLINK_CONFIG = frozenset({"server-round", "final", "sampled-clients"})
 
 
@@ -100,13 +103,34 @@ FIT_SCHEMA: dict[str, Field] = {
 }
 FIT_METRICS = frozenset(FIT_SCHEMA)
 
-# Status message prefixes of a device that refuses to train: its ε budget is spent, its
-# folder holds too little usable data, or its sealed state was modified on disk. The server
-# stops sampling it and reports why.
+# A device that refuses to train says why in a status text (or, inside SecAgg+, in the text
+# of the error that fails its message): its ε budget is spent, its folder holds too little
+# usable data, or its sealed state was modified on disk. The server stops sampling it and
+# reports why. Encoded and decoded here only.
 BUDGET_EXHAUSTED = "budget-exhausted"
 NO_USABLE_DATA = "no-usable-data"
 STATE_TAMPERED = "state-tampered"  # a sealed state file failed authentication: never trained on
 REFUSALS = (BUDGET_EXHAUSTED, NO_USABLE_DATA, STATE_TAMPERED)
+REFUSAL_MEANING = {BUDGET_EXHAUSTED: "privacy budget spent", NO_USABLE_DATA: "no usable data",
+                   STATE_TAMPERED: "on-device state failed authentication"}
+_REFUSAL = re.compile(rf"({'|'.join(re.escape(r) for r in REFUSALS)})(?: node=(\d+))?: ")
+
+
+def encode_refusal(reason: str, *, node: int | None = None, detail: str = "details in the device's log") -> str:
+    """The refusal text: the reason code, the node id when known, and a detail free of personal data
+    (a budget refusal states ε figures; other details stay in the device's log)."""
+    if reason not in REFUSALS:
+        raise ValueError(f"unknown refusal {reason!r}; valid: {', '.join(REFUSALS)}")
+    return f"{reason}{f' node={node}' if node is not None else ''}: {detail}"
+
+
+def decode_refusal(text: str, *, anywhere: bool = False) -> tuple[str, int | None] | None:
+    """``(reason, node id or None)`` of a refusal text, else None. ``anywhere``: the refusal may sit
+    inside a longer text (Flower wraps a failed message's error in its own words)."""
+    match = _REFUSAL.search(text) if anywhere else _REFUSAL.match(text)
+    if match is None:
+        return None
+    return match.group(1), int(match.group(2)) if match.group(2) else None
 
 VARIANTS = ("base", "shared", "personal", "local")
 

@@ -216,7 +216,7 @@ def transcript_mod(overrides: Mapping[str, Any] | None = None) -> Mod:
     its stage key, and the reply after SecAgg+ masked it. Off unless ``wire-transcript``."""
 
     def record_wire(msg: Message, ctxt: Context, call_next: ClientAppCallable) -> Message:
-        cfg = RunConfig.from_mapping({**dict(ctxt.run_config), **dict(overrides or {})})
+        cfg = RunConfig.merged(dict(ctxt.run_config), overrides)
         if not cfg.wire_transcript:
             return call_next(msg, ctxt)
         writer = TranscriptWriter(device_transcript_dir(ctxt.node_config, cfg),

@@ -1,11 +1,16 @@
-"""Tiny real models: a byte-level Llama pre-trained for a few steps, synthetic users."""
+"""Tiny real models (a byte-level Llama pre-trained for a few steps, synthetic users), and the
+helpers several test files share: a strategy's client stand-in, a user's device, the
+simulation's link tapped, SecAgg+'s aggregate computed and its error bounded. Import them:
+``from conftest import ...``."""
 
 from __future__ import annotations
 
 import os
+from collections.abc import Callable, Iterable
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
+import numpy as np
 import pytest
 
 # Each test session shares one tiny pre-trained base (cached by its settings).
@@ -14,6 +19,11 @@ os.environ.setdefault("FEDPGEN_CACHE", str(Path(__file__).resolve().parent.paren
 os.environ.setdefault("HYPOTHESIS_STORAGE_DIRECTORY", str(Path(os.environ["FEDPGEN_CACHE"]) / "hypothesis"))
 
 from shared.config import RunConfig  # noqa: E402
+
+if TYPE_CHECKING:
+    from flwr.app import Message
+
+    from client.device import Device
 
 TINY = {
     "data": "synthetic", "num-users": 3, "min-records": 30, "pretrain-steps": 30, "seq-len": 64,
@@ -43,3 +53,82 @@ def make_cfg(tmp_path: Path) -> Any:
         return RunConfig.from_mapping(values)
 
     return make
+
+
+# -- Shared stand-ins and helpers ------------------------------------------------------------
+
+
+class Proxy:
+    """What the strategy and Flower's client manager read of a ``ClientProxy``: its ids."""
+
+    def __init__(self, node_id: int) -> None:
+        self.node_id, self.cid = node_id, str(node_id)
+
+
+def device(cfg: RunConfig, index: int = 0, state: Path | None = None) -> Device:
+    """The device of user ``index`` of ``cfg``'s population; its state-dir the run's, or ``state``."""
+    from client.device import Device
+    from shared.population import ensure_population, state_dir
+
+    users = ensure_population(cfg)
+    return Device(cfg, user_dir=users[index], state_dir=state or state_dir(cfg, users[index]), client_index=index)
+
+
+def watch_pulled_messages(monkeypatch: pytest.MonkeyPatch, on_message: Callable[[Message], None]) -> None:
+    """Call ``on_message`` with every message the server pulls from the link, as it arrives.
+
+    Patches ``InMemoryGrid.pull_messages`` (the simulation's link); read what you need inside
+    ``on_message``: the workflow consumes the arrays once it converts a message."""
+    from flwr.superlink.grid.inmemory_grid import InMemoryGrid
+
+    original = InMemoryGrid.pull_messages
+
+    def pull(self: InMemoryGrid, message_ids: Iterable[str]) -> list[Message]:
+        messages = list(original(self, message_ids))
+        for msg in messages:
+            if msg.has_content():
+                on_message(msg)
+        return messages
+
+    monkeypatch.setattr(InMemoryGrid, "pull_messages", pull)
+
+
+def secagg_mean(deltas: list[list[np.ndarray]], weights: list[int], *, clipping_range: float,
+                quantization_range: int, max_weight: float,
+                tamper: tuple[int, list[np.ndarray]] | None = None, modulus: int = 2**32) -> list[np.ndarray]:
+    """What Flower 1.42's SecAgg+ hands the strategy, computed with its own quantization: each
+    device's weight level and quantized weighted delta, summed mod ``modulus``, dequantized.
+
+    ``tamper = (i, extra)``: device ``i`` adds ``extra`` to its masked vector (what a malicious
+    device controls; masks are additive, so it adds to the sum)."""
+    from flwr.common.secure_aggregation.quantization import dequantize, quantize
+
+    from server.bounds import quantized_weight
+
+    c, q = clipping_range, quantization_range
+    vectors = []
+    for d, w in zip(deltas, weights, strict=True):
+        level = quantized_weight(w, max_weight=max_weight, quantization_range=q)
+        vectors.append([np.array([level])] + quantize([x * (level / q) for x in d], c, q))
+    if tamper is not None:
+        i, extra = tamper
+        vectors[i] = [v.astype(np.int64) + e for v, e in zip(vectors[i], extra, strict=True)]
+    sums = [sum(v[k].astype(np.int64) for v in vectors) % modulus for k in range(len(vectors[0]))]
+    total, rest = sums[0][0], sums[1:]
+    mean = dequantize(rest, c, q)
+    for a in mean:
+        a += -(len(vectors) - 1) * c
+        a *= q / total
+    return mean
+
+
+def error_bound(*, num_clients: int, weights: list[float], clipping_range: float, quantization_range: int,
+                max_weight: float, max_abs_delta: float) -> float:
+    """Bound on |secure aggregate − plain weighted mean| per element, the tests' oracle.
+
+    Each device sends stochastic-rounded levels of (w_i/max_weight)·Δ_i (error < one level
+    2C/Q each) with its weight itself rounded to 1/Q; the sum is divided by Σ w_i/max_weight.
+    """
+    total = sum(weights) / max_weight
+    level = 2.0 * clipping_range / quantization_range
+    return (num_clients * level + 2.0 * num_clients * max_abs_delta / quantization_range) / total

@@ -13,12 +13,9 @@ from server.results import RunRecorder
 from server.strategy import RoundFailedError, SharedDeltaStrategy
 from shared.wire import keys_digest
 
+from conftest import Proxy
+
 NAMES = ("a.lora_A.shared.weight", "a.lora_B.shared.weight")
-
-
-class Proxy:
-    def __init__(self, node_id: int) -> None:
-        self.node_id = node_id
 
 
 def fit_res(arrays: list[np.ndarray], n: int, **metrics: object) -> FitRes:

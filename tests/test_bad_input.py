@@ -10,11 +10,20 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from flwr.common import Code, EvaluateIns, FitIns, FitRes, Parameters, Status, ndarrays_to_parameters
+from flwr.common import (
+    Code,
+    EvaluateIns,
+    FitIns,
+    FitRes,
+    Parameters,
+    Status,
+    ndarrays_to_parameters,
+)
 from flwr.server.client_manager import SimpleClientManager
 
 from client.app import DeviceClient
 from client.device import Device
+from client.node import NodeSettings
 from server.results import RunRecorder
 from server.strategy import SharedDeltaStrategy
 from shared.data.safe_read import DOCUMENT_MAX_BYTES, UserBudget, read_file
@@ -76,8 +85,7 @@ def test_a_device_without_usable_data_refuses_and_is_never_sampled_again(make_cf
     # Prepare: one user folder with nothing usable in it
     (tmp_path / "users" / "bob").mkdir(parents=True)
     cfg = make_cfg(data="dir", data_dir=str(tmp_path / "users"), min_fit_clients=1)
-    client = DeviceClient(lambda: Device(cfg, user_dir=tmp_path / "users" / "bob", state_dir=tmp_path / "s"),
-                          primary="ppl")
+    client = DeviceClient(cfg, NodeSettings(user_dir=tmp_path / "users" / "bob", state_dir=tmp_path / "s"))
     # Execute
     res = client.fit(FitIns(Parameters([], ""), {"server-round": 1, "sampled-clients": 2}))
     ev = client.evaluate(EvaluateIns(Parameters([], ""), {}))
@@ -95,7 +103,7 @@ def test_a_device_without_usable_data_refuses_and_is_never_sampled_again(make_cf
     ok = FitRes(Status(Code.OK, ""), ndarrays_to_parameters([np.ones(2, np.float32)]), 5,
                 {"keys-digest": keys_digest(names)})
     strategy.aggregate_fit(1, [(proxies[0], ok)], [(proxies[1], res)])  # type: ignore[list-item]
-    assert strategy.refused == {1: NO_USABLE_DATA} and strategy.exhausted == set()
+    assert strategy.refused == {1: NO_USABLE_DATA}  # refused for its data, not for its budget
     assert {c.node_id for c, _ in strategy.configure_fit(2, None, manager)} == {0}  # type: ignore[arg-type]
     strategy.completed = cfg.num_server_rounds  # the final evaluation round
     assert {c.node_id for c, _ in strategy.configure_evaluate(1, None, manager)} == {0}  # type: ignore[arg-type]

@@ -5,16 +5,19 @@ from __future__ import annotations
 import json
 import math
 import types
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
 import torch
+from transformers import AutoConfig, AutoModelForCausalLM, LlamaForCausalLM
 
 from client.device import Device
-from shared.data.behavior_log import CATALOG_FILE, read_catalog, read_log
+from shared.data.behavior_log import CATALOG_FILE, read_catalog, read_log, write_catalog
 from shared.data.safe_read import LOG_MAX_BYTES
+from shared.model import build_model
 from shared.tasks import NoUsableDataError, get_task
-from shared.tasks.behavior import BehaviorTask, Layout
+from shared.tasks.behavior import LAYOUT_FILE, BehaviorTask, Layout
 
 from conftest import TASK_CASES
 
@@ -178,7 +181,7 @@ def test_the_item_model_has_no_padding_idx_and_one_is_refused(make_cfg, tmp_path
     task = get_task("behavior")
     path = task.base_model_path(cfg)
     model = task.load_base(path)
-    assert model.get_input_embeddings().padding_idx is None  # DESIGN.md §6: per-sample grads stay exact
+    assert model.get_input_embeddings().padding_idx is None  # docs/privacy.md, "Exact per-record gradients"
     bad = tmp_path / "bad"
     model.config.pad_token_id = 0
     type(model)(model.config).save_pretrained(bad)
@@ -189,20 +192,86 @@ def test_the_item_model_has_no_padding_idx_and_one_is_refused(make_cfg, tmp_path
 
 
 def test_a_local_behavior_checkpoint_is_loaded_and_an_incomplete_one_named(make_cfg, tmp_path: Path) -> None:
+    # Prepare: a local checkpoint with the built base's architecture and other weights
     built = get_task("behavior").base_model_path(make_cfg(**BEHAVIOR))
-    cfg = make_cfg(base_model=str(built), **BEHAVIOR)
-    assert get_task("behavior").base_model_path(cfg) == built
+    local = tmp_path / "local"
+    torch.manual_seed(123)
+    LlamaForCausalLM(AutoConfig.from_pretrained(built)).save_pretrained(local)
+    for name in (LAYOUT_FILE, CATALOG_FILE):
+        (local / name).write_bytes((built / name).read_bytes())
+    # Execute: the model every device and the server build for that config
+    b = build_model(make_cfg(base_model=str(local), **BEHAVIOR))
+    # Assert: its base computes what the local checkpoint computes, not what the built base does
+    ids = torch.tensor([b.task.layout.prefix({}) + [b.task.layout.item_base + i for i in (3, 1, 4, 1)]])
+    with torch.no_grad(), b.model.disable_adapter():
+        logits = b.model(input_ids=ids).logits
+        want = AutoModelForCausalLM.from_pretrained(local)(input_ids=ids).logits
+        other = AutoModelForCausalLM.from_pretrained(built)(input_ids=ids).logits
+    assert b.base_path == local
+    torch.testing.assert_close(logits, want)
+    assert not torch.allclose(logits, other, atol=1e-3)
     (tmp_path / "half").mkdir()
     (tmp_path / "half" / "config.json").write_text("{}")
     with pytest.raises(FileNotFoundError, match="fedpgen_behavior.json"):
         get_task("behavior").base_model_path(make_cfg(base_model=str(tmp_path / "half"), **BEHAVIOR))
 
 
-def test_generate_continues_a_history_with_catalog_items(make_cfg) -> None:
-    cfg = make_cfg(**BEHAVIOR)
-    d = Device(cfg, user_dir=_first_user(cfg), state_dir=Path(cfg.run_dir) / "s")
-    catalog = set(read_catalog(d.base_path / CATALOG_FILE))
-    out = d.task.generate(d.model, d.base_path, "i0001 i0002 i0003", max_new_items=4).split()
-    assert len(out) == 4 and set(out) <= catalog
+class ScoredItems(torch.nn.Module):
+    """An item model stand-in with known logits: after item i the items score ``scores(i)``; every
+    other token scores far below. It records the windows it is given."""
+
+    def __init__(self, layout: Layout, scores: Callable[[int], torch.Tensor]) -> None:
+        super().__init__()
+        self.layout, self.scores = layout, scores
+        self.anchor = torch.nn.Parameter(torch.zeros(1))  # generate reads the device off the parameters
+        self.windows: list[list[int]] = []
+
+    def forward(self, input_ids: torch.Tensor) -> types.SimpleNamespace:
+        self.windows.append(input_ids[0].tolist())
+        logits = torch.full((*input_ids.shape, self.layout.vocab_size), -1e4)
+        logits[0, -1, self.layout.item_base :] = self.scores(int(input_ids[0, -1]) - self.layout.item_base)
+        return types.SimpleNamespace(logits=logits)
+
+
+@pytest.fixture
+def catalog_dir(tmp_path: Path) -> tuple[BehaviorTask, Path, list[str]]:
+    """A behavior task over a 20-item catalog (seq-len 4) and the folder holding the catalog."""
+    task = BehaviorTask()
+    task.layout = Layout(num_items=20, seq_len=4)
+    catalog = [f"item-{j:02d}" for j in range(20)]
+    write_catalog(tmp_path / CATALOG_FILE, [{"item": c} for c in catalog])
+    return task, tmp_path, catalog
+
+
+def test_generate_with_top_1_follows_the_models_argmax_from_the_history(
+        catalog_dir: tuple[BehaviorTask, Path, list[str]]) -> None:
+    # Prepare: after item i the model's best next item is i² + 1 (mod 20), the others further down
+    task, path, catalog = catalog_dir
+    layout = task.layout
+    model = ScoredItems(layout, lambda i: -torch.abs(torch.arange(20.0) - (i * i + 1) % 20))
+    # Execute
+    out = task.generate(model, path, "item-01 item-02", top_k=1, max_new_items=6).split()
+    # Assert: the chain from the last history item 2: 5, 6, 17, 10, 1, 2; the window slides
+    chain = [5, 6, 17, 10, 1, 2]
+    assert out == [catalog[i] for i in chain]
+    tokens = layout.prefix({}) + [layout.item_base + i for i in [1, 2, *chain]]
+    assert model.windows[0] == tokens[:7]  # profile prefix, BOS, the history
+    assert model.windows[-1] == tokens[:-1][-layout.length :]  # at most the last record-length tokens
     with pytest.raises(ValueError, match="unknown item ids"):
-        d.task.generate(d.model, d.base_path, "i0001 nope")
+        task.generate(model, path, "item-01 nope")
+
+
+def test_generate_samples_only_the_top_k_by_their_softmax(catalog_dir: tuple[BehaviorTask, Path, list[str]]) -> None:
+    # Prepare: items 4, 9, 13 score 2, 1, 0; item 15 scores -0.1, just outside the top 3; the rest -50
+    task, path, catalog = catalog_dir
+    scores = torch.full((20,), -50.0)
+    scores[[4, 9, 13, 15]] = torch.tensor([2.0, 1.0, 0.0, -0.1])
+    model = ScoredItems(task.layout, lambda i: scores)
+    torch.manual_seed(0)
+    # Execute
+    out = task.generate(model, path, "item-00", top_k=3, max_new_items=400).split()
+    # Assert: only the top 3, each at its softmax share of the three (to 5 standard errors)
+    assert set(out) == {catalog[4], catalog[9], catalog[13]}
+    shares = torch.softmax(torch.tensor([2.0, 1.0, 0.0]), 0).tolist()
+    for item, p in zip((4, 9, 13), shares, strict=True):
+        assert abs(out.count(catalog[item]) / len(out) - p) < 5 * math.sqrt(p * (1 - p) / len(out))

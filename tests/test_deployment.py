@@ -10,6 +10,7 @@ test starts is stopped by the test.
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import signal
@@ -24,7 +25,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 from safetensors.numpy import load_file
+from typer.testing import CliRunner
 
+from fedpgen.cli import cli
 from fedpgen.deploy import (CONNECTION, InsecureDeploymentError, flower_env, flwr_home, make_certificates,
                             register_node, run_app, superlink_command, supernode_command)
 from server.results import read_clients, read_jsonl
@@ -107,7 +110,8 @@ def federation(tmp_path_factory: pytest.TempPathFactory):  # type: ignore[no-unt
     run_dir = root / "server-run"
     run_config = {k: v for k, v in TINY.items() if k not in {"data", "num-users", "min-records"}}
     run_config.update({"num-server-rounds": ROUNDS, "min-fit-clients": 2, "run-dir": str(run_dir),
-                       "round-timeout": 120.0, "dp": "sigma", "dp-noise-multiplier": 1.0, "dp-epsilon": 1000.0})
+                       "round-timeout": 120.0, "dp": "sigma", "dp-noise-multiplier": 1.0, "dp-epsilon": 1000.0,
+                       "wire-transcript": True})
     cfg = RunConfig.from_mapping(run_config)
     initial = get_arrays(build_model(cfg).model, build_model(cfg).sets.send)  # also builds the cached base
     users = synthetic_text.users(num_users=NODES, docs_per_user=30, seed=7)
@@ -198,6 +202,18 @@ def test_a_tls_federation_survives_a_killed_supernode(federation) -> None:  # ty
         assert personal and not (state / "personal.safetensors").exists()
         for tensor in personal.values():
             assert tensor.numpy().tobytes()[:64] not in sealed
+    # The auditor, given the server's run folder, the devices' state-dirs (each recorded what it
+    # sent and received) and their folders: every device's raw context and personal part is
+    # searched for in every message, on both sides, and nothing is found
+    states = [f["root"] / "states" / f"user{i}" for i in range(NODES)]
+    out = CliRunner().invoke(cli, ["audit", str(f["run_dir"]), "--attacks", "wire", "--users", str(f["root"] / "users"),
+                                   *[a for s in states for a in ("--devices", str(s))]])
+    assert out.exit_code == 0, out.output
+    wire = json.loads((f["run_dir"] / "audit" / "audit.json").read_text())
+    checks = {(c["name"], c["subject"]): c["status"] for c in wire["checks"]}
+    assert all(checks[("wire raw-context", f"user{i}")] == "pass" for i in range(NODES))
+    assert all(checks[("wire personal-part", f"user{i}")] == "pass" for i in range(NODES))
+    assert {r["side"] for r in wire["wire"]["bytes-per-round"]} == {"server", "device"}
 
 
 def test_an_unregistered_key_and_a_node_without_the_ca_are_refused(federation) -> None:  # type: ignore[no-untyped-def]

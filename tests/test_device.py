@@ -8,16 +8,11 @@ import numpy as np
 import pytest
 import torch
 
-from client.device import Device
 from shared.adapters import get_tensors
-from shared.population import ensure_population, state_dir
 from shared.presets import PRESETS
 from shared.wire import FIT_METRICS, VARIANTS, eval_metrics
 
-
-def device(cfg, index: int = 0) -> Device:
-    users = ensure_population(cfg)
-    return Device(cfg, user_dir=users[index], state_dir=state_dir(cfg, users[index]), client_index=index)
+from conftest import device
 
 
 @pytest.mark.parametrize("preset", sorted(PRESETS))
@@ -81,7 +76,7 @@ def test_without_validation_records_the_final_fit_continues_from_the_stored_pers
     d.fit(d.init_send, server_round=1)
     stored = d.store.load_personal()
     assert any(not torch.equal(stored[k], d.init_keep[k]) for k in stored)
-    monkeypatch.setattr(d, "_personal_phase", lambda gen: None)  # observe the starting point only
+    monkeypatch.setattr(d, "_phase", lambda phase, gen, privacy: None)  # observe the starting point only
     # Execute
     d._personalize(torch.Generator().manual_seed(0))
     # Assert: it starts from what the rounds trained, not from scratch

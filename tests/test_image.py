@@ -16,8 +16,10 @@ from shared.data import procedural_faces as faces
 from shared.data.photos import read_photos, write_photos
 from shared.population import ensure_population
 from shared.tasks import NoUsableDataError
-from shared.tasks.image import LABEL_WIDTH, PIXELS, edit_hair_token, pack, subject_slots, unpack
-from shared.tasks.image_model import attribute_tokens
+from shared.tasks.image import LABEL_WIDTH, PIXELS, SAMPLES, ImageTask, edit_hair_token, pack, subject_slots, unpack
+from shared.tasks.image_base import to_tensor
+from shared.tasks.image_model import HEADS, attribute_tokens
+from shared.wire import VARIANTS
 from shared.training import mean_loss
 
 IMAGE = {"task": "image", "min_records": 12, "heldout_fraction": 0.25, "val_fraction": 0.0, "local_steps": 2,
@@ -97,6 +99,70 @@ def test_records_round_trip_pixels_slot_and_attributes() -> None:
     np.testing.assert_allclose(((x[0].permute(1, 2, 0) + 1) * 127.5).numpy(), photos[0], atol=1e-3)
 
 
+def tagged(tags: list[int]) -> list[np.ndarray]:
+    """Uniform photos whose pixel value is their tag: what ``TaggedEncoder`` recognizes them by."""
+    return [np.full((faces.SIZE, faces.SIZE, 3), t, np.uint8) for t in tags]
+
+
+class TaggedEncoder:
+    """An identity encoder stand-in with known outputs: each tag (an image's pixel value) has an
+    embedding and the attributes it shows."""
+
+    def __init__(self, embeddings: dict[int, list[float]], shows: dict[int, dict[str, str]]) -> None:
+        self.embeddings, self.shows = embeddings, shows
+
+    def to(self, device: torch.device) -> TaggedEncoder:
+        return self
+
+    def _tags(self, images: torch.Tensor) -> list[int]:
+        return [round(float((x[0, 0, 0] + 1) * 127.5)) for x in images]
+
+    def embed(self, images: torch.Tensor) -> torch.Tensor:
+        return torch.tensor([self.embeddings[t] for t in self._tags(images)])
+
+    def attributes(self, images: torch.Tensor) -> dict[str, torch.Tensor]:
+        tags = self._tags(images)
+        return {k: torch.eye(len(v))[[v.index(self.shows[t][k]) for t in tags]] for k, v in HEADS.items()}
+
+
+def test_image_metrics_of_known_samples_have_their_hand_computed_values(monkeypatch) -> None:
+    # Prepare: embeddings in 16 dimensions; A = (0.6, 0.8, 0, ...), B = (0.6, -0.8, 0, ...), and
+    # 12 public reference centroids e2..e13. The user asks for brown hair and glasses (no beard).
+    a, b, ref0 = [0.6, 0.8] + [0.0] * 14, [0.6, -0.8] + [0.0] * 14, [0.0, 0.0, 1.0] + [0.0] * 13
+    look = {"glasses": "yes", "beard": "yes"}
+    encoder = TaggedEncoder(
+        embeddings={1: a, 2: b, 3: a, 4: b, 5: ref0, 6: a, 7: a},
+        shows={1: {"hair": "brown", **look}, 2: {"hair": "brown", **look},  # the held-out photos
+               3: {"hair": "brown", **look}, 4: {"hair": "brown", **look, "glasses": "no"},
+               5: {"hair": "red", **look, "glasses": "no"},  # samples as asked: 3 x tag 3, 3 x 4, 2 x 5
+               6: {"hair": "blond", **look}, 7: {"hair": "brown", **look}})  # asked for blond: 5 x 6, 3 x 7
+    task = ImageTask()
+    task.encoder, task.refs = encoder, torch.eye(16)[2:14]
+    asked = attribute_tokens({"hair": "brown", "glasses": "yes"})
+    edited = [edit_hair_token(asked[0]), *asked[1:]]
+    assert edited[0] == attribute_tokens({"hair": "blond"})[0]
+    calls = []
+
+    def sample(model: object, attrs: torch.Tensor, slot: int = 0, n: int = SAMPLES, seed: int = 1234) -> torch.Tensor:
+        calls.append((attrs.tolist(), slot))
+        return to_tensor(tagged({tuple(asked): [3, 3, 3, 4, 4, 4, 5, 5], tuple(edited): [6] * 5 + [7] * 3}
+                                [tuple(attrs.tolist())]))
+
+    monkeypatch.setattr(task, "sample", sample)
+    # Execute
+    scores, samples = task.evaluate(None, pack(tagged([1, 2]), 0, asked))  # type: ignore[arg-type]
+    # Assert: the user's centroid is normalize((A + B) / 2) = e0
+    assert calls == [(asked, 0), (edited, 0)] and samples.shape == (SAMPLES, 3, faces.SIZE, faces.SIZE)
+    assert scores["top1"] == 0.75  # 6 samples score 0.6 on e0 and 0 on the references; 2 are reference 0
+    assert scores["idsim"] == pytest.approx(6 * 0.6 / 8 - 2 / (8 * 12))  # mean cos to e0 - mean cos to the 12 refs
+    assert scores["align"] == (6 / 8 + 3 / 8) / 2  # hair right on 6 of 8, glasses on 3 of 8; beard not asked
+    assert scores["edit"] == 5 / 8  # asked for blond: 5 of 8 show it
+    # Fréchet distance, diagonal covariances: samples' mean (0.45, 0, 0.25), photos' mean (0.6, 0, 0);
+    # variances: samples (0.0675, 0.48, 0.1875), photos (0, 0.64, 0)
+    fd = (0.15**2 + 0.25**2) + 0.0675 + (0.48 + 0.64 - 2 * math.sqrt(0.48 * 0.64)) + 0.1875
+    assert scores["fd"] == pytest.approx(fd, rel=1e-5)
+
+
 def test_too_few_face_photos_is_no_usable_data(make_cfg, tmp_path: Path) -> None:
     (tmp_path / "users" / "zoe" / "faces").mkdir(parents=True)
     (tmp_path / "users" / "zoe" / "faces" / "x.txt").write_text("no photos")
@@ -117,9 +183,11 @@ def test_a_dp_round_sends_only_shared_attention_lora_and_keeps_the_subject_token
     assert any("slot_proj.lora_" in k for k in d.sets.keep) and not any("slot_proj" in k for k in d.sets.send)
     assert all(any(t in k for t in ("to_q", "to_k", "to_v", "to_out")) for k in d.sets.send)
     assert any(np.abs(x).max() > 0 for x in delta) and 0 < metrics["dp-epsilon"] < math.inf
-    for v in ("base", "shared", "personal", "local"):
-        assert 0.0 <= out[f"{v}-top1"] <= 1.0 and 0.0 <= out[f"{v}-align"] <= 1.0 and out[f"{v}-fd"] >= 0.0
-        assert 0.0 <= out[f"{v}-edit"] <= 1.0
+    assert {f"{v}-{m}" for v in VARIANTS for m in d.task.metric_names} <= set(out)
+    # Each variant evaluates other weights (the values themselves: the known-samples test above).
+    # FD is continuous in the samples: any change of the weights shows.
+    fd = [out[f"{v}-fd"] for v in VARIANTS]
+    assert len(set(fd)) == len(VARIANTS), f"two variants generated the same samples: {dict(zip(VARIANTS, fd))}"
     png = d.store.read(REPORT)
     assert png is not None and Image.open(io.BytesIO(png)).size == (LABEL_WIDTH + 8 * 64, 5 * 64)  # real + 4 variants
     assert not (Path(cfg.run_dir) / "s" / REPORT).exists(), "the grid shows the user's face: sealed only"

@@ -3,13 +3,13 @@ bounded and the ServerApp never crashes; a round whose aggregate is out of bound
 
 from __future__ import annotations
 
+import functools
 import json
 from pathlib import Path
 
 import numpy as np
 import pytest
 from flwr.common import Code, FitRes, Status, ndarrays_to_parameters, parameters_to_ndarrays
-from flwr.common.secure_aggregation.quantization import dequantize, quantize
 
 from server import checkpoint
 from server.bounds import OutOfBoundsError, check_secure_aggregate, quantized_weight
@@ -17,14 +17,11 @@ from server.results import RunRecorder
 from server.strategy import SharedDeltaStrategy
 from shared.wire import keys_digest
 
+from conftest import Proxy, secagg_mean
+
 NAMES = ("a.lora_A.shared.weight", "a.lora_B.shared.weight")
 SHAPES = [(2, 3), (3,)]
 C, Q, MAX_WEIGHT, MODULUS = 0.05, 2**22, 1000.0, 2**32
-
-
-class Proxy:
-    def __init__(self, node_id: int) -> None:
-        self.node_id = node_id
 
 
 def reply(arrays: list[np.ndarray], n: object, **metrics: object) -> FitRes:
@@ -105,24 +102,9 @@ def test_finding3_hostile_metrics_are_a_rejected_reply_never_a_crash(make_cfg, t
     assert rows[-1]["rejected"] == 1
 
 
-def secagg_round(deltas: list[list[np.ndarray]], weights: list[int],
-                 tamper: tuple[int, list[np.ndarray]] | None = None) -> list[np.ndarray]:
-    """What Flower 1.42's SecAgg+ hands the strategy, computed with its own quantization:
-    each device's weight level and quantized weighted delta, summed mod 2^32, dequantized."""
-    vectors = []
-    for d, w in zip(deltas, weights, strict=True):
-        level = quantized_weight(w, max_weight=MAX_WEIGHT, quantization_range=Q)
-        vectors.append([np.array([level])] + quantize([x * (level / Q) for x in d], C, Q))
-    if tamper is not None:  # a malicious device adds anything to its (masked) vector: it adds to the sum
-        i, extra = tamper
-        vectors[i] = [v.astype(np.int64) + e for v, e in zip(vectors[i], extra, strict=True)]
-    sums = [sum(v[k].astype(np.int64) for v in vectors) % MODULUS for k in range(len(vectors[0]))]
-    total, rest = sums[0][0], sums[1:]
-    mean = dequantize(rest, C, Q)
-    for a in mean:
-        a += -(len(vectors) - 1) * C
-        a *= Q / total
-    return mean
+# SecAgg+'s unmasked aggregate of (deltas, weights[, tamper]) at this file's bounds
+secagg_round = functools.partial(secagg_mean, clipping_range=C, quantization_range=Q, max_weight=MAX_WEIGHT,
+                                 modulus=MODULUS)
 
 
 def test_finding2_secagg_bounds_accept_honest_and_refuse_a_weight_and_element_attack() -> None:
@@ -137,13 +119,13 @@ def test_finding2_secagg_bounds_accept_honest_and_refuse_a_weight_and_element_at
                                                                                   quantization_range=Q)])]
                  + [np.full(s, Q) for s in SHAPES])
     with pytest.raises(OutOfBoundsError, match="bound"):
-        mean = secagg_round(deltas, weights, take_over)
+        mean = secagg_round(deltas, weights, tamper=take_over)
         assert max(float(np.abs(a).max()) for a in mean) > 1e5  # what it would have written
         check_secure_aggregate(mean, weights=weights, **bounds)
     # Subtler: a weight 50x larger than declared, so its zero delta drowns the honest ones
     drown = (3, [np.array([49 * Q])] + [np.zeros(s, np.int64) for s in SHAPES])
     with pytest.raises(OutOfBoundsError, match="inconsistent with the declared weights"):
-        check_secure_aggregate(secagg_round(deltas, weights, drown), weights=weights, **bounds)
+        check_secure_aggregate(secagg_round(deltas, weights, tamper=drown), weights=weights, **bounds)
 
 
 def test_finding2_an_out_of_bounds_secagg_round_is_refused_without_a_checkpoint(make_cfg, tmp_path: Path) -> None:
@@ -153,9 +135,8 @@ def test_finding2_an_out_of_bounds_secagg_round_is_refused_without_a_checkpoint(
     rng = np.random.default_rng(1)
     weights = [30, 55, 12]
     deltas = [[rng.uniform(-C / 2, C / 2, s) for s in SHAPES] for _ in weights]
-    poisoned = secagg_round(deltas, weights, (2, [np.array([-quantized_weight(12, max_weight=MAX_WEIGHT,
-                                                                                quantization_range=Q) + 1])]
-                                                + [np.full(s, Q) for s in SHAPES]))
+    level = quantized_weight(12, max_weight=MAX_WEIGHT, quantization_range=Q)
+    poisoned = secagg_round(deltas, weights, tamper=(2, [np.array([-level + 1])] + [np.full(s, Q) for s in SHAPES]))
     results = [(Proxy(i), reply(poisoned, w)) for i, w in enumerate(weights)]
     # Execute
     params, _ = strategy.aggregate_fit(1, results, [])  # type: ignore[arg-type]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from pathlib import Path
 
@@ -11,22 +12,17 @@ import torch
 from flwr.common import Code, FitRes, Parameters, Status, ndarrays_to_parameters
 from flwr.server.client_manager import SimpleClientManager
 
-from client.device import Device
 from server.results import RunRecorder
 from server.strategy import SharedDeltaStrategy
 from shared.adapters import active, get_tensors
 from shared.config import RunConfig
-from shared.population import ensure_population, state_dir
 from shared.presets import PRESETS
 from shared.privacy.accounting import epsilon, poisson_sample_rate
-from shared.privacy.mechanism import NoPrivacy, RecordDP
-from shared.privacy.plan import BudgetExhaustedError, check_pattern
+from shared.privacy.mechanism import RecordDP
+from shared.privacy.plan import BudgetExhaustedError
 from shared.wire import BUDGET_EXHAUSTED, keys_digest
 
-
-def device(cfg: RunConfig, index: int = 0, state: Path | None = None) -> Device:
-    users = ensure_population(cfg)
-    return Device(cfg, user_dir=users[index], state_dir=state or state_dir(cfg, users[index]), client_index=index)
+from conftest import Proxy, device
 
 
 def test_per_sample_gradients_are_exact_and_clipped_to_c(make_cfg, task_case) -> None:
@@ -92,13 +88,16 @@ def test_under_pattern_a_the_shared_delta_does_not_depend_on_the_personal_part(m
 
 
 def test_a_personal_head_in_the_shared_forward_pass_without_dp_is_refused() -> None:
-    dp = RecordDP(noise_multiplier=1.0, clip=1.0, accountant="prv", history=[])
+    for preset in PRESETS.values():
+        preset.check_pattern()  # every shipped schedule keeps the guarantee
+    fedrep, fedsa = PRESETS["fedrep"], PRESETS["fedsa-lora"]
+    head_without_dp = dataclasses.replace(fedrep, schedule=(dataclasses.replace(fedrep.schedule[0], private=False),
+                                                            fedrep.schedule[1]))
     with pytest.raises(ValueError, match="voids the record-level guarantee"):
-        check_pattern(PRESETS["fedrep"], shared=dp, personal=NoPrivacy())
+        head_without_dp.check_pattern()
+    joint_without_dp = dataclasses.replace(fedsa, schedule=(dataclasses.replace(fedsa.schedule[0], private=False),))
     with pytest.raises(ValueError, match="voids"):
-        check_pattern(PRESETS["fedsa-lora"], shared=dp, personal=NoPrivacy())
-    check_pattern(PRESETS["fedavg-lora"], shared=dp, personal=NoPrivacy())  # pattern (a): fine
-    check_pattern(PRESETS["fedrep"], shared=dp, personal=dp)  # pattern (b) under one DP: fine
+        joint_without_dp.check_pattern()
 
 
 def test_resumed_accountant_equals_one_accountant_and_agrees_with_pld(make_cfg) -> None:
@@ -116,7 +115,7 @@ def test_resumed_accountant_equals_one_accountant_and_agrees_with_pld(make_cfg) 
     assert rounds[-1]["dp-epsilon"] <= cfg.dp_epsilon * 1.0001  # σ was planned for the whole run
     assert [e.round for e in device(cfg).ledger.events()] == [1, 2, 3]
     # An independent accountant: Google's dp-accounting PLD. PRV and PLD are both near-exact for
-    # the subsampled Gaussian (DESIGN.md measured 1.84 vs 1.83); 3% covers their discretizations.
+    # the subsampled Gaussian (docs/privacy.md, "Accountants compared"); 3% covers their discretizations.
     event = dp_accounting.SelfComposedDpEvent(
         dp_accounting.PoissonSampledDpEvent(q, dp_accounting.GaussianDpEvent(sigma)), 12)
     pld = dp_accounting.pld.PLDAccountant(value_discretization_interval=1e-4).compose(event)
@@ -141,10 +140,6 @@ def test_a_device_at_its_budget_refuses_and_the_server_stops_sampling_it(make_cf
                                    theta=[np.zeros(2, np.float32)],
                                    completed=0, opt_state={}, recorder=RunRecorder(tmp_path / "run", cfg))
 
-    class Proxy:
-        def __init__(self, node_id: int) -> None:
-            self.node_id, self.cid = node_id, str(node_id)
-
     manager = SimpleClientManager()
     proxies = [Proxy(i) for i in range(3)]
     for p in proxies:
@@ -153,7 +148,7 @@ def test_a_device_at_its_budget_refuses_and_the_server_stops_sampling_it(make_cf
                 {"keys-digest": keys_digest(names)})
     refused = FitRes(Status(Code.FIT_NOT_IMPLEMENTED, f"{BUDGET_EXHAUSTED}: spent"), Parameters([], ""), 0, {})
     strategy.aggregate_fit(1, [(proxies[0], ok), (proxies[1], ok)], [(proxies[2], refused)])
-    assert strategy.exhausted == {2}
+    assert strategy.refused == {2: BUDGET_EXHAUSTED}
     for r in range(2, 6):
         sampled = {c.node_id for c, _ in strategy.configure_fit(r, None, manager)}  # type: ignore[arg-type]
         assert sampled == {0, 1}

@@ -15,16 +15,16 @@ from flwr.common import bytes_to_ndarray, ndarray_to_bytes, parameters_to_ndarra
 from flwr.common.secure_aggregation.quantization import dequantize
 from flwr.common.secure_aggregation.secaggplus_constants import RECORD_KEY_CONFIGS, Key, Stage
 from flwr.compat.common import recorddict_compat as compat
-from flwr.superlink.grid.inmemory_grid import InMemoryGrid
 
 from fedpgen.simulate import simulate
 from server import checkpoint
-from server.secure_aggregation import error_bound
 from server.strategy import RoundFailedError
 from shared.adapters import get_arrays
 from shared.config import RunConfig
 from shared.model import build_model
 from shared.privacy.ledger import PrivacyLedger
+
+from conftest import error_bound, watch_pulled_messages
 
 pytestmark = pytest.mark.slow
 ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])  # the mods below run in Ray workers
@@ -69,18 +69,13 @@ def secagg_mods(tmp_path: Path, dropout: Dropout | None = None) -> tuple[list, l
 def uploads(monkeypatch: pytest.MonkeyPatch) -> dict:
     """Masked vectors the server receives (stage 2), by node id, serialized at arrival."""
     got: dict[int, list[np.ndarray]] = {}
-    original = InMemoryGrid.pull_messages
 
-    def pull(self, message_ids):  # type: ignore[no-untyped-def]
-        messages = list(original(self, message_ids))
-        for msg in messages:
-            if msg.has_content() and RECORD_KEY_CONFIGS in msg.content.config_records:
-                cfg = msg.content.config_records[RECORD_KEY_CONFIGS]
-                if Key.MASKED_PARAMETERS in cfg:
-                    got[msg.metadata.src_node_id] = [bytes_to_ndarray(b) for b in cfg[Key.MASKED_PARAMETERS]]
-        return messages
+    def keep(msg: Message) -> None:
+        cfg = msg.content.config_records.get(RECORD_KEY_CONFIGS)
+        if cfg is not None and Key.MASKED_PARAMETERS in cfg:
+            got[msg.metadata.src_node_id] = [bytes_to_ndarray(b) for b in cfg[Key.MASKED_PARAMETERS]]
 
-    monkeypatch.setattr(InMemoryGrid, "pull_messages", pull)
+    watch_pulled_messages(monkeypatch, keep)
     return got
 
 

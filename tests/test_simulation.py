@@ -16,9 +16,8 @@ from flwr.common import bytes_to_ndarray, serde
 from flwr.proto.recorddict_pb2 import RecordDict as ProtoRecordDict
 from flwr.common.secure_aggregation.secaggplus_constants import RECORD_KEY_CONFIGS, Key
 from flwr.compat.common import recorddict_compat as compat
-from flwr.superlink.grid.inmemory_grid import InMemoryGrid
 
-from conftest import TASK_CASES
+from conftest import TASK_CASES, watch_pulled_messages
 from fedpgen.generate import generate
 from fedpgen.simulate import simulate
 from server.results import read_jsonl
@@ -51,17 +50,10 @@ def make_users(root: Path) -> dict[str, list[str]]:
 
 @pytest.fixture
 def captured(monkeypatch: pytest.MonkeyPatch) -> list:
+    """(message type, the content as Flower's wire bytes) of every message the server receives."""
     received: list = []
-    original = InMemoryGrid.pull_messages
-
-    def pull(self, message_ids):  # type: ignore[no-untyped-def]
-        messages = list(original(self, message_ids))
-        for msg in messages:  # serialized now: the workflow consumes the arrays when it converts them
-            if msg.has_content():
-                received.append((msg.metadata.message_type, serde.recorddict_to_proto(msg.content).SerializeToString()))
-        return messages
-
-    monkeypatch.setattr(InMemoryGrid, "pull_messages", pull)
+    watch_pulled_messages(monkeypatch, lambda msg: received.append(
+        (msg.metadata.message_type, serde.recorddict_to_proto(msg.content).SerializeToString())))
     return received
 
 

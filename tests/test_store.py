@@ -12,6 +12,7 @@ from flwr.common import Code, FitIns, ndarrays_to_parameters
 
 from client.app import DeviceClient
 from client.device import Device, verify_state
+from client.node import NodeSettings
 from shared.population import ensure_population
 from shared.privacy.ledger import PrivacyEvent, PrivacyLedger
 from shared.sealing import Sealer, TamperedStateError, load_or_create_key
@@ -52,8 +53,7 @@ def test_a_tampered_personal_part_is_refused_not_trained_on(make_cfg, tmp_path: 
         verify_state(DeviceStore(tmp_path / "state"), PrivacyLedger(tmp_path / "state"))
     # The device replies with a refusal naming the reason; nothing was trained or written.
     ledger_before = (tmp_path / "state" / "ledger.jsonl.sealed").read_bytes()
-    client = DeviceClient(lambda: Device(d.cfg, user_dir=ensure_population(d.cfg)[0], state_dir=tmp_path / "state"),
-                          primary="ppl")
+    client = DeviceClient(d.cfg, NodeSettings(user_dir=ensure_population(d.cfg)[0], state_dir=tmp_path / "state"))
     res = client.fit(FitIns(ndarrays_to_parameters(d.init_send), {"server-round": 2, "sampled-clients": 2}))
     assert res.status.code != Code.OK and res.status.message.startswith(STATE_TAMPERED)
     assert (tmp_path / "state" / "ledger.jsonl.sealed").read_bytes() == ledger_before

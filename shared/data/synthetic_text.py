@@ -37,10 +37,3 @@ def users(*, num_users: int, docs_per_user: int, seed: int) -> dict[str, list[st
             docs.append(" ".join(sentences))
         out[f"synthetic-{u:04d}"] = docs
     return out
-
-
-def public_text(*, seed: int, num_docs: int = 400) -> str:
-    """Style-free text of the shared grammar, for a synthetic base model."""
-    rng = random.Random(seed)
-    return "\n".join(f"{rng.choice(_SUBJECTS)} {rng.choice(_VERBS)} {rng.choice(_OBJECTS)}."
-                     for _ in range(num_docs))

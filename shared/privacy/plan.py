@@ -1,4 +1,4 @@
-"""Which mechanism trains what, per DESIGN.md §2, and the device's DP plan for the whole run."""
+"""The device's DP plan for the whole run: σ for the private steps its preset's schedule takes."""
 
 from __future__ import annotations
 
@@ -8,33 +8,10 @@ from shared.config import RunConfig
 from shared.presets import Preset
 from shared.privacy.accounting import calibrate_sigma, compose, epsilon, poisson_sample_rate
 from shared.privacy.ledger import PrivacyLedger
-from shared.privacy.mechanism import NoPrivacy, RecordDP
 
 
 class BudgetExhaustedError(RuntimeError):
     """The next round would spend more than the device's ε budget: the device refuses to train."""
-
-
-def personal_in_shared_forward(preset: Preset) -> bool:
-    """Pattern (b): the personal part sits in the forward pass that produces the shared gradients."""
-    return preset.schedule != "shared-then-personal"
-
-
-def check_pattern(preset: Preset, *, shared: NoPrivacy | RecordDP, personal: NoPrivacy | RecordDP) -> None:
-    """Refuse a configuration whose shared delta would depend on non-DP personal training.
-
-    Under record-level DP everything that influences the shared delta must itself be an
-    output of a DP mechanism: a personal head trained without DP inside the shared
-    forward pass makes the delta depend on every record through it, voiding the guarantee.
-    """
-    if shared.private and personal_in_shared_forward(preset) and not personal.private:
-        raise ValueError(f"preset {preset.name}: the personal part sits in the shared forward pass and would "
-                         "train without DP; that voids the record-level guarantee (DESIGN.md §2 pattern b)")
-
-
-def dp_steps_per_round(cfg: RunConfig, preset: Preset) -> int:
-    """DP-SGD steps a device takes per round: the shared phase, plus a separate personal phase (FedRep)."""
-    return cfg.local_steps + (cfg.personal_max_steps if preset.schedule == "personal-then-shared" else 0)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -52,7 +29,7 @@ class DPPlan:
         if not cfg.dp_delta < 1.0 / num_records:
             raise ValueError(f"config 'dp-delta': {cfg.dp_delta} must be < 1/records = 1/{num_records}")
         q = poisson_sample_rate(num_records, cfg.batch_size)
-        steps = dp_steps_per_round(cfg, preset)
+        steps = preset.private_steps(cfg)  # the schedule the device executes: one count
         if cfg.dp == "epsilon":
             sigma = calibrate_sigma(target_epsilon=cfg.dp_epsilon, delta=cfg.dp_delta, sample_rate=q,
                                     steps=steps * cfg.num_server_rounds, accountant=cfg.dp_accountant)

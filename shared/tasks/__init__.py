@@ -1,20 +1,12 @@
-"""Task registry: a task plugs a modality into the one training/evaluation machinery."""
+"""Tasks: a task plugs a modality into the one training/evaluation machinery.
+
+Importing this package imports no task's code (nor torch): ``TASKS`` holds each task's
+metadata (``shared/tasks/registry.py``) and ``get_task`` imports a task when it is used.
+"""
 
 from __future__ import annotations
 
 from shared.tasks.base import NoUsableDataError, Task, UserData
-from shared.tasks.behavior import BehaviorTask
-from shared.tasks.image import ImageTask
-from shared.tasks.text import TextTask
+from shared.tasks.registry import TASKS, TaskInfo, get_task, task_info
 
-TASKS: dict[str, type[Task]] = {"text": TextTask, "behavior": BehaviorTask, "image": ImageTask}
-
-
-def get_task(name: str) -> Task:
-    """Instantiate the task registered as ``name``; an unknown name lists the valid ones."""
-    if name not in TASKS:
-        raise ValueError(f"unknown task {name!r}; valid: {', '.join(sorted(TASKS))}")
-    return TASKS[name]()
-
-
-__all__ = ["TASKS", "NoUsableDataError", "Task", "UserData", "get_task"]
+__all__ = ["TASKS", "NoUsableDataError", "Task", "TaskInfo", "UserData", "get_task", "task_info"]

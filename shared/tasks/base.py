@@ -1,15 +1,21 @@
-"""What a task supplies. It never supplies a training loop, aggregation or a ledger."""
+"""What a task supplies. It never supplies the device's training loop, aggregation or a ledger.
+
+torch appears here in annotations only: ``shared.tasks`` (and with it the config layer,
+which validates against ``shared/tasks/registry.py``) imports without it.
+"""
 
 from __future__ import annotations
 
 import abc
 import dataclasses
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, ClassVar
 
-import torch
+from shared.tasks.registry import TASKS, TaskInfo
 
 if TYPE_CHECKING:
+    import torch
+
     from shared.config import RunConfig
 
 
@@ -45,17 +51,52 @@ class UserData:
 
 
 class Task(abc.ABC):
-    """A modality: base model, LoRA targets, device-folder reader, loss and metrics."""
+    """A modality: base model, LoRA targets, device-folder reader, loss and metrics.
 
-    name: str = ""
-    datasets: tuple[str, ...] = ()  # built-in populations (``data``), besides "dir"
-    metric_names: tuple[str, ...] = ()  # what ``metrics`` returns, in display order
-    primary: str = ""  # the metric the summary ranks variants by
-    higher_is_better: bool = False
-    primary_label: str = ""  # e.g. "held-out perplexity"
+    A subclass names its registry entry, ``class TextTask(Task, task="text")``, and reads its
+    name, datasets and metrics from it (``info``): the registry is their one source.
+    """
+
+    info: ClassVar[TaskInfo]
     # Draws per validation record when the loss is stochastic (diffusion draws a timestep and
     # noise per record): early stopping compares checkpoints on the same draws, this many each.
     val_draws: int = 1
+
+    def __init_subclass__(cls, *, task: str | None = None, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        if task is None:  # a subclass of a task keeps its parent's entry
+            return
+        if task not in TASKS:
+            raise TypeError(f"{cls.__qualname__}: no task {task!r} in shared/tasks/registry.py; "
+                            f"valid: {', '.join(sorted(TASKS))}")
+        here = f"{cls.__module__}:{cls.__qualname__}"
+        if TASKS[task].target != here:
+            raise TypeError(f"{here} claims task {task!r}, whose registry entry names {TASKS[task].target}")
+        cls.info = TASKS[task]
+
+    @property
+    def name(self) -> str:
+        return self.info.name
+
+    @property
+    def datasets(self) -> tuple[str, ...]:
+        return self.info.datasets
+
+    @property
+    def metric_names(self) -> tuple[str, ...]:
+        return self.info.metric_names
+
+    @property
+    def primary(self) -> str:
+        return self.info.primary
+
+    @property
+    def higher_is_better(self) -> bool:
+        return self.info.higher_is_better
+
+    @property
+    def primary_label(self) -> str:
+        return self.info.primary_label
 
     def lora_targets(self, model: torch.nn.Module) -> dict[str, list[str]]:
         """Module names for LoRA (keys ``shared``, ``mlp``, ``head``), by the model's architecture."""
@@ -67,7 +108,7 @@ class Task(abc.ABC):
 
     def better(self, a: float, b: float) -> bool:
         """Whether metric value ``a`` is strictly better than ``b`` (the primary metric's direction)."""
-        return a > b if self.higher_is_better else a < b
+        return self.info.better(a, b)
 
     @abc.abstractmethod
     def base_model_path(self, cfg: RunConfig) -> Path:

@@ -2,13 +2,14 @@
 
 The model is a small causal transformer over the catalog's item ids (a ``transformers``
 Llama built from a config, ``pad_token_id=None`` so no embedding has a ``padding_idx``:
-DESIGN.md §6), pre-trained by the project on a *public* synthetic population whose
-popularity differs from the federated users'. A record is a row pair ``[2, T]``: token
-ids ``[profile tokens, BOS, items...]`` and a mask of the positions whose next token is
-scored. Training records are disjoint chunks of ``seq-len`` consecutive events (each
-event is scored in exactly one record, so record-level DP protects every chunk of
-``seq-len`` events); validation and held-out records score one event each, the user's
-*last* events in time, with up to ``seq-len - 1`` earlier events as context.
+docs/privacy.md, "Exact per-record gradients"), pre-trained by the project on a *public*
+synthetic population whose popularity differs from the federated users'. A record is a
+row pair ``[2, T]``: token ids ``[profile tokens, BOS, items...]`` and a mask of the
+positions whose next token is scored. Training records are disjoint chunks of
+``seq-len`` consecutive events (each event is scored in exactly one record, so
+record-level DP protects every chunk of ``seq-len`` events); validation and held-out
+records score one event each, the user's *last* events in time, with up to
+``seq-len - 1`` earlier events as context.
 
 Profile attributes (``profile.json``) condition the model through hashed profile tokens.
 """
@@ -102,11 +103,7 @@ def load_layout(path: Path) -> Layout:
     return Layout(**json.loads(file.read_text()))
 
 
-class BehaviorTask(Task):
-    name = "behavior"
-    datasets = ("synthetic",)
-    metric_names = ("hr10", "ndcg10", "cov10", "nll")
-    primary, higher_is_better, primary_label = "hr10", True, "held-out HR@10"
+class BehaviorTask(Task, task="behavior"):
     layout: Layout | None = None  # set by load_base
 
     # -- base model -------------------------------------------------------------------------
@@ -127,7 +124,7 @@ class BehaviorTask(Task):
     def load_base(self, path: Path) -> torch.nn.Module:
         self.layout = load_layout(path)
         model = AutoModelForCausalLM.from_pretrained(str(path), local_files_only=True)
-        if model.get_input_embeddings().padding_idx is not None:  # DESIGN.md §6: wrong per-sample grads
+        if model.get_input_embeddings().padding_idx is not None:  # docs/privacy.md, "Exact per-record gradients"
             raise ValueError(f"{path}: the item embedding has padding_idx set; DP-SGD needs pad_token_id=None")
         model.requires_grad_(False)
         return model.eval()

@@ -68,11 +68,7 @@ def unpack(records: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Ten
     return x, records[:, PIXELS].long(), records[:, PIXELS + 1 :].long()
 
 
-class ImageTask(Task):
-    name = "image"
-    datasets = ("synthetic",)
-    metric_names = ("top1", "idsim", "align", "fd", "edit")
-    primary, higher_is_better, primary_label = "top1", True, "identification of generated samples (top-1 of 10)"
+class ImageTask(Task, task="image"):
     val_draws = 8  # the DDPM loss of 2-3 validation photos at one random timestep each is too noisy to stop on
 
     def __init__(self) -> None:

@@ -118,6 +118,13 @@ def augment(x: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
 
 
 def train_encoder(dest: Path, *, seed: int, steps: int) -> None:
+    """Train the identity encoder, the image metrics' measuring instrument, and store it.
+
+    Its own loop, not ``pretrain_loop``: this recipe (constant learning rate, no warm-up,
+    decay or gradient clipping) is the one the encoder's reported quality and every image
+    result were measured with; another schedule would change the instrument
+    (docs/architecture.md, "Training loops").
+    """
     torch.manual_seed(seed)
     pop = _public(seed, PUBLIC_IDS, PUBLIC_PHOTOS)
     images = to_tensor([p for _, photos in pop for p in photos])

@@ -5,7 +5,7 @@ the prompt-like attribute tokens plus one **subject token** per slot (slot 0: th
 face, slots 1..: the user's subjects), produced by ``slot_proj`` from a one-hot slot. The
 personal LoRA adapter targets ``slot_proj`` (DreamBooth's rare identifier, learned as a
 low-rank update) and the transformer feed-forward layers; the shared adapter targets
-attention. No embedding has a ``padding_idx`` (DESIGN.md §6).
+attention. No embedding has a ``padding_idx`` (docs/privacy.md, "Exact per-record gradients").
 
 ``IdentityEncoder`` is a small CNN trained by the project on public procedural identities
 with colour and lighting augmentation (a Face-Sim / DINO analogue available offline), with

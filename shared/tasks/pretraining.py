@@ -1,5 +1,9 @@
-"""The one pre-training loop of the built-in base models (every task's): AdamW with linear
-warm-up and cosine decay, gradient clipping, a progress bar. Tasks supply the loss."""
+"""The pre-training loop of every task's built-in base model: AdamW with linear warm-up and
+cosine decay, gradient clipping, a progress bar. Tasks supply the loss.
+
+The image task's identity encoder is not a base model and trains with its own loop
+(``train_encoder`` in ``shared/tasks/image_base.py``; why: docs/architecture.md,
+"Training loops")."""
 
 from __future__ import annotations
 

@@ -46,11 +46,7 @@ def split_records(records: torch.Tensor, *, key: str, heldout: float, val: float
     return rest[n_val:], rest[:n_val], held
 
 
-class TextTask(Task):
-    name = "text"
-    datasets = ("shakespeare", "synthetic")
-    metric_names = ("ppl", "acc")
-    primary, higher_is_better, primary_label = "ppl", False, "held-out perplexity"
+class TextTask(Task, task="text"):
     pad_id = -1  # set by load_base from the checkpoint's tokenizer
     seq_len = 0  # set by read_user: generation cuts the profile prefix as the records did
 
