@@ -22,7 +22,7 @@ demo: install
 	$(VENV)/bin/fedpgen simulate
 
 test: install
-	$(VENV)/bin/python -m pytest -q -p no:cacheprovider
+	$(VENV)/bin/python -m pytest -q -p no:cacheprovider --durations=30
 
 clean:
 	rm -rf runs .pytest_cache

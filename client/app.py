@@ -47,6 +47,12 @@ class DeviceClient(Client):
     def __init__(self, cfg: RunConfig, node: NodeSettings) -> None:
         self.cfg, self.node = cfg, node
 
+    @property
+    def four_way(self) -> bool:
+        """The four-way evaluation (client/evaluation.py) when asked, or by default in a simulation;
+        a deployed device (no partition id) evaluates what it has."""
+        return self.cfg.evaluation == "four-way" or (self.cfg.evaluation == "auto" and self.node.client_index >= 0)
+
     def _device(self) -> Device:
         node = self.node
         return Device(self.cfg, user_dir=node.user_dir, state_dir=node.state_dir, client_index=node.client_index,
@@ -63,7 +69,7 @@ class DeviceClient(Client):
 
     def evaluate(self, ins: EvaluateIns) -> EvaluateRes:
         try:
-            metrics = self._device().evaluate(parameters_to_ndarrays(ins.parameters))
+            metrics = self._device().evaluate(parameters_to_ndarrays(ins.parameters), four_way=self.four_way)
         except REFUSING as exc:
             return EvaluateRes(Status(Code.EVALUATE_NOT_IMPLEMENTED, refusal_text(exc)), 0.0, 0, {})
         loss = float(metrics[f"personal-{TASKS[self.cfg.task].primary}"])  # the task's primary held-out metric

@@ -1,6 +1,7 @@
-"""One device's round: load the shared base, train per the preset, return only the shared delta.
+"""One device's round: load the shared base, train per the preset's schedule, return only the shared delta.
 
-Plain module, no Flower: ``client/app.py`` unpacks messages and calls this.
+Plain module, no Flower: ``client/app.py`` unpacks messages and calls this. The final
+evaluation is ``client/evaluation.py``'s.
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from shared.accelerator import autocast_dtype, precision, select_device
+from shared.accelerator import autocast_dtype, select_device
 from shared.adapters import active, get_arrays, get_tensors, set_arrays, set_tensors
 from shared.config import RunConfig
 from shared.locking import exclusive
@@ -41,7 +42,6 @@ from shared.wire import (
 log = logging.getLogger(__name__)
 
 BOTH = [SHARED, PERSONAL]
-REPORT = "report.png"
 Mechanism = NoPrivacy | RecordDP
 
 
@@ -119,11 +119,11 @@ class Device:
         self.data.val, self.data.heldout = self.data.val.to(self.device), self.data.heldout.to(self.device)
         self.key = Path(user_dir).name
 
-    def _generator(self, purpose: str, server_round: int) -> torch.Generator:
+    def generator(self, purpose: str, server_round: int) -> torch.Generator:
         digest = hashlib.sha256(f"{self.cfg.seed}/{self.key}/{purpose}/{server_round}".encode()).digest()
         return torch.Generator().manual_seed(int.from_bytes(digest[:8], "little"))
 
-    def _phase(self, phase: Phase, gen: torch.Generator, privacy: Mechanism) -> TrainResult:
+    def run_phase(self, phase: Phase, gen: torch.Generator, privacy: Mechanism) -> TrainResult:
         """One phase of the schedule: a private phase under ``privacy``, the others without DP;
         early stopping on validation only without DP (selection is not private)."""
         cfg = self.cfg
@@ -136,14 +136,14 @@ class Device:
                          val=val, names=names, eval_every=cfg.personal_eval_every, micro_batch=self.micro_batch,
                          dtype=self.dtype)
 
-    def _round(self, gen: torch.Generator, privacy: Mechanism = NoPrivacy()) -> tuple[TrainResult, TrainResult]:
+    def train_round(self, gen: torch.Generator, privacy: Mechanism = NoPrivacy()) -> tuple[TrainResult, TrainResult]:
         """Train this round: the preset's schedule, phase by phase (``shared/presets.py``).
 
         Returns the results of the (last) phase training the shared part and of the phase
         training the personal part alone (a NaN loss if none)."""
         self.preset.check_pattern()
         schedule = self.preset.schedule
-        results = [self._phase(phase, gen, privacy) for phase in schedule]
+        results = [self.run_phase(phase, gen, privacy) for phase in schedule]
         shared = [r for p, r in zip(schedule, results, strict=True) if SHARED in p.trains]
         personal = [r for p, r in zip(schedule, results, strict=True) if p.trains == (PERSONAL,)]
         return shared[-1], (personal[-1] if personal else TrainResult(mean_loss=float("nan")))
@@ -163,7 +163,7 @@ class Device:
         return RecordDP(noise_multiplier=plan.noise_multiplier, clip=cfg.dp_clip, accountant=cfg.dp_accountant,
                         history=self.ledger.history()), plan
 
-    def _personalize(self, gen: torch.Generator) -> None:
+    def personalize(self, gen: torch.Generator) -> None:
         """Fit the personal part to the final shared base (it never leaves the device).
 
         Starts from the better, on validation, of the stored personal part and none at all
@@ -180,9 +180,9 @@ class Device:
             set_tensors(self.model, candidates[min(losses)[1]])
         else:
             set_tensors(self.model, candidates[0])
-        self._phase(PERSONALIZE, gen, NoPrivacy())
+        self.run_phase(PERSONALIZE, gen, NoPrivacy())
 
-    def _load_personal(self) -> None:
+    def load_personal(self) -> None:
         stored = self.store.load_personal()
         set_tensors(self.model, stored if stored is not None else self.init_keep)
 
@@ -208,14 +208,14 @@ class Device:
             plan.check_budget(self.ledger.history(), delta=cfg.dp_delta, accountant=cfg.dp_accountant,
                               budget=cfg.dp_epsilon)
         set_arrays(self.model, self.sets.send, shared)
-        self._load_personal()
+        self.load_personal()
         before = self._val_loss()
-        gen = self._generator("fit", server_round)
+        gen = self.generator("fit", server_round)
         # Non-private randomness only (e.g. a diffusion loss's timesteps): reproducible. DP noise
         # and Poisson sampling never come from here (shared/privacy/mechanism.py: secret_generator).
         torch.manual_seed(int(torch.randint(0, 2**62, (1,), generator=gen)))
         started = time.perf_counter()
-        shared_res, personal_res = self._round(gen, privacy)
+        shared_res, personal_res = self.train_round(gen, privacy)
         train_seconds = time.perf_counter() - started
         after = self._val_loss()
         delta = [new - old for new, old in zip(get_arrays(self.model, self.sets.send), shared, strict=True)]
@@ -239,14 +239,14 @@ class Device:
         self.store.save_meta(meta)
         metrics: dict[str, object] = {
             "client-index": self.client_index, "keys-digest": keys_digest(self.sets.send),
-            "train-seconds": train_seconds, **self._skipped(), **event.wire(),
+            "train-seconds": train_seconds, **self.skipped(), **event.wire(),
         }
         if not privacy.private:  # data-dependent scalars: sent only by runs that are not private anyway
             metrics.update({"train-loss": shared_res.mean_loss, "val-loss-before": before, "val-loss-after": after,
                             "personal-best-step": personal_res.best_step})
         return delta, self._weight(), metrics
 
-    def _skipped(self) -> dict[str, int]:
+    def skipped(self) -> dict[str, int]:
         """The data-quality report: bad inputs skipped on this device, counted by reason."""
         return {f"skipped-{reason}": count for reason, count in self.data.skipped.items()}
 
@@ -288,43 +288,10 @@ class Device:
         self.ledger.append(event)
         return event
 
-    def evaluate(self, shared: list[np.ndarray]) -> dict[str, object]:
-        """Held-out metrics of base, shared-only, shared+personal and local-only models."""
+    def evaluate(self, shared: list[np.ndarray], *, four_way: bool = True) -> dict[str, object]:
+        """Held-out metrics (``client/evaluation.py``): what this device has, and with ``four_way``
+        also a personal part re-fitted to ``shared`` and a local-only baseline."""
+        from client.evaluation import final_evaluation
+
         with exclusive(self.store.dir, what="device state-dir"):
-            return self._evaluate(shared)
-
-    def _evaluate(self, shared: list[np.ndarray]) -> dict[str, object]:
-        held = self.data.heldout
-        out: dict[str, object] = {"client-index": self.client_index, "num-heldout": int(held.shape[0]),
-                                  **self._skipped()}
-
-        parts: dict[str, object] = {}
-
-        def record(variant: str, adapters: list[str] | None) -> None:
-            with precision(self.device, self.dtype):
-                if adapters is None:
-                    with self.model.disable_adapter():
-                        scores, parts[variant] = self.task.evaluate(self.model, held)
-                else:
-                    with active(self.model, adapters, ()):
-                        scores, parts[variant] = self.task.evaluate(self.model, held)
-            out.update({f"{variant}-{k}": v for k, v in scores.items()})
-
-        record("base", None)
-        set_arrays(self.model, self.sets.send, shared)
-        set_tensors(self.model, self.init_keep)
-        record("shared", [SHARED])
-        self._personalize(self._generator("personalize", 0))
-        record("personal", BOTH)
-        # Local-only: the same schedule for as many rounds as this device trained, never averaged.
-        set_arrays(self.model, self.sets.send, self.init_send)
-        set_tensors(self.model, self.init_keep)
-        for r in range(max(1, int(self.store.load_meta().get("rounds_trained", 0)))):
-            self._round(self._generator("local", r))
-        if self.sets.personal_trainable:
-            self._phase(PERSONALIZE, self._generator("local-personalize", 0), NoPrivacy())  # same final fit
-        record("local", BOTH)
-        png = self.task.render_report(parts, held)
-        if png is not None:  # e.g. sample grids: personal data, kept sealed on the device
-            self.store.write(REPORT, png)
-        return out
+            return final_evaluation(self, shared, four_way=four_way)

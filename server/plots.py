@@ -10,8 +10,8 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
 from server.results import read_clients, read_config, read_jsonl  # noqa: E402
+from server.summary import evaluated_variants  # noqa: E402
 from shared.tasks import TASKS  # noqa: E402
-from shared.wire import VARIANTS  # noqa: E402
 
 
 def plot_run(run_dir: Path) -> list[Path]:
@@ -57,12 +57,13 @@ def plot_run(run_dir: Path) -> list[Path]:
         fig, ax = plt.subplots(figsize=(max(6, len(clients) * 0.35), 4))
         width = 0.2
         metric = f"{task.primary_label} ({'higher' if task.higher_is_better else 'lower'} is better)"
-        for i, v in enumerate(VARIANTS):
-            ax.bar([c + (i - 1.5) * width for c in range(len(clients))], [r[f"{v}-{task.primary}"] for r in clients],
-                   width=width, label=v)
+        variants = evaluated_variants(clients, task.primary)
+        for i, v in enumerate(variants):
+            ax.bar([c + (i - (len(variants) - 1) / 2) * width for c in range(len(clients))],
+                   [r[f"{v}-{task.primary}"] for r in clients], width=width, label=v)
         ax.set(xlabel="client", ylabel=metric, title="Personalization")
-        lo = min(r[f"{v}-{task.primary}"] for r in clients for v in VARIANTS)
-        hi = max(r[f"{v}-{task.primary}"] for r in clients for v in VARIANTS)
+        lo = min(r[f"{v}-{task.primary}"] for r in clients for v in variants)
+        hi = max(r[f"{v}-{task.primary}"] for r in clients for v in variants)
         ax.set_ylim(0.0 if task.higher_is_better else lo * 0.95, max(hi * 1.02, lo + 1e-6))
         ax.legend()
         fig.tight_layout()

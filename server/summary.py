@@ -26,6 +26,12 @@ def epsilon_by_client(run_dir: Path) -> dict[int, float]:
     return out
 
 
+def evaluated_variants(clients: list[dict[str, Any]], primary: str) -> list[str]:
+    """The variants every client's final evaluation reported (four-way, or the device's own three)."""
+    return [v for v in VARIANTS if clients and all(isinstance(c.get(f"{v}-{primary}"), (int, float))
+                                                   for c in clients)]
+
+
 def final_round(run_dir: Path) -> int:
     """The round of the newest checkpoint: how far the shared base really got (0: not at all)."""
     names = (p.name for p in (Path(run_dir) / "checkpoints").glob("round_*.safetensors"))
@@ -100,6 +106,9 @@ def summarize(run_dir: Path) -> dict[str, Any]:
     def med(key: str) -> float:
         return statistics.median(float(c[key]) for c in clients)
 
+    variants = evaluated_variants(clients, p)
+    local = "local" in variants  # a device-only evaluation (client/evaluation.py) trains no local baseline
+
     all_rounds = read_jsonl(Path(run_dir) / "rounds.jsonl")
     final, planned = final_round(run_dir), cfg.num_server_rounds
     summary = {
@@ -112,14 +121,16 @@ def summarize(run_dir: Path) -> dict[str, Any]:
         "planned-rounds": planned,
         "ended-short": ended_short(final, planned, all_rounds),
         "out-of-bounds-rounds": sorted({int(r["round"]) for r in all_rounds if r.get("out-of-bounds")}),
-        **{f"median-{m}": {v: med(f"{v}-{m}") for v in VARIANTS} for m in task.metric_names
-           if all(f"{v}-{m}" in c for c in clients for v in VARIANTS)},
+        "variants": variants,
+        **{f"median-{m}": {v: med(f"{v}-{m}") for v in variants} for m in task.metric_names
+           if all(f"{v}-{m}" in c for c in clients for v in variants)},
         "personal-beats-shared": sum(task.better(c[f"personal-{p}"], c[f"shared-{p}"]) for c in clients),
-        "personal-beats-local": sum(task.better(c[f"personal-{p}"], c[f"local-{p}"]) for c in clients),
+        "personal-beats-local": sum(task.better(c[f"personal-{p}"], c[f"local-{p}"]) for c in clients)
+        if local else None,
         "median-personalization-gain": statistics.median(_gain(task, c[f"shared-{p}"], c[f"personal-{p}"])
                                                          for c in clients),
         "median-federation-gain": statistics.median(_gain(task, c[f"local-{p}"], c[f"personal-{p}"])
-                                                    for c in clients),
+                                                    for c in clients) if local else None,
         "skipped": {r: n for r in SKIP_REASONS if (n := sum(int(c.get(f"skipped-{r}") or 0) for c in clients))},
         "refused": {r: max((int(row.get(r, 0)) for row in all_rounds), default=0) for r in REFUSALS},
         "mean-bytes-down-per-client-round": statistics.mean(r["bytes-down-mean"] for r in rounds) if rounds else 0.0,
@@ -140,32 +151,36 @@ def print_summary(run_dir: Path, names: dict[int, str] | None = None, console: C
     label = task.primary_label[:1].upper() + task.primary_label[1:]
     table = Table(title=f"{label} per client, {direction} is better ({run_dir})")
     eps = summary["epsilon-by-client"]
-    for col in ("client", "base", "shared", "shared+personal", "local-only", "pers. gain", "fed. gain", "ε"):
+    variants, local = summary["variants"], "local" in summary["variants"]
+    titles = {"base": "base", "shared": "shared", "personal": "shared+personal", "local": "local-only"}
+    for col in ("client", *(titles[v] for v in variants), "pers. gain", *(("fed. gain",) if local else ()), "ε"):
         table.add_column(col, justify="right" if col != "client" else "left")
     for c in sorted(read_clients(run_dir), key=lambda r: r["client-index"]):
         name = (names or {}).get(int(c["client-index"]), str(c["client-index"]))
-        table.add_row(name, *(f"{c[f'{v}-{p}']:.3f}" for v in VARIANTS),
-                      _fmt_gain(task, _gain(task, c[f"shared-{p}"], c[f"personal-{p}"])),
-                      _fmt_gain(task, _gain(task, c[f"local-{p}"], c[f"personal-{p}"])),
+        fed = (_fmt_gain(task, _gain(task, c[f"local-{p}"], c[f"personal-{p}"])),) if local else ()
+        table.add_row(name, *(f"{c[f'{v}-{p}']:.3f}" for v in variants),
+                      _fmt_gain(task, _gain(task, c[f"shared-{p}"], c[f"personal-{p}"])), *fed,
                       f"{eps.get(int(c['client-index']), float('inf')):.2f}")
     m = summary[f"median-{p}"]
-    table.add_row("[bold]median", *(f"{m[v]:.3f}" for v in VARIANTS),
+    table.add_row("[bold]median", *(f"{m[v]:.3f}" for v in variants),
                   _fmt_gain(task, summary["median-personalization-gain"]),
-                  _fmt_gain(task, summary["median-federation-gain"]),
+                  *((_fmt_gain(task, summary["median-federation-gain"]),) if local else ()),
                   f"{statistics.median(eps.values()):.2f}" if eps else "inf")
     console.print(table)
     others = [m for m in task.metric_names if m != p and f"median-{m}" in summary]
     for metric in others:
         med = summary[f"median-{metric}"]
-        console.print(f"median {metric}: " + ", ".join(f"{v} {med[v]:.3f}" for v in VARIANTS))
+        console.print(f"median {metric}: " + ", ".join(f"{v} {med[v]:.3f}" for v in variants))
     for name, quality in summary["instrument"].items():
         console.print(f"{name} (measures the metrics): " + (", ".join(
             f"{k} {v:.3f}" if isinstance(v, float) else f"{k} {v}" for k, v in quality.items())
             if isinstance(quality, dict) else str(quality)))
     n = summary["clients"]
     skipped = ", ".join(f"{k} {v}" for k, v in summary["skipped"].items()) or "none"
+    versus_local = (f"beats local-only for {summary['personal-beats-local']}/{n}" if local else
+                    "no local-only baseline (device-only evaluation)")
     console.print(f"shared+personal beats shared-only for {summary['personal-beats-shared']}/{n} clients, "
-                  f"beats local-only for {summary['personal-beats-local']}/{n}; "
+                  f"{versus_local}; "
                   f"bad inputs skipped on devices: {skipped}; "
                   f"{summary['mean-bytes-down-per-client-round'] / 1024:.1f} KiB shared base sent to each device "
                   "per round.")

@@ -25,7 +25,7 @@ PYPROJECT = Path(__file__).resolve().parent.parent / "pyproject.toml"
 
 # Keys that do not change what a checkpoint means: a run may resume with other values.
 _RESUMABLE_KEYS = frozenset({"num-server-rounds", "run-dir", "client-cpus", "threads-per-client", "round-timeout",
-                             "wire-transcript"})
+                             "wire-transcript", "evaluation"})
 
 
 def default_config() -> dict[str, Any]:
@@ -78,6 +78,7 @@ class RunConfig:
     min_fit_clients: int
     round_timeout: float
     eval_fraction: float
+    evaluation: str
     local_steps: int
     batch_size: int
     lr: float
@@ -140,6 +141,7 @@ class RunConfig:
         need(self.min_fit_clients >= 1, "min-fit-clients", "must be >= 1")
         need(self.round_timeout >= 0.0, "round-timeout", "must be >= 0 (0 = wait forever)")
         need(0.0 < self.eval_fraction <= 1.0, "eval-fraction", "must be in (0, 1]")
+        need(self.evaluation in {"auto", "device", "four-way"}, "evaluation", "valid: auto, device, four-way")
         need(self.local_steps >= 1, "local-steps", "must be >= 1")
         need(self.batch_size >= 1, "batch-size", "must be >= 1")
         need(self.lr > 0.0, "lr", "must be > 0")

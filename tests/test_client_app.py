@@ -2,8 +2,12 @@
 
 from __future__ import annotations
 
+import io
+from pathlib import Path
+
 import pytest
 from flwr.app import Context, RecordDict
+from rich.console import Console
 
 from client.app import run_config
 from client.device import refusal_text
@@ -55,3 +59,31 @@ def test_a_refusal_the_device_encodes_is_the_one_the_server_decodes(exc: Excepti
     assert decode_refusal(refusal_text(exc)) == (reason, None)
     with pytest.raises(ValueError, match="unknown refusal"):
         encode_refusal("tired")
+
+
+def test_a_deployed_device_evaluates_what_it_has_and_the_summary_says_so(tmp_path: Path) -> None:
+    from client.app import DeviceClient
+    from client.node import NodeSettings
+    from server.plots import plot_run
+    from server.results import RunRecorder
+    from server.summary import print_summary
+
+    simulated, deployed = NodeSettings(tmp_path, tmp_path, client_index=0), NodeSettings(tmp_path, tmp_path)
+    auto, asked = RunConfig.from_mapping({}), RunConfig.from_mapping({"evaluation": "four-way"})
+    assert DeviceClient(auto, simulated).four_way and not DeviceClient(auto, deployed).four_way
+    assert DeviceClient(asked, deployed).four_way
+    assert not DeviceClient(RunConfig.from_mapping({"evaluation": "device"}), simulated).four_way
+    # A run whose devices reported base, shared and personal only
+    cfg = RunConfig.from_mapping({"run-dir": str(tmp_path / "run"), "dp": "off", "num-server-rounds": 1})
+    rec = RunRecorder(tmp_path / "run", cfg)
+    rec.round({"round": 1, "bytes-down-mean": 1024.0, "delta-norm": 0.1, "seconds": 1.0})
+    rec.final_clients([{"client-index": i, "num-heldout": 3, **{f"{v}-{m}": 10.0 - i - 2 * (v != "base")
+                                                                  for v in ("base", "shared", "personal")
+                                                                  for m in ("ppl", "acc")}}
+                       for i in range(2)])
+    out = io.StringIO()
+    summary = print_summary(tmp_path / "run", console=Console(file=out, width=200))
+    assert summary["variants"] == ["base", "shared", "personal"] and summary["median-ppl"]["personal"] == 7.5
+    assert summary["personal-beats-local"] is None and summary["median-federation-gain"] is None
+    assert "no local-only baseline" in out.getvalue() and "local-only" not in out.getvalue().split("no local")[0]
+    assert (tmp_path / "run" / "personalization.png") in plot_run(tmp_path / "run")

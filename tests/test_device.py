@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-from shared.adapters import get_tensors
+from shared.adapters import active, get_tensors
 from shared.presets import PRESETS
 from shared.wire import FIT_METRICS, VARIANTS, eval_metrics
 
@@ -76,9 +76,9 @@ def test_without_validation_records_the_final_fit_continues_from_the_stored_pers
     d.fit(d.init_send, server_round=1)
     stored = d.store.load_personal()
     assert any(not torch.equal(stored[k], d.init_keep[k]) for k in stored)
-    monkeypatch.setattr(d, "_phase", lambda phase, gen, privacy: None)  # observe the starting point only
+    monkeypatch.setattr(d, "run_phase", lambda phase, gen, privacy: None)  # observe the starting point only
     # Execute
-    d._personalize(torch.Generator().manual_seed(0))
+    d.personalize(torch.Generator().manual_seed(0))
     # Assert: it starts from what the rounds trained, not from scratch
     for name, value in get_tensors(d.model, d.sets.keep).items():
         assert torch.equal(value, stored[name])
@@ -97,6 +97,29 @@ def test_final_evaluation_reports_the_four_variants(make_cfg, task_case) -> None
             assert 0.0 <= out[f"{v}-ndcg10"] <= out[f"{v}-hr10"] <= 1.0 and 0.0 < out[f"{v}-cov10"] <= 1.0
     likelihood = {"text": "ppl", "behavior": "nll"}[d.task.name]  # continuous: any change shows
     assert out[f"shared-{likelihood}"] != out[f"base-{likelihood}"], "the shared delta changed nothing"
+
+
+def test_a_device_only_evaluation_scores_what_the_device_has_and_trains_nothing(make_cfg) -> None:
+    from server.summary import evaluated_variants
+
+    d = device(make_cfg())
+    delta, _, _ = d.fit(d.init_send, server_round=1)
+    shared = [a + b for a, b in zip(d.init_send, delta)]
+    stored = (d.store.dir / "personal.safetensors.sealed").read_bytes()
+    meta = d.store.load_meta()
+    out = d.evaluate(shared, four_way=False)
+    # No local-only baseline, no re-fit: the personal part scored is the one the device stored
+    assert not [k for k in out if k.startswith("local-")] and {"base-ppl", "shared-ppl", "personal-ppl"} <= set(out)
+    assert (d.store.dir / "personal.safetensors.sealed").read_bytes() == stored and d.store.load_meta() == meta
+    d.load_personal()
+    with active(d.model, ["shared", "personal"], ()):
+        assert out["personal-ppl"] == pytest.approx(d.task.metrics(d.model, d.data.heldout)["ppl"], rel=1e-6)
+    assert out["personal-ppl"] != out["shared-ppl"]  # the stored personal part is in use
+    # The summary reads either kind: the variants every client reported
+    four = {**out, "local-ppl": 9.0}
+    assert evaluated_variants([out], "ppl") == ["base", "shared", "personal"]
+    assert evaluated_variants([out, four], "ppl") == ["base", "shared", "personal"]
+    assert evaluated_variants([four], "ppl") == list(VARIANTS)
 
 
 def test_text_generation_is_conditioned_like_training_on_the_profile(make_cfg) -> None:
