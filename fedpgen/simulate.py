@@ -13,7 +13,7 @@ from flwr.clientapp.typing import Mod
 from rich.console import Console
 
 from client.app import build_app as build_client_app
-from client.device import REPORT
+from client.evaluation import REPORT
 from shared.wire_transcript import RUN_TRANSCRIPT_DIR
 from server.app import build_app as build_server_app
 from server.plots import plot_run

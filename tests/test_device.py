@@ -53,7 +53,7 @@ def test_personal_part_survives_rounds_and_a_restart(make_cfg) -> None:
     assert any(not torch.equal(stored[k], d.init_keep[k]) for k in stored), "personal part never trained"
     # A restart: a new Device (new model object, nothing in memory) from the same state-dir.
     again = device(cfg)
-    again._load_personal()
+    again.load_personal()
     for name, value in get_tensors(again.model, again.sets.keep).items():
         assert torch.equal(value, stored[name])
     again.fit(again.init_send, server_round=2)

@@ -11,7 +11,8 @@ import pytest
 import torch
 from PIL import Image
 
-from client.device import REPORT, Device
+from client.device import Device
+from client.evaluation import REPORT
 from shared.data import procedural_faces as faces
 from shared.data.photos import read_photos, write_photos
 from shared.population import ensure_population
