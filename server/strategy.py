@@ -107,7 +107,6 @@ class SharedDeltaStrategy(Strategy):
         self.stopped: str = ""
         self.refused_round = 0
         self._rejected_before_sum = 0
-        self._refused_now = 0  # devices that refused in the round being aggregated
         self.refused_rounds: list[int] = []  # rounds whose updates were out of bounds: base kept, no checkpoint
         self._round_started = time.perf_counter()
 
@@ -168,11 +167,11 @@ class SharedDeltaStrategy(Strategy):
                       ) -> tuple[Parameters | None, dict[str, Scalar]]:
         """Accept (refusals, checks, bounds) → aggregate (server/aggregation.py) → record."""
         r = self.absolute_round(server_round)
-        failures = self._take_refusals(r, failures)
+        failures, refused_now = self._take_refusals(r, failures)
         accepted, rejected, refused_because = self._accept_all(r, results)
         if refused_because:
             return self.refuse_round(r, refused_because)
-        if not self._enough(r, accepted, rejected, failures):
+        if not self._enough(r, accepted, rejected, failures, refused_now):
             return ndarrays_to_parameters(self.theta), {}
         cfg = self.cfg
         try:
@@ -191,15 +190,14 @@ class SharedDeltaStrategy(Strategy):
         self._record(r, accepted, rejected, failures, mean_delta)
         return ndarrays_to_parameters(self.theta), {}
 
-    def _take_refusals(self, r: int, failures: list[Any]) -> list[Any]:
-        """Mark the devices that refused (never sampled again); the other failures."""
+    def _take_refusals(self, r: int, failures: list[Any]) -> tuple[list[Any], int]:
+        """Mark the devices that refused (never sampled again); ``(the other failures, how many refused)``."""
         refused = {proxy.node_id: refusal_of(res) for proxy, res in (f for f in failures if isinstance(f, tuple))
                    if refusal_of(res)}
         refused.update(refusals_in(failures))
         self.mark_refused(refused, r)
-        self._refused_now = len(refused)
         return [f for f in failures if not (isinstance(f, tuple) and f[0].node_id in refused)
-                and not (isinstance(f, BaseException) and refusals_in([f]))]
+                and not (isinstance(f, BaseException) and refusals_in([f]))], len(refused)
 
     def _accept_all(self, r: int, results: list[tuple[ClientProxy, FitRes]]) -> tuple[list[_Accepted], int, str]:
         """``(accepted updates, rejected count, why the round is refused or "")``: a malformed reply
@@ -223,13 +221,13 @@ class SharedDeltaStrategy(Strategy):
                                         **{k: v for k, v in res.metrics.items() if k != "keys-digest"}})
         return accepted, rejected, ""
 
-    def _enough(self, r: int, accepted: list[_Accepted], rejected: int, failures: list[Any]) -> bool:
+    def _enough(self, r: int, accepted: list[_Accepted], rejected: int, failures: list[Any], refused_now: int) -> bool:
         """Enough valid updates to aggregate? Too few after refusals stops training (the final
         evaluation still runs); too few otherwise fails the run loudly."""
         if len(accepted) >= self.cfg.min_fit_clients:
             return True
-        if self._refused_now:
-            self.stop(r, f"{self._refused_now} devices refused ({self._refusal_text()}); training stopped")
+        if refused_now:
+            self.stop(r, f"{refused_now} devices refused ({self._refusal_text()}); training stopped")
             return False
         raise RoundFailedError(
             f"round {r}: {len(accepted)} valid updates (min-fit-clients = {self.cfg.min_fit_clients}); "
