@@ -112,32 +112,35 @@ def _roc_plot(result: AuditResult) -> str | None:
     return _png(fig)
 
 
+def _html_table(title: str, headers: list[str], rows: list[list[object]]) -> list[str]:
+    """One titled HTML table; every cell escaped."""
+    head = "".join(f"<th>{html.escape(h)}</th>" for h in headers)
+    body = ["<tr>" + "".join(f"<td>{html.escape(str(c))}</td>" for c in row) + "</tr>" for row in rows]
+    return [f"<h3>{html.escape(title)}</h3><table><tr>{head}</tr>", *body, "</table>"]
+
+
 def _attack_tables(result: AuditResult) -> list[str]:
     """Membership per observer, one-run bounds per observer, canary exposure per repetition."""
-    parts = []
+    parts: list[str] = []
     if result.membership:
-        parts.append("<h3>Membership inference per observer</h3><table><tr><th>observer</th><th>members</th>"
-                     "<th>non-members</th><th>AUC [95%]</th><th>TPR@0.1% FPR [95%]</th><th>TPR@1% FPR [95%]</th></tr>")
-        parts += [f"<tr><td>{html.escape(m.view)}</td><td>{m.members}</td><td>{m.nonmembers}</td>"
-                  f"<td>{m.auc:.3f} [{m.auc_ci[0]:.3f}, {m.auc_ci[1]:.3f}]</td>"
-                  + "".join(f"<td>{m.tpr_at[f][0]:.4f} [{m.tpr_at[f][1]:.4f}, {m.tpr_at[f][2]:.4f}]</td>"
-                            for f in (0.001, 0.01)) + "</tr>" for m in result.membership]
-        parts.append("</table>")
+        parts += _html_table(
+            "Membership inference per observer",
+            ["observer", "members", "non-members", "AUC [95%]", "TPR@0.1% FPR [95%]", "TPR@1% FPR [95%]"],
+            [[m.view, m.members, m.nonmembers, f"{m.auc:.3f} [{m.auc_ci[0]:.3f}, {m.auc_ci[1]:.3f}]",
+              *(f"{m.tpr_at[f][0]:.4f} [{m.tpr_at[f][1]:.4f}, {m.tpr_at[f][2]:.4f}]" for f in (0.001, 0.01))]
+             for m in result.membership])
     if result.one_run:
-        parts.append("<h3>Black-box one-run audit per observer (planted canaries, 95% confidence)</h3><table><tr>"
-                     "<th>observer</th><th>canaries</th><th>right / guesses</th><th>ε lower bound</th>"
-                     "<th>max provable</th><th>claimed ε</th></tr>")
-        parts += [f"<tr><td>{html.escape(o['view'])}</td><td>{o['canaries']}</td><td>{o['correct']} / {o['guesses']}"
-                  f"</td><td>{o['lower-bound']:.2f}</td><td>{o['max-provable']:.2f}</td><td>{o['claimed']:.2f}</td></tr>"
-                  for o in result.one_run]
-        parts.append("</table>")
+        parts += _html_table(
+            "Black-box one-run audit per observer (planted canaries, 95% confidence)",
+            ["observer", "canaries", "right / guesses", "ε lower bound", "max provable", "claimed ε"],
+            [[o["view"], o["canaries"], f"{o['correct']} / {o['guesses']}", f"{o['lower-bound']:.2f}",
+              f"{o['max-provable']:.2f}", f"{o['claimed']:.2f}"] for o in result.one_run])
     if result.exposure:
-        parts.append("<h3>Canary exposure under the final shared model (Secret Sharer; at most log2 10^6 = 19.9)"
-                     "</h3><table><tr><th>repetitions</th><th>exposure (skew-normal fit)</th>"
-                     "<th>exposure (empirical, capped)</th><th>candidates</th></tr>")
-        parts += [f"<tr><td>{e.repetitions}</td><td>{e.exposure_fit:.2f}</td><td>{e.exposure_empirical:.2f}</td>"
-                  f"<td>{e.candidates}</td></tr>" for e in result.exposure]
-        parts.append("</table>")
+        parts += _html_table(
+            "Canary exposure under the final shared model (Secret Sharer; at most log2 10^6 = 19.9)",
+            ["repetitions", "exposure (skew-normal fit)", "exposure (empirical, capped)", "candidates"],
+            [[e.repetitions, f"{e.exposure_fit:.2f}", f"{e.exposure_empirical:.2f}", e.candidates]
+             for e in result.exposure])
     return parts
 
 
