@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from typing import Any
 
 import torch
@@ -30,6 +31,7 @@ from flwr.common.secure_aggregation.secaggplus_constants import (
 
 from client.device import REFUSING, Device, preflight, refusal_text
 from client.node import NodeSettings, node_settings
+from client.runtime import lease
 from client.secure_aggregation import secagg_when_asked
 from shared.config import RunConfig
 from shared.tasks import TASKS
@@ -53,23 +55,28 @@ class DeviceClient(Client):
         a deployed device (no partition id) evaluates what it has."""
         return self.cfg.evaluation == "four-way" or (self.cfg.evaluation == "auto" and self.node.client_index >= 0)
 
-    def _device(self) -> Device:
+    @contextlib.contextmanager
+    def _device(self) -> Iterator[Device]:
+        """This user's device on the process's resident model (``client/runtime.py``), reset for it."""
         node = self.node
-        return Device(self.cfg, user_dir=node.user_dir, state_dir=node.state_dir, client_index=node.client_index,
-                      key_file=node.key_file, device=node.device, micro_batch=node.micro_batch)
+        with lease(self.cfg, node.device) as runtime:
+            yield Device(self.cfg, user_dir=node.user_dir, state_dir=node.state_dir, client_index=node.client_index,
+                         key_file=node.key_file, micro_batch=node.micro_batch, runtime=runtime)
 
     def fit(self, ins: FitIns) -> FitRes:
         try:
-            delta, n, metrics = self._device().fit(parameters_to_ndarrays(ins.parameters),
-                                                   server_round=int(ins.config["server-round"]),
-                                                   sampled_clients=int(ins.config["sampled-clients"]))
+            with self._device() as device:
+                delta, n, metrics = device.fit(parameters_to_ndarrays(ins.parameters),
+                                               server_round=int(ins.config["server-round"]),
+                                               sampled_clients=int(ins.config["sampled-clients"]))
         except REFUSING as exc:  # a clear refusal, never a crash; never train on (or send from) garbage
             return FitRes(Status(Code.FIT_NOT_IMPLEMENTED, refusal_text(exc)), Parameters([], ""), 0, {})
         return FitRes(Status(Code.OK, "ok"), ndarrays_to_parameters(delta), n, metrics)
 
     def evaluate(self, ins: EvaluateIns) -> EvaluateRes:
         try:
-            metrics = self._device().evaluate(parameters_to_ndarrays(ins.parameters), four_way=self.four_way)
+            with self._device() as device:
+                metrics = device.evaluate(parameters_to_ndarrays(ins.parameters), four_way=self.four_way)
         except REFUSING as exc:
             return EvaluateRes(Status(Code.EVALUATE_NOT_IMPLEMENTED, refusal_text(exc)), 0.0, 0, {})
         loss = float(metrics[f"personal-{TASKS[self.cfg.task].primary}"])  # the task's primary held-out metric

@@ -16,11 +16,11 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from shared.accelerator import autocast_dtype, select_device
+from client.runtime import Runtime
+from shared.accelerator import autocast_dtype
 from shared.adapters import active, get_arrays, get_tensors, set_arrays, set_tensors
 from shared.config import RunConfig
 from shared.locking import exclusive
-from shared.model import build_model
 from shared.presets import PERSONAL, PERSONALIZE, SHARED, Phase
 from shared.privacy.accounting import compose, epsilon
 from shared.privacy.ledger import PrivacyEvent, PrivacyLedger
@@ -97,15 +97,18 @@ class Device:
 
     def __init__(self, cfg: RunConfig, *, user_dir: Path, state_dir: Path, client_index: int = -1,
                  key_file: Path | None = None, device: str = "cpu", micro_batch: int = 0,
-                 create_key: bool = True) -> None:
+                 create_key: bool = True, runtime: Runtime | None = None) -> None:
+        """``runtime``: a resident model, already reset for this device (``client/runtime.py``);
+        without one the device builds its own."""
         self.cfg = cfg
         self.client_index = client_index
-        self.device = select_device(device)
+        runtime = runtime or Runtime(cfg, device)
+        self.device = runtime.device
         self.dtype = autocast_dtype(self.device)  # evaluation and non-DP phases; DP-SGD stays fp32
         self.micro_batch = micro_batch
-        built = build_model(cfg)
+        built = runtime.built
         self.task, self.preset, self.base_path = built.task, built.preset, built.base_path
-        self.model, self.sets = built.model.to(self.device), built.sets
+        self.model, self.sets = built.model, built.sets
         self.init_send = get_arrays(self.model, self.sets.send)
         self.init_keep = get_tensors(self.model, self.sets.keep)
         self._trainable = {SHARED: self.sets.shared_trainable, PERSONAL: self.sets.personal_trainable}

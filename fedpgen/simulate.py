@@ -14,6 +14,7 @@ from rich.console import Console
 
 from client.app import build_app as build_client_app
 from client.evaluation import REPORT
+from fedpgen.simulation_engine import population_independent_poll
 from shared.wire_transcript import RUN_TRANSCRIPT_DIR
 from server.app import build_app as build_server_app
 from server.plots import plot_run
@@ -60,6 +61,15 @@ def collect_reports(cfg: RunConfig, users: list[Path]) -> list[Path]:
     return written
 
 
+def backend_config(cfg: RunConfig) -> dict[str, Any]:
+    """Flower's Ray backend: each virtual device's CPU and GPU share; Ray started here, or an
+    existing cluster joined (``ray-address``; docs/scale.md)."""
+    resources = {"num_cpus": cfg.client_cpus, "num_gpus": cfg.client_gpus}
+    if cfg.ray_address:  # a running cluster brings its own resources: ray.init refuses num_cpus with an address
+        return {"client_resources": resources, "init_args": {"address": cfg.ray_address}}
+    return {"client_resources": resources, "init_args": {"num_cpus": os.cpu_count() or 1, "include_dashboard": False}}
+
+
 def simulate(cfg: RunConfig, *, fresh: bool = False, console: Console | None = None,
              client_mods: tuple[list[Mod], list[Mod]] = ([], [])) -> dict[str, Any]:
     """Run a whole simulation and return its summary (also in ``<run-dir>/summary.json``).
@@ -76,16 +86,16 @@ def simulate(cfg: RunConfig, *, fresh: bool = False, console: Console | None = N
         if prepare_run_dir(cfg, fresh=fresh):
             console.print("resuming from the newest checkpoint in the run dir (use --fresh to start over)")
         overrides = cfg.to_toml_dict()
+        if not cfg.min_available_clients:  # round 1 samples from the whole population, not the first to register
+            overrides["min-available-clients"] = len(users)
         os.environ.setdefault("RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO", "0")  # silence a Ray FutureWarning
-        backend = {"client_resources": {"num_cpus": cfg.client_cpus, "num_gpus": 0.0},
-                   "init_args": {"num_cpus": os.cpu_count() or 1, "include_dashboard": False}}
-        with warnings.catch_warnings():
+        with warnings.catch_warnings(), population_independent_poll():
             warnings.simplefilter("ignore", DeprecationWarning)
             from flwr.simulation import run_simulation
 
             client_app = build_client_app(overrides, mods=client_mods[0], inner_mods=client_mods[1])
             run_simulation(server_app=build_server_app(overrides, fail_short=False), client_app=client_app,
-                           num_supernodes=len(users), backend_config=backend)
+                           num_supernodes=len(users), backend_config=backend_config(cfg))
         plot_run(Path(cfg.run_dir))
         collect_reports(cfg, users)
         return print_summary(Path(cfg.run_dir), names={i: u.name for i, u in enumerate(users)}, console=console)

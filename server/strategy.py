@@ -136,6 +136,24 @@ class SharedDeltaStrategy(Strategy):
         log.warning("%s", self.stopped)
         self.recorder.round({"round": r, **self.refusal_counts(), "stopped": self.stopped})
 
+    def wait_for_population(self, client_manager: ClientManager, *, poll: float = 1.0) -> None:
+        """Before the first round samples: wait until ``min-available-clients`` devices are
+        registered (a simulation sets it to its whole population). Flower registers virtual
+        nodes while the server already runs: sampling at once would draw the configured share
+        of whoever registered first (53 of 10,000 users in round 1) and misstate the sampling
+        rate q of user-level accounting. Fails after ``round-timeout`` seconds if one is set."""
+        need = max(self.cfg.min_available_clients, self.cfg.min_fit_clients)
+        started = last_said = time.monotonic()
+        while (have := client_manager.num_available()) < need:
+            waited = time.monotonic() - started
+            if self.cfg.round_timeout and waited > self.cfg.round_timeout:
+                raise RoundFailedError(f"only {have} of {need} devices registered after {waited:.0f} s "
+                                       "(min-available-clients; round-timeout)")
+            if time.monotonic() - last_said >= 10.0:
+                log.info("waiting for devices to register: %d of %d", have, need)
+                last_said = time.monotonic()
+            time.sleep(poll)
+
     def configure_fit(self, server_round: int, parameters: Parameters,
                       client_manager: ClientManager) -> list[tuple[ClientProxy, FitIns]]:
         r = self.absolute_round(server_round)
@@ -143,6 +161,8 @@ class SharedDeltaStrategy(Strategy):
             return []  # resumed a finished run: only the final evaluation remains
         if self.stopped:
             return []
+        if self.configured_rounds == 0:
+            self.wait_for_population(client_manager)
         total = client_manager.num_available()
         available = total - len(self.refused)
         n = max(self.cfg.min_fit_clients, math.ceil(self.cfg.fraction_fit * available))

@@ -24,7 +24,8 @@ from shared.tasks.registry import TASKS
 PYPROJECT = Path(__file__).resolve().parent.parent / "pyproject.toml"
 
 # Keys that do not change what a checkpoint means: a run may resume with other values.
-_RESUMABLE_KEYS = frozenset({"num-server-rounds", "run-dir", "client-cpus", "threads-per-client", "round-timeout",
+_RESUMABLE_KEYS = frozenset({"num-server-rounds", "run-dir", "client-cpus", "client-gpus", "ray-address",
+                             "threads-per-client", "round-timeout", "min-available-clients",
                              "wire-transcript", "evaluation"})
 
 
@@ -76,6 +77,7 @@ class RunConfig:
     num_server_rounds: int
     fraction_fit: float
     min_fit_clients: int
+    min_available_clients: int
     round_timeout: float
     eval_fraction: float
     evaluation: str
@@ -108,6 +110,8 @@ class RunConfig:
     secagg_quantization: int
     run_dir: str
     client_cpus: float
+    client_gpus: float
+    ray_address: str
     threads_per_client: int
     wire_transcript: bool
 
@@ -139,6 +143,7 @@ class RunConfig:
         need(self.num_server_rounds >= 1, "num-server-rounds", "must be >= 1")
         need(0.0 < self.fraction_fit <= 1.0, "fraction-fit", "must be in (0, 1]")
         need(self.min_fit_clients >= 1, "min-fit-clients", "must be >= 1")
+        need(self.min_available_clients >= 0, "min-available-clients", "must be >= 0 (0 = the whole population)")
         need(self.round_timeout >= 0.0, "round-timeout", "must be >= 0 (0 = wait forever)")
         need(0.0 < self.eval_fraction <= 1.0, "eval-fraction", "must be in (0, 1]")
         need(self.evaluation in {"auto", "device", "four-way"}, "evaluation", "valid: auto, device, four-way")
@@ -155,6 +160,9 @@ class RunConfig:
         need(self.server_lr > 0.0, "server-lr", "must be > 0")
         need(bool(self.run_dir), "run-dir", "must not be empty")
         need(self.client_cpus > 0.0, "client-cpus", "must be > 0")
+        need(self.client_gpus >= 0.0, "client-gpus", "must be >= 0 (0 = CPU only)")
+        need(self.ray_address.strip() == self.ray_address and " " not in self.ray_address, "ray-address",
+             "'auto', HOST:PORT of a Ray head, or empty")
         need(self.threads_per_client >= 1, "threads-per-client", "must be >= 1")
         need(isinstance(self.wire_transcript, bool), "wire-transcript", "must be true or false")
         self._check_privacy()

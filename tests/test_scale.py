@@ -1,0 +1,124 @@
+"""Issue 14: sampling the whole population from round 1, a message poll independent of it, the
+GPU share and Ray-cluster keys. (The resident runtime: tests/test_runtime.py.)"""
+
+from __future__ import annotations
+
+import threading
+import time
+from pathlib import Path
+from queue import Queue
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+from conftest import Proxy
+from flwr.server.client_manager import SimpleClientManager
+
+from fedpgen.simulate import backend_config
+from fedpgen.simulation_engine import add_messages_to_queue, population_independent_poll
+from server.aggregation import RoundFailedError
+from server.results import RunRecorder
+from server.strategy import SharedDeltaStrategy
+
+NAMES = ("w",)
+
+
+def _strategy(cfg, tmp_path: Path) -> SharedDeltaStrategy:
+    return SharedDeltaStrategy(cfg=cfg, names=NAMES, theta=[np.zeros(2, np.float32)], completed=0, opt_state={},
+                               recorder=RunRecorder(tmp_path / "run", cfg))
+
+
+def _register_slowly(manager: SimpleClientManager, count: int, every: float) -> threading.Thread:
+    """Nodes registering one by one while the server already runs (Flower's simulation does so)."""
+    def run() -> None:
+        for i in range(count):
+            manager.register(Proxy(i))
+            time.sleep(every)
+
+    thread = threading.Thread(target=run, daemon=True)
+    thread.start()
+    return thread
+
+
+def test_round_one_samples_the_configured_share_of_the_whole_population(make_cfg, tmp_path: Path) -> None:
+    # Prepare: 200 devices that register over ~1 s; 10% sampled per round; the population known
+    cfg = make_cfg(fraction_fit=0.1, min_fit_clients=2, min_available_clients=200)
+    strategy, manager = _strategy(cfg, tmp_path), SimpleClientManager()
+    thread = _register_slowly(manager, 200, 0.005)
+    # Execute: round 1 is configured while devices still register, round 2 after
+    round1 = strategy.configure_fit(1, None, manager)
+    thread.join()
+    round2 = strategy.configure_fit(2, None, manager)
+    # Assert: round 1 samples as many devices as round 2, and its sampling rate is of all 200
+    assert len(round1) == len(round2) == 20
+    assert strategy._population == 200
+
+
+def test_registration_that_never_completes_fails_after_round_timeout(make_cfg, tmp_path: Path) -> None:
+    # Prepare: 5 devices registered of the 50 the run expects, a 1 s timeout
+    cfg = make_cfg(min_available_clients=50, round_timeout=1.0)
+    manager = SimpleClientManager()
+    for i in range(5):
+        manager.register(Proxy(i))
+    # Execute / Assert: a clear failure with the counts, not a silently small round
+    with pytest.raises(RoundFailedError, match="only 5 of 50 devices registered"):
+        _strategy(cfg, tmp_path).wait_for_population(manager, poll=0.05)
+
+
+class _State:
+    """What the poll reads of Flower's in-memory LinkState: its message store, lock and getter."""
+
+    def __init__(self, pending: dict[str, int]) -> None:
+        self.lock = threading.RLock()
+        self.message_ins_store = {
+            mid: SimpleNamespace(metadata=SimpleNamespace(dst_node_id=node, delivered_at=""))
+            for mid, node in pending.items()}
+        self.asked: list[int] = []
+
+    def get_message_ins(self, *, node_id: int, limit: int) -> list[object]:
+        self.asked.append(node_id)
+        with self.lock:
+            for mid, msg in self.message_ins_store.items():
+                if msg.metadata.dst_node_id == node_id and msg.metadata.delivered_at == "":
+                    msg.metadata.delivered_at = "now"
+                    return [mid]
+        return []
+
+
+def test_the_message_poll_asks_only_for_nodes_that_have_messages() -> None:
+    # Prepare: 100,000 registered nodes, messages pending for three of them (one has two)
+    state = _State({"m1": 7, "m2": 99_999, "m3": 7, "m4": 512})
+    nodes = {node: i for i, node in enumerate(range(100_000))}
+    queue: Queue[object] = Queue()
+    stop = threading.Event()
+    # Execute: Flower's poll loop, replaced, runs for a few sweeps
+    thread = threading.Thread(target=add_messages_to_queue, args=(state, queue, nodes, stop))
+    thread.start()
+    time.sleep(0.5)
+    stop.set()
+    thread.join()
+    # Assert: every message delivered exactly once; the state was asked only about those nodes
+    assert sorted(queue.queue) == ["m1", "m2", "m3", "m4"]
+    assert set(state.asked) == {7, 99_999, 512}
+
+
+def test_the_poll_replacement_is_scoped_to_the_simulation() -> None:
+    from flwr.server.superlink.fleet.vce import vce_api
+
+    original = vce_api.add_messages_to_queue
+    with population_independent_poll():
+        assert vce_api.add_messages_to_queue is add_messages_to_queue
+    assert vce_api.add_messages_to_queue is original
+
+
+def test_gpu_share_and_ray_address_reach_flowers_backend(make_cfg) -> None:
+    # Prepare / Execute: the default, a GPU share, an existing cluster
+    default = backend_config(make_cfg())
+    gpu = backend_config(make_cfg(client_gpus=0.25, client_cpus=2.0))
+    cluster = backend_config(make_cfg(ray_address="127.0.0.1:6379"))
+    # Assert: CPU only by default; the shares per virtual device; an address alone joins a cluster
+    assert default["client_resources"] == {"num_cpus": 1.0, "num_gpus": 0.0}
+    assert gpu["client_resources"] == {"num_cpus": 2.0, "num_gpus": 0.25}
+    assert cluster["init_args"] == {"address": "127.0.0.1:6379"}
+    with pytest.raises(ValueError, match="client-gpus"):
+        make_cfg(client_gpus=-1.0)
