@@ -212,7 +212,8 @@ class Device:
                               budget=cfg.dp_epsilon)
         set_arrays(self.model, self.sets.send, shared)
         self.load_personal()
-        before = self._val_loss()
+        # Validation losses are wire metrics only of runs that are not private: under DP they are not computed.
+        before = self._val_loss() if not privacy.private else math.nan
         gen = self.generator("fit", server_round)
         # Non-private randomness only (e.g. a diffusion loss's timesteps): reproducible. DP noise
         # and Poisson sampling never come from here (shared/privacy/mechanism.py: secret_generator).
@@ -220,7 +221,7 @@ class Device:
         started = time.perf_counter()
         shared_res, personal_res = self.train_round(gen, privacy)
         train_seconds = time.perf_counter() - started
-        after = self._val_loss()
+        after = self._val_loss() if not privacy.private else math.nan
         delta = [new - old for new, old in zip(get_arrays(self.model, self.sets.send), shared, strict=True)]
         if cfg.user_dp != "off":  # DP-FedAvg: bound this user's influence, add a noise share if distributed
             delta = clip_delta(delta, cfg.user_clip)

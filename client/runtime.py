@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import os
 import threading
 from collections.abc import Iterator
 
@@ -95,8 +96,10 @@ def lease(cfg: RunConfig, device: str = "cpu") -> Iterator[Runtime]:
     """The process's resident runtime for ``cfg``, reset for one message; built on first use.
 
     A second concurrent message in the same process gets a fresh runtime of its own (never
-    a model another user is training)."""
-    if not _SLOT.lock.acquire(blocking=False):
+    a model another user is training). ``FEDPGEN_RESIDENT_RUNTIME=0`` in the environment builds
+    a fresh model for every message, as before the runtime existed (benchmarks/scale.py
+    measures both side by side)."""
+    if os.environ.get("FEDPGEN_RESIDENT_RUNTIME") == "0" or not _SLOT.lock.acquire(blocking=False):
         yield Runtime(cfg, device)
         return
     try:

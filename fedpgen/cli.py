@@ -39,14 +39,19 @@ def simulate(
     num_users: Annotated[Optional[int], typer.Option()] = None,
     rounds: Annotated[Optional[int], typer.Option(help="num-server-rounds")] = None,
     preset: Annotated[Optional[str], typer.Option()] = None,
+    task: Annotated[Optional[str], typer.Option(help="text, behavior or image")] = None,
     run_dir: Annotated[Optional[str], typer.Option()] = None,
+    ray_address: Annotated[Optional[str], typer.Option(help="run on an existing Ray cluster: 'auto' or "
+                                                       "HEAD_IP:PORT (docs/scale.md)")] = None,
+    client_gpus: Annotated[Optional[float], typer.Option(help="GPU share per virtual device, e.g. 0.25")] = None,
     fresh: Annotated[bool, typer.Option(help="ignore checkpoints in run-dir and start over")] = False,
 ) -> None:
-    """Simulate a federation on this machine and print the results table."""
+    """Simulate a federation on this machine (or a Ray cluster) and print the results table."""
     from fedpgen.simulate import simulate as run
 
     flags = {"data-dir": data_dir, "data": "dir" if data_dir else None, "base-model": base_model,
-             "num-users": num_users, "num-server-rounds": rounds, "preset": preset, "run-dir": run_dir}
+             "num-users": num_users, "num-server-rounds": rounds, "preset": preset, "task": task, "run-dir": run_dir,
+             "ray-address": ray_address, "client-gpus": client_gpus}
     cfg = RunConfig.from_mapping(_overrides(config, set_, flags))
     summary = run(cfg, fresh=fresh, console=console)
     if summary["ended-short"] or summary["out-of-bounds-rounds"]:  # results exist, but not the run asked for
@@ -239,8 +244,11 @@ def deploy_supernode(data_dir: Annotated[Path, typer.Option(help="this user's de
                      micro_batch: Annotated[int, typer.Option(help="records per forward/backward (0 = all)")] = 0,
                      key_file: Annotated[Optional[Path], typer.Option(help="device key for the state "
                                                                            "(default <state-dir>/device.key)")] = None,
+                     per_message_process: Annotated[bool, typer.Option(
+                         help="Flower's default: a fresh ClientApp process (model built again) per message; "
+                              "default: one resident ClientApp process (docs/scale.md)")] = False,
                      insecure: Annotated[bool, INSECURE] = False) -> None:
-    """Start flower-supernode for one user's device."""
+    """Start flower-supernode for one user's device, with its resident ClientApp process."""
     from fedpgen.deploy import INSECURE_WHY, flower_env, supernode_command
 
     from shared.accelerator import select_device
@@ -249,7 +257,8 @@ def deploy_supernode(data_dir: Annotated[Path, typer.Option(help="this user's de
     if not data_dir.is_dir():
         raise FileNotFoundError(f"data dir not found: {data_dir}")
     cmd = supernode_command(superlink=superlink, ca=ca, key=key, data_dir=data_dir, state_dir=state_dir, port=port,
-                            device=device, micro_batch=micro_batch, key_file=key_file, insecure=insecure)
+                            device=device, micro_batch=micro_batch, key_file=key_file, insecure=insecure,
+                            resident=not per_message_process)
     if insecure:
         console.print(f"[bold red]INSECURE deployment:[/] {INSECURE_WHY}")
     state_dir.mkdir(parents=True, exist_ok=True)

@@ -155,18 +155,25 @@ def node_config_arg(values: Mapping[str, Any]) -> str:
 
 def supernode_command(*, superlink: str, ca: Path | None, key: Path | None, data_dir: Path, state_dir: Path,
                       port: int = 9094, device: str = "auto", micro_batch: int = 0, key_file: Path | None = None,
-                      insecure: bool = False) -> list[str]:
-    """``flower-supernode`` for one user's device: TLS + node key, and its node config."""
+                      insecure: bool = False, resident: bool = True) -> list[str]:
+    """``flower-supernode`` for one user's device: TLS + node key, and its node config.
+
+    ``resident`` (the default): wrapped by ``client/resident.py``, one long-running ClientApp
+    process that keeps the model built across messages; otherwise Flower starts a
+    ``flwr-clientapp`` process per message."""
     node: dict[str, Any] = {"data-dir": str(Path(data_dir).resolve()), "state-dir": str(Path(state_dir).resolve()),
                             "device": device, "micro-batch": micro_batch}
     if key_file:
         node["key-file"] = str(Path(key_file).resolve())
-    cmd = [_exe("flower-supernode"), "--superlink", superlink, "--port", str(port), "--node-config",
-           node_config_arg(node)]
+    args = ["--superlink", superlink, "--port", str(port), "--node-config", node_config_arg(node)]
     if insecure:
-        return [*cmd, "--insecure"]
-    return [*cmd, "--root-certificates", str(_need(Path(ca) if ca else None, "CA certificate")),
-            "--auth-supernode-private-key", str(_need(Path(key) if key else None, "SuperNode private key"))]
+        args.append("--insecure")
+    else:
+        args += ["--root-certificates", str(_need(Path(ca) if ca else None, "CA certificate")),
+                 "--auth-supernode-private-key", str(_need(Path(key) if key else None, "SuperNode private key"))]
+    if resident:
+        return [sys.executable, "-m", "client.resident", "--", *args]
+    return [_exe("flower-supernode"), *args]
 
 
 def flwr_home(home: Path, *, superlink: str, ca: Path | None, insecure: bool = False) -> dict[str, str]:

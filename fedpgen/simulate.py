@@ -65,6 +65,12 @@ def backend_config(cfg: RunConfig) -> dict[str, Any]:
     """Flower's Ray backend: each virtual device's CPU and GPU share; Ray started here, or an
     existing cluster joined (``ray-address``; docs/scale.md)."""
     resources = {"num_cpus": cfg.client_cpus, "num_gpus": cfg.client_gpus}
+    if cfg.client_gpus > 0 and not cfg.ray_address:
+        import torch
+
+        if not torch.cuda.is_available():  # Flower would fail with an empty actor pool, then hang
+            raise ValueError(f"config 'client-gpus': {cfg.client_gpus} but this machine has no GPU that torch can "
+                             "use: set client-gpus = 0 (CPU), or run on a Ray cluster with GPUs (ray-address)")
     if cfg.ray_address:  # a running cluster brings its own resources: ray.init refuses num_cpus with an address
         return {"client_resources": resources, "init_args": {"address": cfg.ray_address}}
     return {"client_resources": resources, "init_args": {"num_cpus": os.cpu_count() or 1, "include_dashboard": False}}

@@ -45,6 +45,9 @@ pytestmark = pytest.mark.slow
 ROOT = Path(__file__).resolve().parent.parent
 NODES = 3
 ROUNDS = 3
+# docs/scale.md: each SuperNode with its resident ClientApp process (the default); set
+# FEDPGEN_DEPLOY_PER_MESSAGE=1 to measure Flower's process per message (printed with -s).
+RESIDENT = os.environ.get("FEDPGEN_DEPLOY_PER_MESSAGE") != "1"
 
 
 def free_port() -> int:
@@ -131,7 +134,7 @@ def federation(tmp_path_factory: pytest.TempPathFactory):  # type: ignore[no-unt
             user = write_user(root / "users", f"user{i}", users[list(users)[i]]) if key is None else root / "users"
             cmd = supernode_command(superlink=superlink_addr, ca=certs / "ca.pem", key=certs / (key or f"node{i}"),
                                     data_dir=user, state_dir=root / "states" / f"user{i}", port=free_port(),
-                                    device="cpu")
+                                    device="cpu", resident=RESIDENT)
             proc = Proc(f"supernode{i}", cmd, flower_env(root / f"home-node{i}"), root / (log or f"node{i}.log"))
             procs.append(proc)
             return proc
@@ -180,7 +183,10 @@ def test_a_tls_federation_survives_a_killed_supernode(federation) -> None:  # ty
     result = outcome["result"]
     assert not isinstance(result, BaseException), result
     # Assert: the run completed and the shared base changed
-    rounds = [r["round"] for r in read_jsonl(f["run_dir"] / "rounds.jsonl") if "clients" in r]
+    rows = [r for r in read_jsonl(f["run_dir"] / "rounds.jsonl") if "clients" in r]
+    print(f"\ndeployment rounds (resident ClientApp process: {RESIDENT}):",
+          [f"round {r['round']}: {r['seconds']:.1f} s" for r in rows])
+    rounds = [r["round"] for r in rows]
     assert rounds == list(range(1, ROUNDS + 1))
     final = load_file(str(f["run_dir"] / "checkpoints" / f"round_{ROUNDS:04d}.safetensors"))
     names = build_model(f["cfg"]).sets.send

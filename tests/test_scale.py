@@ -114,11 +114,18 @@ def test_the_poll_replacement_is_scoped_to_the_simulation() -> None:
 def test_gpu_share_and_ray_address_reach_flowers_backend(make_cfg) -> None:
     # Prepare / Execute: the default, a GPU share, an existing cluster
     default = backend_config(make_cfg())
-    gpu = backend_config(make_cfg(client_gpus=0.25, client_cpus=2.0))
+    gpu = backend_config(make_cfg(client_gpus=0.25, client_cpus=2.0, ray_address="auto"))
     cluster = backend_config(make_cfg(ray_address="127.0.0.1:6379"))
     # Assert: CPU only by default; the shares per virtual device; an address alone joins a cluster
     assert default["client_resources"] == {"num_cpus": 1.0, "num_gpus": 0.0}
-    assert gpu["client_resources"] == {"num_cpus": 2.0, "num_gpus": 0.25}
+    assert gpu["client_resources"] == {"num_cpus": 2.0, "num_gpus": 0.25}  # a cluster brings the GPUs
     assert cluster["init_args"] == {"address": "127.0.0.1:6379"}
     with pytest.raises(ValueError, match="client-gpus"):
         make_cfg(client_gpus=-1.0)
+
+
+@pytest.mark.skipif(__import__("torch").cuda.is_available(), reason="checks the machine without a GPU")
+def test_a_gpu_share_without_a_gpu_is_a_clear_error_before_ray_starts(make_cfg) -> None:
+    # Flower itself would stop with "ActorPool is empty" and leave the ServerApp waiting
+    with pytest.raises(ValueError, match="client-gpus.*no GPU"):
+        backend_config(make_cfg(client_gpus=0.5))
