@@ -54,9 +54,24 @@ def node_settings(node_config: Mapping[str, Any], cfg: RunConfig) -> NodeSetting
     if "partition-id" not in node:
         raise ValueError("node config: a SuperNode needs data-dir=... and state-dir=... (see README, Deployment)")
     index = int(node["partition-id"])
-    users = list_user_dirs(population_dir(cfg))  # materialized by `fedpgen simulate` before the run
+    users = population(population_dir(cfg))  # materialized by `fedpgen simulate` before the run
     if index >= len(users):
         raise ValueError(f"partition-id {index} but only {len(users)} user folders")
-    # Simulation runs on the CPU (Ray gives virtual clients no GPU); micro-batch may still be set.
+    # A virtual device uses a GPU only when Ray gave it a share (client-gpus); micro-batch may still be set.
     return NodeSettings(user_dir=users[index], state_dir=state_dir(cfg, users[index]), client_index=index,
-                        device="cpu", micro_batch=micro_batch)
+                        device="auto" if cfg.client_gpus > 0 else "cpu", micro_batch=micro_batch)
+
+
+_POPULATION: dict[Path, tuple[int, list[Path]]] = {}
+
+
+def population(folder: Path) -> list[Path]:
+    """The population's user folders, listed once per process while the folder's entries stay
+    the same (its mtime): listing 100,000 folders for every message made each device's round
+    cost grow with the registered population (docs/scale.md)."""
+    key = folder.resolve()
+    stamp = key.stat().st_mtime_ns if key.is_dir() else -1
+    cached = _POPULATION.get(key)
+    if cached is None or cached[0] != stamp:
+        cached = _POPULATION[key] = (stamp, list_user_dirs(folder))
+    return cached[1]

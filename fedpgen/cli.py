@@ -1,4 +1,5 @@
-"""The ``fedpgen`` command. Flags map onto ``[tool.flwr.app.config]`` keys: no second config system."""
+"""The fedpgen command. Flags map onto the run-config keys (pyproject.toml, table
+tool.flwr.app.config): no second config system."""
 
 from __future__ import annotations
 

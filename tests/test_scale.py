@@ -129,3 +129,25 @@ def test_a_gpu_share_without_a_gpu_is_a_clear_error_before_ray_starts(make_cfg) 
     # Flower itself would stop with "ActorPool is empty" and leave the ServerApp waiting
     with pytest.raises(ValueError, match="client-gpus.*no GPU"):
         backend_config(make_cfg(client_gpus=0.5))
+
+
+def test_a_device_finds_its_folder_without_listing_the_population_per_message(make_cfg, monkeypatch) -> None:
+    # Prepare: a materialized population; count the listings of its folder
+    from client import node
+    from shared.population import ensure_population, population_dir
+
+    cfg = make_cfg(num_users=3)
+    users = ensure_population(cfg)
+    node._POPULATION.clear()
+    calls = []
+    original = node.list_user_dirs
+    monkeypatch.setattr(node, "list_user_dirs", lambda folder: calls.append(folder) or original(folder))
+    # Execute: six messages to three virtual devices, then a user folder added, then one more message
+    found = [node.node_settings({"partition-id": i % 3}, cfg).user_dir for i in range(6)]
+    time.sleep(0.01)
+    (population_dir(cfg) / "zz-new-user").mkdir()
+    after = node.node_settings({"partition-id": 3}, cfg).user_dir
+    # Assert: the right folders, one listing for the six (it grew with the registered population
+    # on every message before), listed again once the folder's entries changed
+    assert found == [users[i % 3] for i in range(6)]
+    assert after.name == "zz-new-user" and len(calls) == 2
