@@ -3,7 +3,8 @@
 A ClientApp and ServerApp as Flower's own tutorials write them (Message API, Flower's
 ``FedAvg``), training FedPGen's model — the same base, adapters and users' records — for
 the same steps per round (``local-steps`` on the shared adapter, then
-``personal-max-steps`` on the personal one, AdamW, the same batch size), with no DP, no
+``personal-max-steps`` on the personal one: the preset's phases, with their adapters in the
+forward pass; AdamW, the same batch size), with no DP, no
 SecAgg+, no ledger, no sealed state, no checks. The model is built once per worker process,
 as any sensible Flower app would. Round time is measured the way FedPGen's strategy does
 (from configuring the round to aggregating it).
@@ -73,10 +74,11 @@ def client_app(cfg: RunConfig, users: list[Path]) -> ClientApp:
         set_arrays(model, sets.send, theta)
         data = task.read_user(users[int(context.node_config["partition-id"])], cfg, base_path=built.base_path)
         started = time.perf_counter()
-        with active(model, [SHARED, PERSONAL], sets.shared_trainable) as params:
-            _steps(model, params, data.train, cfg, task, cfg.local_steps, cfg.lr)
-        with active(model, [SHARED, PERSONAL], sets.personal_trainable) as params:
-            _steps(model, params, data.train, cfg, task, cfg.personal_max_steps, cfg.personal_lr)
+        trainable = {SHARED: sets.shared_trainable, PERSONAL: sets.personal_trainable}
+        for phase in built.preset.schedule:  # the preset's phases: the same adapters, steps and rates
+            names = tuple(n for part in phase.trains for n in trainable[part])
+            with active(model, list(phase.adapters), names) as params:
+                _steps(model, params, data.train, cfg, task, phase.num_steps(cfg), phase.learning_rate(cfg))
         seconds = time.perf_counter() - started
         delta = [new - old for new, old in zip(get_arrays(model, sets.send), theta, strict=True)]
         arrays = ArrayRecord({n: torch.from_numpy(d) for n, d in zip(sets.send, delta, strict=True)})
