@@ -137,11 +137,13 @@ class SharedDeltaStrategy(Strategy):
         self.recorder.round({"round": r, **self.refusal_counts(), "stopped": self.stopped})
 
     def wait_for_population(self, client_manager: ClientManager, *, poll: float = 1.0) -> None:
-        """Before the first round samples: wait until ``min-available-clients`` devices are
-        registered (a simulation sets it to its whole population). Flower registers virtual
-        nodes while the server already runs: sampling at once would draw the configured share
-        of whoever registered first (53 of 10,000 users in round 1) and misstate the sampling
-        rate q of user-level accounting. Fails after ``round-timeout`` seconds if one is set."""
+        """Before a round samples: wait until ``min-available-clients`` devices are registered
+        (a simulation sets it to its whole population), as Flower's own ``min_available_clients``.
+        Flower registers virtual nodes while the server already runs: sampling at once would
+        draw the configured share of whoever registered first (53 of 10,000 users in round 1)
+        and misstate the sampling rate q of user-level accounting; in a deployment a device
+        that crashed and is reconnecting is waited for. Fails after ``round-timeout`` seconds
+        if one is set."""
         need = max(self.cfg.min_available_clients, self.cfg.min_fit_clients)
         started = last_said = time.monotonic()
         while (have := client_manager.num_available()) < need:
@@ -161,8 +163,7 @@ class SharedDeltaStrategy(Strategy):
             return []  # resumed a finished run: only the final evaluation remains
         if self.stopped:
             return []
-        if self.configured_rounds == 0:
-            self.wait_for_population(client_manager)
+        self.wait_for_population(client_manager)
         total = client_manager.num_available()
         available = total - len(self.refused)
         n = max(self.cfg.min_fit_clients, math.ceil(self.cfg.fraction_fit * available))

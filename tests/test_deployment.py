@@ -112,7 +112,10 @@ def federation(tmp_path_factory: pytest.TempPathFactory):  # type: ignore[no-unt
     make_certificates(certs, nodes=[f"node{i}" for i in range(NODES)] + ["rogue"], hosts=["localhost", "127.0.0.1"])
     run_dir = root / "server-run"
     run_config = {k: v for k, v in TINY.items() if k not in {"data", "num-users", "min-records"}}
-    run_config.update({"num-server-rounds": ROUNDS, "min-fit-clients": 2, "run-dir": str(run_dir),
+    # min-available-clients: each round waits until all three are registered, so the killed
+    # device, once the SuperLink noticed and it rejoined, trains again in a later round
+    run_config.update({"num-server-rounds": ROUNDS, "min-fit-clients": 2, "min-available-clients": NODES,
+                       "run-dir": str(run_dir),
                        "round-timeout": 120.0, "dp": "sigma", "dp-noise-multiplier": 1.0, "dp-epsilon": 1000.0,
                        "wire-transcript": True})
     cfg = RunConfig.from_mapping(run_config)
