@@ -136,14 +136,14 @@ class SharedDeltaStrategy(Strategy):
         log.warning("%s", self.stopped)
         self.recorder.round({"round": r, **self.refusal_counts(), "stopped": self.stopped})
 
-    def wait_for_population(self, client_manager: ClientManager, *, poll: float = 1.0) -> None:
+    def wait_for_population(self, client_manager: ClientManager, *, poll: float = 1.0) -> int:
         """Before a round samples: wait until ``min-available-clients`` devices are registered
         (a simulation sets it to its whole population), as Flower's own ``min_available_clients``.
         Flower registers virtual nodes while the server already runs: sampling at once would
         draw the configured share of whoever registered first (53 of 10,000 users in round 1)
         and misstate the sampling rate q of user-level accounting; in a deployment a device
         that crashed and is reconnecting is waited for. Fails after ``round-timeout`` seconds
-        if one is set."""
+        if one is set. Returns the number registered (each count is a pass over every node)."""
         need = max(self.cfg.min_available_clients, self.cfg.min_fit_clients)
         started = last_said = time.monotonic()
         while (have := client_manager.num_available()) < need:
@@ -155,6 +155,7 @@ class SharedDeltaStrategy(Strategy):
                 log.info("waiting for devices to register: %d of %d", have, need)
                 last_said = time.monotonic()
             time.sleep(poll)
+        return have
 
     def configure_fit(self, server_round: int, parameters: Parameters,
                       client_manager: ClientManager) -> list[tuple[ClientProxy, FitIns]]:
@@ -163,8 +164,7 @@ class SharedDeltaStrategy(Strategy):
             return []  # resumed a finished run: only the final evaluation remains
         if self.stopped:
             return []
-        self.wait_for_population(client_manager)
-        total = client_manager.num_available()
+        total = self.wait_for_population(client_manager)
         available = total - len(self.refused)
         n = max(self.cfg.min_fit_clients, math.ceil(self.cfg.fraction_fit * available))
         if self.refused and n > available:
