@@ -20,7 +20,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from fedpgen.audit.whitebox import UnderstatedNoise, audit_mechanism  # noqa: E402
-from shared.privacy.accounting import calibrate_sigma  # noqa: E402
+from fedpgen.shared.privacy.accounting import calibrate_sigma  # noqa: E402
 
 
 

@@ -17,10 +17,10 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from client.device import Device
-from shared.accelerator import autocast_dtype, select_device
-from shared.config import RunConfig
-from shared.population import ensure_population
+from fedpgen.client.device import Device
+from fedpgen.shared.accelerator import autocast_dtype, select_device
+from fedpgen.shared.config import RunConfig
+from fedpgen.shared.population import ensure_population
 
 SETTINGS = {"data": "synthetic", "num-users": 1, "min-records": 30, "pretrain-steps": 30, "seq-len": 64,
             "local-steps": 5, "personal-max-steps": 4, "personal-eval-every": 2, "dp": "sigma",

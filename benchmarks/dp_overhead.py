@@ -26,8 +26,8 @@ def _setup():  # type: ignore[no-untyped-def]
     sys.path.insert(0, str(ROOT))
     import torch
 
-    from shared.config import RunConfig
-    from shared.model import build_model
+    from fedpgen.shared.config import RunConfig
+    from fedpgen.shared.model import build_model
 
     torch.set_num_threads(1)
     cfg = RunConfig.from_mapping({"data": "synthetic"})
@@ -39,9 +39,9 @@ def _setup():  # type: ignore[no-untyped-def]
 def _run(cfg, built, records, *, dp: bool, steps: int) -> float:  # type: ignore[no-untyped-def]
     import torch
 
-    from shared.adapters import active
-    from shared.privacy.mechanism import NoPrivacy, RecordDP
-    from shared.training import train
+    from fedpgen.shared.adapters import active
+    from fedpgen.shared.privacy.mechanism import NoPrivacy, RecordDP
+    from fedpgen.shared.training import train
 
     privacy = RecordDP(noise_multiplier=1.0, clip=1.0, accountant="prv", history=[]) if dp else NoPrivacy()
     with active(built.model, ["shared"], built.sets.shared_trainable) as params:

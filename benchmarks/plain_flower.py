@@ -36,10 +36,10 @@ from flwr.serverapp.strategy import FedAvg
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from shared.adapters import active, get_arrays, set_arrays
-from shared.config import RunConfig
-from shared.model import build_model
-from shared.presets import PERSONAL, SHARED
+from fedpgen.shared.adapters import active, get_arrays, set_arrays
+from fedpgen.shared.config import RunConfig
+from fedpgen.shared.model import build_model
+from fedpgen.shared.presets import PERSONAL, SHARED
 
 _MODEL: dict[str, object] = {}
 

@@ -69,8 +69,8 @@ def run_plain(registered: int, sampled: int, work: Path, out: Path) -> None:
     sys.path.insert(0, str(ROOT))
     sys.path.insert(0, str(ROOT / "benchmarks"))  # Ray's workers import the plain app from here too
     from plain_flower import run
-    from shared.config import RunConfig
-    from shared.data.user_folder import list_user_dirs
+    from fedpgen.shared.config import RunConfig
+    from fedpgen.shared.data.user_folder import list_user_dirs
 
     cfg = RunConfig.from_mapping({**WORKLOAD, "num-users": registered, "dp": "off", "run-dir": str(work / "plain")})
     rounds = run(cfg, list_user_dirs(work / f"users-{registered}"), registered, sampled)
@@ -90,10 +90,10 @@ def run_one(registered: int, sampled: int, work: Path, out: Path, dp: str) -> No
 
     sys.path.insert(0, str(ROOT))
     from fedpgen.simulate import simulate
-    from server.results import read_jsonl
-    from shared.config import RunConfig
-    from shared.model import build_model
-    from shared.population import ensure_population
+    from fedpgen.server.results import read_jsonl
+    from fedpgen.shared.config import RunConfig
+    from fedpgen.shared.model import build_model
+    from fedpgen.shared.population import ensure_population
 
     users = work / f"users-{registered}"
     cfg = RunConfig.from_mapping({**WORKLOAD, "num-users": registered, "fraction-fit": sampled / registered,

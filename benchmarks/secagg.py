@@ -29,8 +29,8 @@ def run(users: int, secure: bool, out: Path, extra: dict[str, str]) -> dict[str,
     from rich.console import Console
 
     from fedpgen.simulate import simulate
-    from server.results import read_jsonl
-    from shared.config import RunConfig
+    from fedpgen.server.results import read_jsonl
+    from fedpgen.shared.config import RunConfig
 
     sent: dict[int, int] = defaultdict(int)
     original = InMemoryGrid.pull_messages

@@ -29,13 +29,13 @@ from flwr.common.secure_aggregation.secaggplus_constants import (
     Stage,
 )
 
-from client.device import REFUSING, Device, preflight, refusal_text
-from client.node import NodeSettings, node_settings
-from client.runtime import lease
-from client.secure_aggregation import secagg_when_asked
-from shared.config import RunConfig
-from shared.tasks import TASKS
-from shared.wire_transcript import transcript_mod
+from fedpgen.client.device import REFUSING, Device, preflight, refusal_text
+from fedpgen.client.node import NodeSettings, node_settings
+from fedpgen.client.runtime import lease
+from fedpgen.client.secure_aggregation import secagg_when_asked
+from fedpgen.shared.config import RunConfig
+from fedpgen.shared.tasks import TASKS
+from fedpgen.shared.wire_transcript import transcript_mod
 
 log = logging.getLogger(__name__)
 

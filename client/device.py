@@ -16,22 +16,22 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from client.runtime import Runtime
-from shared.accelerator import autocast_dtype
-from shared.adapters import active, get_arrays, get_tensors, set_arrays, set_tensors
-from shared.config import RunConfig
-from shared.locking import exclusive
-from shared.presets import PERSONAL, PERSONALIZE, SHARED, Phase
-from shared.privacy.accounting import compose, epsilon
-from shared.privacy.ledger import PrivacyEvent, PrivacyLedger
-from shared.privacy.mechanism import NoPrivacy, RecordDP
-from shared.privacy.plan import BudgetExhaustedError, DPPlan, check_stored_budget
-from shared.privacy.user_level import add_noise_share, clip_delta
-from shared.sealing import TamperedStateError
-from shared.store import DeviceStore, device_sealer
-from shared.tasks import NoUsableDataError, get_task
-from shared.training import TrainResult, mean_loss, train
-from shared.wire import (
+from fedpgen.client.runtime import Runtime
+from fedpgen.shared.accelerator import autocast_dtype
+from fedpgen.shared.adapters import active, get_arrays, get_tensors, set_arrays, set_tensors
+from fedpgen.shared.config import RunConfig
+from fedpgen.shared.locking import exclusive
+from fedpgen.shared.presets import PERSONAL, PERSONALIZE, SHARED, Phase
+from fedpgen.shared.privacy.accounting import compose, epsilon
+from fedpgen.shared.privacy.ledger import PrivacyEvent, PrivacyLedger
+from fedpgen.shared.privacy.mechanism import NoPrivacy, RecordDP
+from fedpgen.shared.privacy.plan import BudgetExhaustedError, DPPlan, check_stored_budget
+from fedpgen.shared.privacy.user_level import add_noise_share, clip_delta
+from fedpgen.shared.sealing import TamperedStateError
+from fedpgen.shared.store import DeviceStore, device_sealer
+from fedpgen.shared.tasks import NoUsableDataError, get_task
+from fedpgen.shared.training import TrainResult, mean_loss, train
+from fedpgen.shared.wire import (
     BUDGET_EXHAUSTED,
     NO_USABLE_DATA,
     STATE_TAMPERED,
@@ -295,7 +295,7 @@ class Device:
     def evaluate(self, shared: list[np.ndarray], *, four_way: bool = True) -> dict[str, object]:
         """Held-out metrics (``client/evaluation.py``): what this device has, and with ``four_way``
         also a personal part re-fitted to ``shared`` and a local-only baseline."""
-        from client.evaluation import final_evaluation
+        from fedpgen.client.evaluation import final_evaluation
 
         with exclusive(self.store.dir, what="device state-dir"):
             return final_evaluation(self, shared, four_way=four_way)

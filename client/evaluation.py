@@ -18,13 +18,13 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from shared.accelerator import precision
-from shared.adapters import active, set_arrays, set_tensors
-from shared.presets import PERSONAL, PERSONALIZE, SHARED
-from shared.privacy.mechanism import NoPrivacy
+from fedpgen.shared.accelerator import precision
+from fedpgen.shared.adapters import active, set_arrays, set_tensors
+from fedpgen.shared.presets import PERSONAL, PERSONALIZE, SHARED
+from fedpgen.shared.privacy.mechanism import NoPrivacy
 
 if TYPE_CHECKING:
-    from client.device import Device
+    from fedpgen.client.device import Device
 
 REPORT = "report.png"
 

@@ -14,9 +14,9 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-from shared.config import RunConfig
-from shared.data.user_folder import list_user_dirs
-from shared.population import population_dir, state_dir
+from fedpgen.shared.config import RunConfig
+from fedpgen.shared.data.user_folder import list_user_dirs
+from fedpgen.shared.population import population_dir, state_dir
 
 DEPLOYMENT_KEYS = frozenset({"data-dir", "state-dir", "key-file", "device", "micro-batch"})
 SIMULATION_KEYS = frozenset({"partition-id", "num-partitions"})

@@ -141,9 +141,9 @@ def main(argv: list[str]) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
     args = argv[1:] if argv[:1] == ["--"] else argv
     if "--isolation" in args:
-        raise SystemExit("client.resident sets --isolation process itself")
+        raise SystemExit("fedpgen.client.resident sets --isolation process itself")
     exe = shutil.which("flower-supernode", path=str(Path(sys.executable).parent)) or "flower-supernode"
-    from client.app import (
+    from fedpgen.client.app import (
         app,  # imported once: the resident runtime lives in this process
     )
 

@@ -27,10 +27,10 @@ from collections.abc import Iterator
 
 import torch
 
-from shared.accelerator import select_device
-from shared.adapters import get_tensors, set_tensors
-from shared.config import RunConfig
-from shared.model import Built, build_model
+from fedpgen.shared.accelerator import select_device
+from fedpgen.shared.adapters import get_tensors, set_tensors
+from fedpgen.shared.config import RunConfig
+from fedpgen.shared.model import Built, build_model
 
 log = logging.getLogger(__name__)
 

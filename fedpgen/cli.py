@@ -14,7 +14,7 @@ import typer
 from rich.console import Console
 from rich.logging import RichHandler
 
-from shared.config import RunConfig, load_override_file
+from fedpgen.shared.config import RunConfig, load_override_file
 
 cli = typer.Typer(add_completion=False, no_args_is_help=True, help=__doc__)
 console = Console(width=120)
@@ -68,7 +68,7 @@ def prepare(
 
     Run it once on each device before it joins a deployment: otherwise its first round
     pays the pre-training (minutes for the image task) and may miss the round timeout."""
-    from shared.tasks import get_task
+    from fedpgen.shared.tasks import get_task
 
     cfg = RunConfig.from_mapping(_overrides(config, set_, {}))
     started = time.perf_counter()
@@ -119,7 +119,7 @@ def plant_canaries(
     Writes canary documents into the device folders and the secret to <run-dir>/audit/canaries.json;
     then run `fedpgen simulate` with the same options, then `fedpgen audit <run-dir>`."""
     from fedpgen.audit.canaries import plant
-    from shared.population import ensure_population
+    from fedpgen.shared.population import ensure_population
 
     flags = {"data-dir": data_dir, "data": "dir" if data_dir else None}
     cfg = RunConfig.from_mapping(_overrides(config, set_, flags))
@@ -135,7 +135,7 @@ def plant_canaries(
 @cli.command()
 def summary(run_dir: Path) -> None:
     """Print the results table of a finished run folder."""
-    from server.summary import print_summary
+    from fedpgen.server.summary import print_summary
 
     print_summary(run_dir, console=console)
 
@@ -173,8 +173,8 @@ def ledger(state_dir: Path,
     """Verify and print a device's privacy ledger (for auditors; needs the device key)."""
     from rich.table import Table
 
-    from shared.privacy.ledger import PrivacyLedger
-    from shared.store import device_sealer
+    from fedpgen.shared.privacy.ledger import PrivacyLedger
+    from fedpgen.shared.store import device_sealer
 
     if not state_dir.is_dir():
         raise FileNotFoundError(f"state dir not found: {state_dir}")
@@ -252,7 +252,7 @@ def deploy_supernode(data_dir: Annotated[Path, typer.Option(help="this user's de
     """Start flower-supernode for one user's device, with its resident ClientApp process."""
     from fedpgen.deploy import INSECURE_WHY, flower_env, supernode_command
 
-    from shared.accelerator import select_device
+    from fedpgen.shared.accelerator import select_device
 
     select_device(device)  # a clear error now, not at the first round
     if not data_dir.is_dir():

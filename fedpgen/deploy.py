@@ -172,7 +172,7 @@ def supernode_command(*, superlink: str, ca: Path | None, key: Path | None, data
         args += ["--root-certificates", str(_need(Path(ca) if ca else None, "CA certificate")),
                  "--auth-supernode-private-key", str(_need(Path(key) if key else None, "SuperNode private key"))]
     if resident:
-        return [sys.executable, "-m", "client.resident", "--", *args]
+        return [sys.executable, "-m", "fedpgen.client.resident", "--", *args]
     return [_exe("flower-supernode"), *args]
 
 

@@ -13,13 +13,13 @@ from pathlib import Path
 
 import torch
 
-from client.device import BOTH, SHARED, Device
-from server import checkpoint
-from server.results import read_config
-from shared.adapters import active, set_arrays, set_tensors
-from shared.config import RunConfig
-from shared.data.user_folder import read_profile
-from shared.population import ensure_population
+from fedpgen.client.device import BOTH, SHARED, Device
+from fedpgen.server import checkpoint
+from fedpgen.server.results import read_config
+from fedpgen.shared.adapters import active, set_arrays, set_tensors
+from fedpgen.shared.config import RunConfig
+from fedpgen.shared.data.user_folder import read_profile
+from fedpgen.shared.population import ensure_population
 
 VARIANTS = ("personal", "shared", "base")  # shared+personal (the product), shared-only, the base model
 

@@ -12,18 +12,18 @@ from typing import Any
 from flwr.clientapp.typing import Mod
 from rich.console import Console
 
-from client.app import build_app as build_client_app
-from client.evaluation import REPORT
+from fedpgen.client.app import build_app as build_client_app
+from fedpgen.client.evaluation import REPORT
 from fedpgen.simulation_engine import population_independent_poll
-from shared.wire_transcript import RUN_TRANSCRIPT_DIR
-from server.app import build_app as build_server_app
-from server.plots import plot_run
-from server.summary import print_summary
-from shared.config import RunConfig
-from shared.locking import exclusive
-from shared.population import ensure_population, state_dir
-from shared.store import DeviceStore
-from shared.tasks import get_task
+from fedpgen.shared.wire_transcript import RUN_TRANSCRIPT_DIR
+from fedpgen.server.app import build_app as build_server_app
+from fedpgen.server.plots import plot_run
+from fedpgen.server.summary import print_summary
+from fedpgen.shared.config import RunConfig
+from fedpgen.shared.locking import exclusive
+from fedpgen.shared.population import ensure_population, state_dir
+from fedpgen.shared.store import DeviceStore
+from fedpgen.shared.tasks import get_task
 
 log = logging.getLogger(__name__)
 

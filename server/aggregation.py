@@ -13,8 +13,8 @@ from typing import Any
 
 import numpy as np
 
-from server.bounds import check_secure_aggregate
-from shared.privacy.user_level import user_level_mean
+from fedpgen.server.bounds import check_secure_aggregate
+from fedpgen.shared.privacy.user_level import user_level_mean
 
 
 class RoundFailedError(RuntimeError):

@@ -9,8 +9,8 @@ from flwr.app import Context
 from flwr.server import Grid
 from flwr.serverapp import ServerApp
 
-from server.federation import run_server
-from shared.config import RunConfig
+from fedpgen.server.federation import run_server
+from fedpgen.shared.config import RunConfig
 
 
 def build_app(overrides: Mapping[str, Any] | None = None, *, fail_short: bool = True) -> ServerApp:

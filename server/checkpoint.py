@@ -11,7 +11,7 @@ import numpy as np
 from safetensors.numpy import load as st_load
 from safetensors.numpy import save as st_save
 
-from shared.store import atomic_write_bytes
+from fedpgen.shared.store import atomic_write_bytes
 
 _NAME = re.compile(r"^round_(\d{4,})\.safetensors$")
 

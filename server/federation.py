@@ -11,15 +11,15 @@ from flwr.server import Grid, LegacyContext, ServerConfig
 from flwr.server.workflow import DefaultWorkflow
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
-from shared.wire_transcript import recording_grid
-from server import checkpoint
-from server.results import RunRecorder
-from server.secure_aggregation import LoudSecAggPlus
-from server.strategy import SharedDeltaStrategy
-from shared.adapters import get_arrays
-from shared.config import RunConfig
-from shared.locking import exclusive
-from shared.model import build_model
+from fedpgen.shared.wire_transcript import recording_grid
+from fedpgen.server import checkpoint
+from fedpgen.server.results import RunRecorder
+from fedpgen.server.secure_aggregation import LoudSecAggPlus
+from fedpgen.server.strategy import SharedDeltaStrategy
+from fedpgen.shared.adapters import get_arrays
+from fedpgen.shared.config import RunConfig
+from fedpgen.shared.locking import exclusive
+from fedpgen.shared.model import build_model
 
 log = logging.getLogger(__name__)
 

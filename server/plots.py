@@ -9,9 +9,9 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
-from server.results import read_clients, read_config, read_jsonl  # noqa: E402
-from server.summary import evaluated_variants  # noqa: E402
-from shared.tasks import TASKS  # noqa: E402
+from fedpgen.server.results import read_clients, read_config, read_jsonl  # noqa: E402
+from fedpgen.server.summary import evaluated_variants  # noqa: E402
+from fedpgen.shared.tasks import TASKS  # noqa: E402
 
 
 def plot_run(run_dir: Path) -> list[Path]:

@@ -7,7 +7,7 @@ import json
 from pathlib import Path
 from typing import Any
 
-from shared.config import RunConfig
+from fedpgen.shared.config import RunConfig
 
 
 class RunRecorder:

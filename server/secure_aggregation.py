@@ -26,10 +26,10 @@ from flwr.server import Grid
 from flwr.server.workflow import SecAggPlusWorkflow
 from flwr.server.workflow.secure_aggregation.secaggplus_workflow import WorkflowState
 
-from server.strategy import RoundFailedError, SharedDeltaStrategy, refusals_in
-from server.bounds import check_weight
-from shared.config import RunConfig
-from shared.wire import FIT_SCHEMA, check_metrics
+from fedpgen.server.strategy import RoundFailedError, SharedDeltaStrategy, refusals_in
+from fedpgen.server.bounds import check_weight
+from fedpgen.shared.config import RunConfig
+from fedpgen.shared.wire import FIT_SCHEMA, check_metrics
 
 log = logging.getLogger(__name__)
 

@@ -32,14 +32,14 @@ from flwr.server.client_proxy import ClientProxy
 from flwr.server.criterion import Criterion
 from flwr.server.strategy import Strategy
 
-from server import checkpoint
-from server.aggregation import RoundFailedError, aggregate, make_server_optimizer
-from server.bounds import OutOfBoundsError, cap_weight, check_weight, clip_elements
-from server.results import RunRecorder
-from shared.config import RunConfig
-from shared.privacy.user_level import clip_delta, user_epsilon
-from shared.tasks import TASKS
-from shared.wire import (
+from fedpgen.server import checkpoint
+from fedpgen.server.aggregation import RoundFailedError, aggregate, make_server_optimizer
+from fedpgen.server.bounds import OutOfBoundsError, cap_weight, check_weight, clip_elements
+from fedpgen.server.results import RunRecorder
+from fedpgen.shared.config import RunConfig
+from fedpgen.shared.privacy.user_level import clip_delta, user_epsilon
+from fedpgen.shared.tasks import TASKS
+from fedpgen.shared.wire import (
     BUDGET_EXHAUSTED,
     FIT_SCHEMA,
     REFUSAL_MEANING,

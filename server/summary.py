@@ -11,10 +11,10 @@ from typing import Any
 from rich.console import Console
 from rich.table import Table
 
-from server.results import read_clients, read_config, read_jsonl
-from shared.config import RunConfig
-from shared.tasks import TASKS, TaskInfo, get_task
-from shared.wire import BUDGET_EXHAUSTED, NO_USABLE_DATA, REFUSALS, SKIP_REASONS, VARIANTS
+from fedpgen.server.results import read_clients, read_config, read_jsonl
+from fedpgen.shared.config import RunConfig
+from fedpgen.shared.tasks import TASKS, TaskInfo, get_task
+from fedpgen.shared.wire import BUDGET_EXHAUSTED, NO_USABLE_DATA, REFUSALS, SKIP_REASONS, VARIANTS
 
 
 def epsilon_by_client(run_dir: Path) -> dict[int, float]:

@@ -12,7 +12,7 @@ import numpy as np
 import torch
 from peft import LoraConfig, PeftModel, get_peft_model
 
-from shared.presets import Preset
+from fedpgen.shared.presets import Preset
 
 
 @dataclasses.dataclass(frozen=True)

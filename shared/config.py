@@ -18,8 +18,8 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-from shared.presets import PRESETS
-from shared.tasks.registry import TASKS
+from fedpgen.shared.presets import PRESETS
+from fedpgen.shared.tasks.registry import TASKS
 
 PYPROJECT = Path(__file__).resolve().parent.parent / "pyproject.toml"
 

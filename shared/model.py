@@ -8,10 +8,10 @@ from pathlib import Path
 from peft import PeftModel
 from transformers.utils import logging as hf_logging
 
-from shared.adapters import ParamSets, attach_adapters, param_sets
-from shared.config import RunConfig
-from shared.presets import Preset, get_preset
-from shared.tasks import Task, get_task
+from fedpgen.shared.adapters import ParamSets, attach_adapters, param_sets
+from fedpgen.shared.config import RunConfig
+from fedpgen.shared.presets import Preset, get_preset
+from fedpgen.shared.tasks import Task, get_task
 
 
 @dataclasses.dataclass

@@ -6,9 +6,9 @@ import json
 import shutil
 from pathlib import Path
 
-from shared.config import RunConfig
-from shared.data.user_folder import list_user_dirs
-from shared.tasks import get_task
+from fedpgen.shared.config import RunConfig
+from fedpgen.shared.data.user_folder import list_user_dirs
+from fedpgen.shared.tasks import get_task
 
 MANIFEST = "population.json"
 

@@ -18,7 +18,7 @@ import torch
 from safetensors.torch import load as st_load
 from safetensors.torch import save as st_save
 
-from shared.sealing import Sealer, TamperedStateError, key_from_passphrase, load_or_create_key
+from fedpgen.shared.sealing import Sealer, TamperedStateError, key_from_passphrase, load_or_create_key
 
 
 def atomic_write_bytes(path: Path, data: bytes) -> None:

@@ -13,10 +13,10 @@ import dataclasses
 import math
 import torch
 
-from shared.accelerator import precision
-from shared.adapters import get_tensors, set_tensors
-from shared.privacy.mechanism import NoPrivacy, RecordDP
-from shared.tasks.base import Task
+from fedpgen.shared.accelerator import precision
+from fedpgen.shared.adapters import get_tensors, set_tensors
+from fedpgen.shared.privacy.mechanism import NoPrivacy, RecordDP
+from fedpgen.shared.tasks.base import Task
 
 
 @dataclasses.dataclass(frozen=True)

@@ -39,7 +39,7 @@ from flwr.common.secure_aggregation.secaggplus_constants import RECORD_KEY_CONFI
 from flwr.proto.recorddict_pb2 import RecordDict as ProtoRecordDict
 from flwr.server import Grid
 
-from shared.config import RunConfig
+from fedpgen.shared.config import RunConfig
 
 log = logging.getLogger(__name__)
 

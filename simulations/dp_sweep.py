@@ -34,7 +34,7 @@ def main() -> None:
     from rich.table import Table
 
     from fedpgen.simulate import simulate
-    from shared.config import RunConfig
+    from fedpgen.shared.config import RunConfig
 
     base = dict(s.split("=", 1) for s in args.sets)
     rows = []

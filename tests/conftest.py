@@ -18,12 +18,12 @@ os.environ.setdefault("FEDPGEN_CACHE", str(Path(__file__).resolve().parent.paren
 # Hypothesis caches constants of the code under test from collection on: keep it in that cache too.
 os.environ.setdefault("HYPOTHESIS_STORAGE_DIRECTORY", str(Path(os.environ["FEDPGEN_CACHE"]) / "hypothesis"))
 
-from shared.config import RunConfig  # noqa: E402
+from fedpgen.shared.config import RunConfig  # noqa: E402
 
 if TYPE_CHECKING:
     from flwr.app import Message
 
-    from client.device import Device
+    from fedpgen.client.device import Device
 
 TINY = {
     "data": "synthetic", "num-users": 3, "min-records": 30, "pretrain-steps": 30, "seq-len": 64,
@@ -67,8 +67,8 @@ class Proxy:
 
 def device(cfg: RunConfig, index: int = 0, state: Path | None = None) -> Device:
     """The device of user ``index`` of ``cfg``'s population; its state-dir the run's, or ``state``."""
-    from client.device import Device
-    from shared.population import ensure_population, state_dir
+    from fedpgen.client.device import Device
+    from fedpgen.shared.population import ensure_population, state_dir
 
     users = ensure_population(cfg)
     return Device(cfg, user_dir=users[index], state_dir=state or state_dir(cfg, users[index]), client_index=index)
@@ -103,7 +103,7 @@ def secagg_mean(deltas: list[list[np.ndarray]], weights: list[int], *, clipping_
     device controls; masks are additive, so it adds to the sum)."""
     from flwr.common.secure_aggregation.quantization import dequantize, quantize
 
-    from server.bounds import quantized_weight
+    from fedpgen.server.bounds import quantized_weight
 
     c, q = clipping_range, quantization_range
     vectors = []

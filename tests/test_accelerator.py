@@ -9,12 +9,12 @@ from pathlib import Path
 import pytest
 import torch
 
-from client.device import Device
-from client.node import node_settings
-from shared.accelerator import autocast_dtype, select_device
-from shared.adapters import active
-from shared.population import ensure_population
-from shared.privacy.mechanism import NoPrivacy, RecordDP
+from fedpgen.client.device import Device
+from fedpgen.client.node import node_settings
+from fedpgen.shared.accelerator import autocast_dtype, select_device
+from fedpgen.shared.adapters import active
+from fedpgen.shared.population import ensure_population
+from fedpgen.shared.privacy.mechanism import NoPrivacy, RecordDP
 
 
 def test_auto_is_cpu_without_cuda_and_an_absent_gpu_is_an_error(monkeypatch: pytest.MonkeyPatch) -> None:

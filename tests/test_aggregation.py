@@ -8,10 +8,10 @@ import numpy as np
 import pytest
 from flwr.common import Code, FitRes, Status, ndarrays_to_parameters, parameters_to_ndarrays
 
-from server.aggregation import FedAdam, weighted_mean
-from server.results import RunRecorder
-from server.strategy import RoundFailedError, SharedDeltaStrategy
-from shared.wire import keys_digest
+from fedpgen.server.aggregation import FedAdam, weighted_mean
+from fedpgen.server.results import RunRecorder
+from fedpgen.server.strategy import RoundFailedError, SharedDeltaStrategy
+from fedpgen.shared.wire import keys_digest
 
 from conftest import Proxy
 

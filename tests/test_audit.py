@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 from typer.testing import CliRunner
 
-from client.device import Device
+from fedpgen.client.device import Device
 from conftest import TINY
 from fedpgen.audit.accounting import audit_device
 from fedpgen.audit.membership import analyse, clopper_pearson, roc
@@ -21,11 +21,11 @@ from fedpgen.audit.one_run import epsilon_lower_bound, max_provable
 from fedpgen.audit.runner import audit_run
 from fedpgen.audit.whitebox import UnderstatedNoise, audit_mechanism, canary_layout
 from fedpgen.cli import cli
-from shared.config import RunConfig
-from shared.population import ensure_population, state_dir
-from shared.privacy.accounting import calibrate_sigma
-from shared.privacy.ledger import PrivacyLedger
-from shared.store import device_sealer
+from fedpgen.shared.config import RunConfig
+from fedpgen.shared.population import ensure_population, state_dir
+from fedpgen.shared.privacy.accounting import calibrate_sigma
+from fedpgen.shared.privacy.ledger import PrivacyLedger
+from fedpgen.shared.store import device_sealer
 
 
 

@@ -14,8 +14,8 @@ import pytest
 from conftest import TINY
 from fedpgen.audit import canaries
 from fedpgen.audit.runner import audit_run
-from shared.config import RunConfig
-from shared.population import ensure_population
+from fedpgen.shared.config import RunConfig
+from fedpgen.shared.population import ensure_population
 
 
 def test_exposure_is_log2_of_the_space_over_the_rank() -> None:
@@ -77,7 +77,7 @@ def plain_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
 @pytest.mark.slow
 def test_every_observer_is_attacked_and_the_per_device_view_is_what_the_server_received(plain_run: Path) -> None:
     from fedpgen.audit.views import VIEWS, Observer
-    from server.results import read_jsonl
+    from fedpgen.server.results import read_jsonl
 
     result = audit_run(plain_run, attacks=("membership", "canaries"))
     assert {m.view for m in result.membership} == set(VIEWS.values())

@@ -16,14 +16,14 @@ from flwr.clientapp.typing import ClientAppCallable
 
 from conftest import TINY
 from fedpgen.audit.raw_context import Needle, NeedleIndex
-from shared.wire_transcript import DOWNLINK, RUN_TRANSCRIPT_DIR, TranscriptWriter, read_transcript
+from fedpgen.shared.wire_transcript import DOWNLINK, RUN_TRANSCRIPT_DIR, TranscriptWriter, read_transcript
 from fedpgen.audit.wire_scan import FAILED, NOT_CHECKED, PASSED, scan_run, scan_transcripts
-from shared.adapters import ParamSets
-from shared.config import RunConfig
-from shared.data.user_folder import read_documents
-from shared.population import ensure_population
-from shared.tasks import TASKS
-from shared.wire import FIT_METRICS, eval_metrics
+from fedpgen.shared.adapters import ParamSets
+from fedpgen.shared.config import RunConfig
+from fedpgen.shared.data.user_folder import read_documents
+from fedpgen.shared.population import ensure_population
+from fedpgen.shared.tasks import TASKS
+from fedpgen.shared.wire import FIT_METRICS, eval_metrics
 
 ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])  # the mod below runs in Ray workers
 

@@ -21,16 +21,16 @@ from flwr.common import (
 )
 from flwr.server.client_manager import SimpleClientManager
 
-from client.app import DeviceClient
-from client.device import Device
-from client.node import NodeSettings
-from server.results import RunRecorder
-from server.strategy import SharedDeltaStrategy
-from shared.data.safe_read import DOCUMENT_MAX_BYTES, UserBudget, read_file
-from shared.data.user_folder import list_user_dirs, read_documents, read_profile
-from shared.tasks.text import TextTask, profile_line
-from shared.tasks.text_tokenizer import ByteTokenizer
-from shared.wire import NO_USABLE_DATA, keys_digest
+from fedpgen.client.app import DeviceClient
+from fedpgen.client.device import Device
+from fedpgen.client.node import NodeSettings
+from fedpgen.server.results import RunRecorder
+from fedpgen.server.strategy import SharedDeltaStrategy
+from fedpgen.shared.data.safe_read import DOCUMENT_MAX_BYTES, UserBudget, read_file
+from fedpgen.shared.data.user_folder import list_user_dirs, read_documents, read_profile
+from fedpgen.shared.tasks.text import TextTask, profile_line
+from fedpgen.shared.tasks.text_tokenizer import ByteTokenizer
+from fedpgen.shared.wire import NO_USABLE_DATA, keys_digest
 
 
 def write_docs(user: Path, n: int = 12) -> None:

@@ -8,9 +8,9 @@ import numpy as np
 import pytest
 from transformers import GPT2Config, GPT2LMHeadModel
 
-from client.device import Device
-from shared.population import ensure_population
-from shared.tasks.text_tokenizer import ByteTokenizer
+from fedpgen.client.device import Device
+from fedpgen.shared.population import ensure_population
+from fedpgen.shared.tasks.text_tokenizer import ByteTokenizer
 
 
 def test_a_local_gpt2_checkpoint_trains_with_the_same_machinery(make_cfg, tmp_path: Path) -> None:

@@ -12,12 +12,12 @@ import pytest
 import torch
 from transformers import AutoConfig, AutoModelForCausalLM, LlamaForCausalLM
 
-from client.device import Device
-from shared.data.behavior_log import CATALOG_FILE, read_catalog, read_log, write_catalog
-from shared.data.safe_read import LOG_MAX_BYTES
-from shared.model import build_model
-from shared.tasks import NoUsableDataError, get_task
-from shared.tasks.behavior import LAYOUT_FILE, BehaviorTask, Layout
+from fedpgen.client.device import Device
+from fedpgen.shared.data.behavior_log import CATALOG_FILE, read_catalog, read_log, write_catalog
+from fedpgen.shared.data.safe_read import LOG_MAX_BYTES
+from fedpgen.shared.model import build_model
+from fedpgen.shared.tasks import NoUsableDataError, get_task
+from fedpgen.shared.tasks.behavior import LAYOUT_FILE, BehaviorTask, Layout
 
 from conftest import TASK_CASES
 
@@ -142,7 +142,7 @@ def test_records_score_disjoint_training_chunks_and_one_last_event_each(make_cfg
 
 
 def _first_user(cfg) -> Path:  # type: ignore[no-untyped-def]
-    from shared.population import ensure_population
+    from fedpgen.shared.population import ensure_population
 
     return ensure_population(cfg)[0]
 

@@ -21,15 +21,15 @@ from flwr.clientapp.typing import ClientAppCallable
 from flwr.compat.common import recorddict_compat as compat
 from typer.testing import CliRunner
 
-from client.device import Device
+from fedpgen.client.device import Device
 from conftest import TINY
 from fedpgen.cli import cli
 from fedpgen.simulate import simulate
-from server.strategy import RoundFailedError
-from shared.locking import LOCK_FILE, FolderLockedError, exclusive
-from shared.population import ensure_population
-from shared.privacy.accounting import epsilon
-from shared.privacy.ledger import PrivacyLedger
+from fedpgen.server.strategy import RoundFailedError
+from fedpgen.shared.locking import LOCK_FILE, FolderLockedError, exclusive
+from fedpgen.shared.population import ensure_population
+from fedpgen.shared.privacy.accounting import epsilon
+from fedpgen.shared.privacy.ledger import PrivacyLedger
 
 ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])  # the mod below runs in Ray workers
 

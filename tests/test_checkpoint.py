@@ -8,10 +8,10 @@ import numpy as np
 import pytest
 from flwr.common import Code, FitRes, Status, ndarrays_to_parameters
 
-from server import checkpoint
-from server.federation import make_strategy
-from server.strategy import SharedDeltaStrategy
-from shared.wire import keys_digest
+from fedpgen.server import checkpoint
+from fedpgen.server.federation import make_strategy
+from fedpgen.server.strategy import SharedDeltaStrategy
+from fedpgen.shared.wire import keys_digest
 
 from conftest import Proxy
 

@@ -9,13 +9,13 @@ import pytest
 from flwr.app import Context, RecordDict
 from rich.console import Console
 
-from client.app import run_config
-from client.device import refusal_text
-from shared.config import RunConfig
-from shared.privacy.plan import BudgetExhaustedError
-from shared.sealing import TamperedStateError
-from shared.tasks import NoUsableDataError
-from shared.wire import BUDGET_EXHAUSTED, NO_USABLE_DATA, STATE_TAMPERED, decode_refusal, encode_refusal
+from fedpgen.client.app import run_config
+from fedpgen.client.device import refusal_text
+from fedpgen.shared.config import RunConfig
+from fedpgen.shared.privacy.plan import BudgetExhaustedError
+from fedpgen.shared.sealing import TamperedStateError
+from fedpgen.shared.tasks import NoUsableDataError
+from fedpgen.shared.wire import BUDGET_EXHAUSTED, NO_USABLE_DATA, STATE_TAMPERED, decode_refusal, encode_refusal
 
 
 def context(run: dict) -> Context:  # type: ignore[type-arg]
@@ -62,11 +62,11 @@ def test_a_refusal_the_device_encodes_is_the_one_the_server_decodes(exc: Excepti
 
 
 def test_a_deployed_device_evaluates_what_it_has_and_the_summary_says_so(tmp_path: Path) -> None:
-    from client.app import DeviceClient
-    from client.node import NodeSettings
-    from server.plots import plot_run
-    from server.results import RunRecorder
-    from server.summary import print_summary
+    from fedpgen.client.app import DeviceClient
+    from fedpgen.client.node import NodeSettings
+    from fedpgen.server.plots import plot_run
+    from fedpgen.server.results import RunRecorder
+    from fedpgen.server.summary import print_summary
 
     simulated, deployed = NodeSettings(tmp_path, tmp_path, client_index=0), NodeSettings(tmp_path, tmp_path)
     auto, asked = RunConfig.from_mapping({}), RunConfig.from_mapping({"evaluation": "four-way"})

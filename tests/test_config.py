@@ -7,7 +7,7 @@ import sys
 
 import pytest
 
-from shared.config import RunConfig
+from fedpgen.shared.config import RunConfig
 
 
 @pytest.mark.parametrize(
@@ -61,7 +61,7 @@ def test_cli_reports_errors_without_traceback(args: list[str], message: str, tmp
 def test_every_override_file_in_simulations_is_valid() -> None:
     from pathlib import Path
 
-    from shared.config import load_override_file
+    from fedpgen.shared.config import load_override_file
 
     files = sorted((Path(__file__).resolve().parent.parent / "simulations").glob("*.toml"))
     assert len(files) >= 3

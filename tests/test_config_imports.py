@@ -16,11 +16,11 @@ from pathlib import Path
 
 import pytest
 
-from server.plots import plot_run
-from server.results import RunRecorder, read_config
-from server.summary import summarize
-from shared.config import RunConfig
-from shared.tasks import TASKS, Task, get_task
+from fedpgen.server.plots import plot_run
+from fedpgen.server.results import RunRecorder, read_config
+from fedpgen.server.summary import summarize
+from fedpgen.shared.config import RunConfig
+from fedpgen.shared.tasks import TASKS, Task, get_task
 
 ROOT = Path(__file__).resolve().parent.parent
 MODEL_LIBRARIES = ("torch", "transformers", "diffusers", "peft", "opacus", "flwr")
@@ -37,7 +37,7 @@ def imported_after(code: str) -> list[str]:
 def test_building_and_rejecting_a_config_imports_no_model_library() -> None:
     # Prepare: every task's config, and one the validation must reject
     code = """
-from shared.config import RunConfig
+from fedpgen.shared.config import RunConfig
 for task in ("text", "behavior", "image"):
     RunConfig.from_mapping({"task": task, "data": "synthetic"})
 try:
@@ -54,10 +54,10 @@ else:
 def test_the_text_task_and_the_modules_a_text_run_uses_import_no_diffusers() -> None:
     code = """
 import sys
-from shared.tasks import get_task
-import shared.model, shared.training, shared.accelerator
+from fedpgen.shared.tasks import get_task
+import fedpgen.shared.model, fedpgen.shared.training, fedpgen.shared.accelerator
 assert get_task("text").name == "text"
-others = [m for m in ("shared.tasks.image", "shared.tasks.behavior") if m in sys.modules]
+others = [m for m in ("fedpgen.shared.tasks.image", "fedpgen.shared.tasks.behavior") if m in sys.modules]
 assert not others, f"get_task('text') imported {others}"
 """
     assert "diffusers" not in imported_after(code)
@@ -89,7 +89,7 @@ def _runtime_imports(tree: ast.Module) -> list[ast.Import | ast.ImportFrom]:
 def shared_import_graph() -> dict[str, set[str]]:
     """Module -> the ``shared`` modules its import executes (a package's ``__init__`` included,
     except the importer's own ancestors, which Python has initialized before it)."""
-    files = {".".join(p.relative_to(ROOT).with_suffix("").parts).removesuffix(".__init__"): p
+    files = {"fedpgen." + ".".join(p.relative_to(ROOT).with_suffix("").parts).removesuffix(".__init__"): p
              for p in (ROOT / "shared").rglob("*.py")}
     graph: dict[str, set[str]] = {}
     for module, path in files.items():
@@ -141,15 +141,15 @@ def find_cycle(graph: dict[str, set[str]]) -> list[str]:
 
 def test_find_cycle_finds_one_through_a_package_init() -> None:
     # The checker itself: config -> shared.tasks (its __init__) -> a task -> config is a cycle
-    graph = {"shared.config": {"shared.tasks"}, "shared.tasks": {"shared.tasks.text"},
-             "shared.tasks.text": {"shared.config"}}
-    assert find_cycle(graph) == ["shared.config", "shared.tasks", "shared.tasks.text", "shared.config"]
+    graph = {"fedpgen.shared.config": {"fedpgen.shared.tasks"}, "fedpgen.shared.tasks": {"fedpgen.shared.tasks.text"},
+             "fedpgen.shared.tasks.text": {"fedpgen.shared.config"}}
+    assert find_cycle(graph) == ["fedpgen.shared.config", "fedpgen.shared.tasks", "fedpgen.shared.tasks.text", "fedpgen.shared.config"]
 
 
 def test_shared_modules_import_one_another_without_a_cycle() -> None:
     graph = shared_import_graph()
-    assert {"shared.config", "shared.tasks", "shared.tasks.registry"} <= graph.keys()
-    assert "shared.tasks.registry" in graph["shared.config"], "the graph misses the config's imports"
+    assert {"fedpgen.shared.config", "fedpgen.shared.tasks", "fedpgen.shared.tasks.registry"} <= graph.keys()
+    assert "fedpgen.shared.tasks.registry" in graph["fedpgen.shared.config"], "the graph misses the config's imports"
     assert find_cycle(graph) == []
 
 
@@ -171,7 +171,7 @@ def test_each_task_class_reads_its_metadata_from_its_registry_entry(name: str) -
 
 
 def test_a_class_claiming_another_class_s_entry_is_refused() -> None:
-    with pytest.raises(TypeError, match="registry entry names shared.tasks.text:TextTask"):
+    with pytest.raises(TypeError, match="registry entry names fedpgen.shared.tasks.text:TextTask"):
         class Impostor(Task, task="text"):
             pass
 

@@ -30,14 +30,14 @@ from typer.testing import CliRunner
 from fedpgen.cli import cli
 from fedpgen.deploy import (CONNECTION, InsecureDeploymentError, flower_env, flwr_home, make_certificates,
                             register_node, run_app, superlink_command, supernode_command)
-from server.results import read_clients, read_jsonl
-from shared.adapters import get_arrays
-from shared.config import RunConfig
-from shared.data import synthetic_text
-from shared.data.user_folder import write_user
-from shared.model import build_model
-from shared.privacy.ledger import PrivacyLedger
-from shared.store import DeviceStore
+from fedpgen.server.results import read_clients, read_jsonl
+from fedpgen.shared.adapters import get_arrays
+from fedpgen.shared.config import RunConfig
+from fedpgen.shared.data import synthetic_text
+from fedpgen.shared.data.user_folder import write_user
+from fedpgen.shared.model import build_model
+from fedpgen.shared.privacy.ledger import PrivacyLedger
+from fedpgen.shared.store import DeviceStore
 
 from conftest import TINY
 

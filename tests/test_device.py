@@ -8,9 +8,9 @@ import numpy as np
 import pytest
 import torch
 
-from shared.adapters import active, get_tensors
-from shared.presets import PRESETS
-from shared.wire import FIT_METRICS, VARIANTS, eval_metrics
+from fedpgen.shared.adapters import active, get_tensors
+from fedpgen.shared.presets import PRESETS
+from fedpgen.shared.wire import FIT_METRICS, VARIANTS, eval_metrics
 
 from conftest import device
 
@@ -100,7 +100,7 @@ def test_final_evaluation_reports_the_four_variants(make_cfg, task_case) -> None
 
 
 def test_a_device_only_evaluation_scores_what_the_device_has_and_trains_nothing(make_cfg) -> None:
-    from server.summary import evaluated_variants
+    from fedpgen.server.summary import evaluated_variants
 
     d = device(make_cfg())
     delta, _, _ = d.fit(d.init_send, server_round=1)

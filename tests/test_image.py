@@ -11,17 +11,17 @@ import pytest
 import torch
 from PIL import Image
 
-from client.device import Device
-from client.evaluation import REPORT
-from shared.data import procedural_faces as faces
-from shared.data.photos import read_photos, write_photos
-from shared.population import ensure_population
-from shared.tasks import NoUsableDataError
-from shared.tasks.image import LABEL_WIDTH, PIXELS, SAMPLES, ImageTask, edit_hair_token, pack, subject_slots, unpack
-from shared.tasks.image_base import to_tensor
-from shared.tasks.image_model import HEADS, attribute_tokens
-from shared.wire import VARIANTS
-from shared.training import mean_loss
+from fedpgen.client.device import Device
+from fedpgen.client.evaluation import REPORT
+from fedpgen.shared.data import procedural_faces as faces
+from fedpgen.shared.data.photos import read_photos, write_photos
+from fedpgen.shared.population import ensure_population
+from fedpgen.shared.tasks import NoUsableDataError
+from fedpgen.shared.tasks.image import LABEL_WIDTH, PIXELS, SAMPLES, ImageTask, edit_hair_token, pack, subject_slots, unpack
+from fedpgen.shared.tasks.image_base import to_tensor
+from fedpgen.shared.tasks.image_model import HEADS, attribute_tokens
+from fedpgen.shared.wire import VARIANTS
+from fedpgen.shared.training import mean_loss
 
 IMAGE = {"task": "image", "min_records": 12, "heldout_fraction": 0.25, "val_fraction": 0.0, "local_steps": 2,
          "personal_max_steps": 2}
@@ -248,7 +248,7 @@ def test_prepare_builds_the_base_and_the_encoder_into_the_device_cache(tmp_path:
     from typer.testing import CliRunner
 
     from fedpgen.cli import cli
-    from shared.tasks.cache import MARKER
+    from fedpgen.shared.tasks.cache import MARKER
 
     # Prepare: an empty cache, as on a new device
     monkeypatch.setenv("FEDPGEN_CACHE", str(tmp_path))
@@ -268,7 +268,7 @@ def test_prepare_builds_the_base_and_the_encoder_into_the_device_cache(tmp_path:
 def test_a_local_diffusers_unet_checkpoint_trains_and_a_latent_one_is_refused(make_cfg, tmp_path: Path) -> None:
     from diffusers import UNet2DConditionModel
 
-    from shared.tasks.image_model import UNET
+    from fedpgen.shared.tasks.image_model import UNET
 
     # Prepare: a diffusers-layout folder (<path>/unet) with another width and context size
     other = {**UNET, "block_out_channels": (16, 32, 32), "cross_attention_dim": 16}

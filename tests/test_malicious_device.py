@@ -11,11 +11,11 @@ import numpy as np
 import pytest
 from flwr.common import Code, FitRes, Status, ndarrays_to_parameters, parameters_to_ndarrays
 
-from server import checkpoint
-from server.bounds import OutOfBoundsError, check_secure_aggregate, quantized_weight
-from server.results import RunRecorder
-from server.strategy import SharedDeltaStrategy
-from shared.wire import keys_digest
+from fedpgen.server import checkpoint
+from fedpgen.server.bounds import OutOfBoundsError, check_secure_aggregate, quantized_weight
+from fedpgen.server.results import RunRecorder
+from fedpgen.server.strategy import SharedDeltaStrategy
+from fedpgen.shared.wire import keys_digest
 
 from conftest import Proxy, secagg_mean
 

@@ -1,35 +1,70 @@
-"""The generic top-level packages resolve to this repository, and pyproject is the config schema."""
+"""One import namespace (``fedpgen.server``, ``fedpgen.client``, ``fedpgen.shared``) that resolves to
+this repository and shadows nothing; pyproject is the config schema."""
 
 from __future__ import annotations
 
 import dataclasses
 import importlib
+import subprocess
+import sys
 import tomllib
 from pathlib import Path
 
-from shared.config import RunConfig
+from fedpgen.shared.config import RunConfig
 
 ROOT = Path(__file__).resolve().parent.parent
 
 
-def test_top_level_packages_resolve_to_this_repository() -> None:
-    for name in ("server", "client", "shared", "fedpgen"):
+def test_the_namespaced_packages_resolve_to_this_repository() -> None:
+    for folder in ("server", "client", "shared", "fedpgen"):
+        name = folder if folder == "fedpgen" else f"fedpgen.{folder}"
         module = importlib.import_module(name)
-        assert Path(module.__file__).resolve().parent == ROOT / name, f"{name} is shadowed by {module.__file__}"
+        assert Path(module.__file__).resolve().parent == ROOT / folder, f"{name} is shadowed by {module.__file__}"
+
+
+def test_other_packages_named_server_client_shared_neither_break_nor_are_broken(tmp_path: Path) -> None:
+    # Prepare: someone else's top-level `server`, `client` and `shared`, first on the path
+    for name in ("server", "client", "shared"):
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "__init__.py").write_text(f"OWNER = 'other-{name}'\n")
+    code = """
+import server, client, shared
+from fedpgen.server.app import app as server_app
+from fedpgen.client.app import app as client_app
+from fedpgen.shared.config import RunConfig
+import fedpgen.server, fedpgen.shared
+assert (server.OWNER, client.OWNER, shared.OWNER) == ("other-server", "other-client", "other-shared")
+assert fedpgen.server.__file__.endswith("server/__init__.py") and not hasattr(fedpgen.server, "OWNER")
+print(type(server_app).__name__, type(client_app).__name__, RunConfig.from_mapping({}).task)
+"""
+    # Execute: from a folder that is not the repository
+    proc = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, env={"PYTHONPATH": str(tmp_path)},
+                          capture_output=True, text=True, timeout=300, check=False)
+    # Assert
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert proc.stdout.split() == ["ServerApp", "ClientApp", "text"]
+
+
+def test_no_generic_top_level_package_is_installed(tmp_path: Path) -> None:
+    proc = subprocess.run([sys.executable, "-c", "import server"], cwd=tmp_path, capture_output=True, text=True,
+                          timeout=60, check=False)
+    assert proc.returncode != 0 and "No module named 'server'" in proc.stderr, proc.stderr
 
 
 def test_pyproject_declares_the_flower_app_and_every_config_key() -> None:
     data = tomllib.loads((ROOT / "pyproject.toml").read_text())
     app = data["tool"]["flwr"]["app"]
-    assert app["components"] == {"serverapp": "server.app:app", "clientapp": "client.app:app"}
+    assert app["components"] == {"serverapp": "fedpgen.server.app:app", "clientapp": "fedpgen.client.app:app"}
     keys = {k.replace("-", "_") for k in app["config"]}
     assert keys == {f.name for f in dataclasses.fields(RunConfig)}
     assert data["project"]["scripts"]["fedpgen"] == "fedpgen.cli:main"
-    assert set(data["tool"]["setuptools"]["packages"]) >= {"server", "client", "shared", "fedpgen"}
+    setuptools = data["tool"]["setuptools"]
+    assert not {p for p in setuptools["packages"] if p.split(".")[0] != "fedpgen"}, "a top-level package besides fedpgen"
+    assert setuptools["package-dir"] == {f"fedpgen.{d}": d for d in ("server", "client", "shared")}
 
 
 def test_every_package_folder_is_declared_for_non_editable_installs() -> None:
     declared = set(tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"]["packages"])
-    found = {str(p.parent.relative_to(ROOT)).replace("/", ".") for top in ("fedpgen", "server", "client", "shared")
-             for p in (ROOT / top).rglob("__init__.py")}
+    found = {("" if top == "fedpgen" else "fedpgen.") + str(p.parent.relative_to(ROOT)).replace("/", ".")
+             for top in ("fedpgen", "server", "client", "shared") for p in (ROOT / top).rglob("__init__.py")}
     assert found == declared, f"undeclared: {sorted(found - declared)}, stale: {sorted(declared - found)}"

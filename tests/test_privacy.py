@@ -12,15 +12,15 @@ import torch
 from flwr.common import Code, FitRes, Parameters, Status, ndarrays_to_parameters
 from flwr.server.client_manager import SimpleClientManager
 
-from server.results import RunRecorder
-from server.strategy import SharedDeltaStrategy
-from shared.adapters import active, get_tensors
-from shared.config import RunConfig
-from shared.presets import PRESETS
-from shared.privacy.accounting import epsilon, poisson_sample_rate
-from shared.privacy.mechanism import RecordDP
-from shared.privacy.plan import BudgetExhaustedError
-from shared.wire import BUDGET_EXHAUSTED, keys_digest
+from fedpgen.server.results import RunRecorder
+from fedpgen.server.strategy import SharedDeltaStrategy
+from fedpgen.shared.adapters import active, get_tensors
+from fedpgen.shared.config import RunConfig
+from fedpgen.shared.presets import PRESETS
+from fedpgen.shared.privacy.accounting import epsilon, poisson_sample_rate
+from fedpgen.shared.privacy.mechanism import RecordDP
+from fedpgen.shared.privacy.plan import BudgetExhaustedError
+from fedpgen.shared.wire import BUDGET_EXHAUSTED, keys_digest
 
 from conftest import Proxy, device
 
@@ -75,7 +75,7 @@ def test_a_dp_round_changes_only_what_it_trains(make_cfg) -> None:
 def test_under_pattern_a_the_shared_delta_does_not_depend_on_the_personal_part(make_cfg, tmp_path: Path,
                                                                               monkeypatch) -> None:
     # The DP noise is secret (OS entropy): fix it here so the two deltas can be compared.
-    monkeypatch.setattr("shared.privacy.mechanism.os.urandom", lambda n: b"\x07" * n)
+    monkeypatch.setattr("fedpgen.shared.privacy.mechanism.os.urandom", lambda n: b"\x07" * n)
     cfg = make_cfg(preset="fedavg-lora")
     a = device(cfg, state=tmp_path / "a")
     b = device(cfg, state=tmp_path / "b")

@@ -27,7 +27,7 @@ DRIVER = textwrap.dedent("""
     import json, os, sys
     from pathlib import Path
     from fedpgen.simulate import simulate
-    from shared.config import RunConfig
+    from fedpgen.shared.config import RunConfig
 
     values, marks = json.loads(sys.argv[1]), Path(sys.argv[2])
 

@@ -28,15 +28,15 @@ from hypothesis import strategies as st
 from PIL import Image
 
 from conftest import TASK_CASES, TINY
-from shared.config import RunConfig
-from shared.data.behavior_log import CATALOG_FILE, LOG_FILE, read_log, write_catalog
-from shared.data.photos import read_photos
-from shared.data.safe_read import USER_MAX_BYTES, UserBudget
-from shared.data.user_folder import PROFILE_FILE, read_documents, read_profile
-from shared.tasks import NoUsableDataError, get_task
-from shared.tasks.behavior import LAYOUT_FILE, Layout
-from shared.tasks.text_tokenizer import ByteTokenizer
-from shared.wire import SKIP_REASONS
+from fedpgen.shared.config import RunConfig
+from fedpgen.shared.data.behavior_log import CATALOG_FILE, LOG_FILE, read_log, write_catalog
+from fedpgen.shared.data.photos import read_photos
+from fedpgen.shared.data.safe_read import USER_MAX_BYTES, UserBudget
+from fedpgen.shared.data.user_folder import PROFILE_FILE, read_documents, read_profile
+from fedpgen.shared.tasks import NoUsableDataError, get_task
+from fedpgen.shared.tasks.behavior import LAYOUT_FILE, Layout
+from fedpgen.shared.tasks.text_tokenizer import ByteTokenizer
+from fedpgen.shared.wire import SKIP_REASONS
 
 SIZE = 32  # photos are read at the image model's resolution
 SECRET = "SECRET-9f2c41"  # in every file outside the user folder; never read through a symlink

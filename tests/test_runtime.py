@@ -7,15 +7,15 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from client import runtime
-from client.device import Device
-from client.runtime import Runtime, lease
-from shared.population import ensure_population
+from fedpgen.client import runtime
+from fedpgen.client.device import Device
+from fedpgen.client.runtime import Runtime, lease
+from fedpgen.shared.population import ensure_population
 
 
 def _pin_entropy(monkeypatch) -> None:
     """DP noise and Poisson sampling draw from os.urandom: pinned, two runs draw the same."""
-    monkeypatch.setattr("shared.privacy.mechanism.os.urandom", lambda n: b"\x2a" * n)
+    monkeypatch.setattr("fedpgen.shared.privacy.mechanism.os.urandom", lambda n: b"\x2a" * n)
 
 
 def _fit(device: Device, theta: list[np.ndarray]) -> tuple[list[np.ndarray], dict[str, torch.Tensor]]:

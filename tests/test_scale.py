@@ -16,9 +16,9 @@ from flwr.server.client_manager import SimpleClientManager
 
 from fedpgen.simulate import backend_config
 from fedpgen.simulation_engine import add_messages_to_queue, population_independent_poll
-from server.aggregation import RoundFailedError
-from server.results import RunRecorder
-from server.strategy import SharedDeltaStrategy
+from fedpgen.server.aggregation import RoundFailedError
+from fedpgen.server.results import RunRecorder
+from fedpgen.server.strategy import SharedDeltaStrategy
 
 NAMES = ("w",)
 
@@ -133,8 +133,8 @@ def test_a_gpu_share_without_a_gpu_is_a_clear_error_before_ray_starts(make_cfg) 
 
 def test_a_device_finds_its_folder_without_listing_the_population_per_message(make_cfg, monkeypatch) -> None:
     # Prepare: a materialized population; count the listings of its folder
-    from client import node
-    from shared.population import ensure_population, population_dir
+    from fedpgen.client import node
+    from fedpgen.shared.population import ensure_population, population_dir
 
     cfg = make_cfg(num_users=3)
     users = ensure_population(cfg)

@@ -7,10 +7,10 @@ from pathlib import Path
 
 import pytest
 
-from client.device import Device
-from shared.population import ensure_population
-from shared.presets import PERSONAL_AFTER, PRESETS, SHARED_ALONE
-from shared.privacy.ledger import PrivacyLedger
+from fedpgen.client.device import Device
+from fedpgen.shared.population import ensure_population
+from fedpgen.shared.presets import PERSONAL_AFTER, PRESETS, SHARED_ALONE
+from fedpgen.shared.privacy.ledger import PrivacyLedger
 
 
 def one_private_round(cfg, tmp_path: Path) -> tuple[int, int]:  # type: ignore[no-untyped-def]

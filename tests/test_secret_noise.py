@@ -6,8 +6,8 @@ from pathlib import Path
 
 import numpy as np
 
-from client.device import Device
-from shared.population import ensure_population
+from fedpgen.client.device import Device
+from fedpgen.shared.population import ensure_population
 
 
 def _delta(cfg, user: Path, state: Path) -> list[np.ndarray]:
@@ -31,7 +31,7 @@ def test_finding1_dp_randomness_comes_only_from_os_entropy(make_cfg, tmp_path: P
     # old source of the noise, together with the run seed and folder name); OS entropy is pinned
     cfg = make_cfg(local_steps=2, personal_max_steps=0)
     user = ensure_population(cfg)[0]
-    monkeypatch.setattr("shared.privacy.mechanism.os.urandom", lambda n: b"\x2a" * n)
+    monkeypatch.setattr("fedpgen.shared.privacy.mechanism.os.urandom", lambda n: b"\x2a" * n)
     a = Device(cfg, user_dir=user, state_dir=tmp_path / "a")
     b = Device(cfg, user_dir=user, state_dir=tmp_path / "b")
     # Execute: both train from the same shared base

@@ -17,12 +17,12 @@ from flwr.common.secure_aggregation.secaggplus_constants import RECORD_KEY_CONFI
 from flwr.compat.common import recorddict_compat as compat
 
 from fedpgen.simulate import simulate
-from server import checkpoint
-from server.strategy import RoundFailedError
-from shared.adapters import get_arrays
-from shared.config import RunConfig
-from shared.model import build_model
-from shared.privacy.ledger import PrivacyLedger
+from fedpgen.server import checkpoint
+from fedpgen.server.strategy import RoundFailedError
+from fedpgen.shared.adapters import get_arrays
+from fedpgen.shared.config import RunConfig
+from fedpgen.shared.model import build_model
+from fedpgen.shared.privacy.ledger import PrivacyLedger
 
 from conftest import error_bound, watch_pulled_messages
 
@@ -157,9 +157,9 @@ def test_too_many_dropouts_fail_loudly_instead_of_keeping_the_old_base(make_cfg,
 
 
 def test_devices_out_of_budget_refuse_inside_secagg_and_training_stops_cleanly(make_cfg, tmp_path: Path) -> None:
-    from client.device import Device
-    from shared.population import ensure_population
-    from shared.privacy.accounting import epsilon, poisson_sample_rate
+    from fedpgen.client.device import Device
+    from fedpgen.shared.population import ensure_population
+    from fedpgen.shared.privacy.accounting import epsilon, poisson_sample_rate
 
     probe = make_cfg(run_dir=str(tmp_path / "run"))
     rates = [poisson_sample_rate(Device(probe, user_dir=u, state_dir=tmp_path / "probe" / u.name).data.num_train, 8)

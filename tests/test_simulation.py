@@ -20,12 +20,12 @@ from flwr.compat.common import recorddict_compat as compat
 from conftest import TASK_CASES, watch_pulled_messages
 from fedpgen.generate import generate
 from fedpgen.simulate import simulate
-from server.results import read_jsonl
-from shared.model import build_model
-from shared.privacy.ledger import PrivacyLedger
-from shared.tasks import NoUsableDataError
-from shared.store import DeviceStore
-from shared.wire import FIT_METRICS, eval_metrics
+from fedpgen.server.results import read_jsonl
+from fedpgen.shared.model import build_model
+from fedpgen.shared.privacy.ledger import PrivacyLedger
+from fedpgen.shared.tasks import NoUsableDataError
+from fedpgen.shared.store import DeviceStore
+from fedpgen.shared.wire import FIT_METRICS, eval_metrics
 
 pytestmark = pytest.mark.slow
 
@@ -157,8 +157,8 @@ def test_image_photos_never_reach_the_server(make_cfg, tmp_path: Path, captured:
     # Prepare: three users whose photos carry a unique pixel pattern; one more with no usable photo
     from PIL import Image
 
-    from shared.data import procedural_faces as faces
-    from shared.tasks.image import PIXELS, pack
+    from fedpgen.shared.data import procedural_faces as faces
+    from fedpgen.shared.tasks.image import PIXELS, pack
 
     cfg = make_cfg(task="image", data="dir", data_dir=str(tmp_path / "users"), num_server_rounds=1,
                    min_fit_clients=3, local_steps=2, personal_max_steps=2, heldout_fraction=0.25, val_fraction=0.0,

@@ -10,14 +10,14 @@ import pytest
 import torch
 from flwr.common import Code, FitIns, ndarrays_to_parameters
 
-from client.app import DeviceClient
-from client.device import Device, verify_state
-from client.node import NodeSettings
-from shared.population import ensure_population
-from shared.privacy.ledger import PrivacyEvent, PrivacyLedger
-from shared.sealing import Sealer, TamperedStateError, load_or_create_key
-from shared.store import PASSPHRASE_ENV, DeviceStore
-from shared.wire import STATE_TAMPERED
+from fedpgen.client.app import DeviceClient
+from fedpgen.client.device import Device, verify_state
+from fedpgen.client.node import NodeSettings
+from fedpgen.shared.population import ensure_population
+from fedpgen.shared.privacy.ledger import PrivacyEvent, PrivacyLedger
+from fedpgen.shared.sealing import Sealer, TamperedStateError, load_or_create_key
+from fedpgen.shared.store import PASSPHRASE_ENV, DeviceStore
+from fedpgen.shared.wire import STATE_TAMPERED
 
 
 def trained_device(make_cfg, state: Path) -> Device:  # type: ignore[no-untyped-def]

@@ -29,5 +29,5 @@ def test_the_client_app_only_packs_and_unpacks() -> None:
     # No store, ledger, sealing or training in client/app.py: those are the device's (client/device.py)
     tree = ast.parse((ROOT / "client" / "app.py").read_text(encoding="utf-8"))
     imported = {n.module for n in ast.walk(tree) if isinstance(n, ast.ImportFrom) and n.module}
-    assert not imported & {"shared.store", "shared.privacy.ledger", "shared.privacy.plan", "shared.sealing",
-                           "shared.locking", "shared.training"}
+    assert not imported & {"fedpgen.shared.store", "fedpgen.shared.privacy.ledger", "fedpgen.shared.privacy.plan", "fedpgen.shared.sealing",
+                           "fedpgen.shared.locking", "fedpgen.shared.training"}

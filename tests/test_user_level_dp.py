@@ -19,11 +19,11 @@ import pytest
 from flwr.common import Code, FitRes, Status, ndarrays_to_parameters, parameters_to_ndarrays
 from flwr.server.client_manager import SimpleClientManager
 
-from server.results import RunRecorder, read_jsonl
-from server.strategy import SharedDeltaStrategy
-from shared.config import RunConfig
-from shared.privacy.user_level import add_noise_share, clip_delta, user_epsilon, user_level_mean
-from shared.wire import keys_digest
+from fedpgen.server.results import RunRecorder, read_jsonl
+from fedpgen.server.strategy import SharedDeltaStrategy
+from fedpgen.shared.config import RunConfig
+from fedpgen.shared.privacy.user_level import add_noise_share, clip_delta, user_epsilon, user_level_mean
+from fedpgen.shared.wire import keys_digest
 
 from conftest import Proxy, device, error_bound, secagg_mean
 

@@ -18,11 +18,11 @@ from flwr.compat.common import recorddict_compat as compat
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from server.results import RunRecorder
-from server.secure_aggregation import check_masked_reply
-from server.strategy import RoundFailedError, SharedDeltaStrategy
-from shared.config import RunConfig
-from shared.wire import FIT_SCHEMA, check_metrics, check_update, keys_digest
+from fedpgen.server.results import RunRecorder
+from fedpgen.server.secure_aggregation import check_masked_reply
+from fedpgen.server.strategy import RoundFailedError, SharedDeltaStrategy
+from fedpgen.shared.config import RunConfig
+from fedpgen.shared.wire import FIT_SCHEMA, check_metrics, check_update, keys_digest
 
 NAMES = ("a.lora_A.shared.weight", "a.lora_B.shared.weight")
 SHAPES = [(2, 3), (3,)]

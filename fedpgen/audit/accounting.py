@@ -25,7 +25,7 @@ from typing import Any
 
 import dp_accounting
 
-from shared.privacy.accounting import History, compose, epsilon
+from fedpgen.shared.privacy.accounting import History, compose, epsilon
 
 SAME, PLD_REL, PLD_ABS, RDP_SLACK = 1e-6, 0.03, 0.02, 0.01
 
@@ -90,9 +90,9 @@ def _history_of(events: list[Any]) -> list[History]:
 def audit_device(state_dir: Path, *, cfg: dict[str, Any], key_file: Path | None = None,
                  server_rows: list[dict[str, Any]] | None = None) -> list[Check]:
     """Every check on one device's sealed state; ``server_rows``: its rows of ``client_rounds.jsonl``."""
-    from shared.privacy.ledger import PrivacyLedger
-    from shared.sealing import TamperedStateError
-    from shared.store import DeviceStore, device_sealer
+    from fedpgen.shared.privacy.ledger import PrivacyLedger
+    from fedpgen.shared.sealing import TamperedStateError
+    from fedpgen.shared.store import DeviceStore, device_sealer
 
     subject = Path(state_dir).name
     try:

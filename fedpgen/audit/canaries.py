@@ -152,7 +152,7 @@ def load(run_dir: Path) -> Planted | None:
 
 def records(texts: Sequence[str], *, profile: dict[str, str], tokenizer: Any, seq_len: int) -> torch.Tensor:
     """Each text as the text task makes one record of it: profile prefix, the text, padding."""
-    from shared.tasks.text import profile_prefix
+    from fedpgen.shared.tasks.text import profile_prefix
 
     prefix, _ = profile_prefix(tokenizer, profile, seq_len)
     rows = []

@@ -103,7 +103,7 @@ def view_attack(observer: Any, view: str, *, epsilon: float, delta: float) -> Me
     """Members: every user's training records; non-members: their held-out records, scored by
     one view of :class:`fedpgen.audit.views.Observer` (only users the view says anything about)."""
     from fedpgen.audit.views import VIEWS
-    from shared.tasks import NoUsableDataError
+    from fedpgen.shared.tasks import NoUsableDataError
 
     members, nonmembers = [], []
     for user in observer.participants(view):

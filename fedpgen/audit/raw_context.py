@@ -22,14 +22,14 @@ from typing import Any
 
 import numpy as np
 
-from shared.config import RunConfig
-from shared.data.behavior_log import CATALOG_FILE, LOG_FILE, LOG_MAX_BYTES, read_catalog, read_log
-from shared.data.photos import EXTENSIONS, load_photo
-from shared.data.procedural_faces import SIZE as PHOTO_SIZE
-from shared.data.safe_read import PHOTO_MAX_BYTES, UserBudget, list_folder, read_file
-from shared.data.user_folder import read_documents, read_profile
-from shared.sealing import TamperedStateError
-from shared.store import DeviceStore, device_sealer
+from fedpgen.shared.config import RunConfig
+from fedpgen.shared.data.behavior_log import CATALOG_FILE, LOG_FILE, LOG_MAX_BYTES, read_catalog, read_log
+from fedpgen.shared.data.photos import EXTENSIONS, load_photo
+from fedpgen.shared.data.procedural_faces import SIZE as PHOTO_SIZE
+from fedpgen.shared.data.safe_read import PHOTO_MAX_BYTES, UserBudget, list_folder, read_file
+from fedpgen.shared.data.user_folder import read_documents, read_profile
+from fedpgen.shared.sealing import TamperedStateError
+from fedpgen.shared.store import DeviceStore, device_sealer
 
 MIN_BYTES = 6  # a random 6-byte pattern turns up by chance once in ~10^14 bytes
 MIN_DISTINCT = 4  # distinct byte values a needle needs
@@ -107,7 +107,7 @@ def _documents(src: Sources, user_dir: Path, cfg: RunConfig, cap: int) -> None:
     texts, _ = read_documents(user_dir)
     encoded = [t.encode("utf-8") for t in texts]
     if cfg.task == "text" and cfg.base_model:
-        from shared.tasks.text_tokenizer import load_tokenizer
+        from fedpgen.shared.tasks.text_tokenizer import load_tokenizer
 
         encode = load_tokenizer(Path(cfg.base_model).expanduser()).encode
     else:  # the project's byte-level tokenizer: a token id is a UTF-8 byte
@@ -132,8 +132,8 @@ def _behavior(src: Sources, user_dir: Path, cfg: RunConfig, cap: int) -> None:
         src.add("behavior", raw[o : o + WINDOW], f"{LOG_FILE} bytes {o}-{o + WINDOW}")
     if cfg.task != "behavior":
         return  # item -> token ids come with the behavior base model
-    from shared.tasks import get_task
-    from shared.tasks.behavior import load_layout
+    from fedpgen.shared.tasks import get_task
+    from fedpgen.shared.tasks.behavior import load_layout
 
     try:
         base = get_task("behavior").base_model_path(cfg)

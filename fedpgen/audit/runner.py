@@ -35,14 +35,14 @@ class AuditResult:
 
 
 def _read_jsonl(path: Path) -> list[dict[str, Any]]:
-    from server.results import read_jsonl
+    from fedpgen.server.results import read_jsonl
 
     return read_jsonl(path)
 
 
 def _client_indices(run_dir: Path, cfg: dict[str, Any]) -> dict[str, int]:
     """Simulation: user folder name -> partition id (the sorted order ``fedpgen simulate`` uses)."""
-    from shared.data.user_folder import list_user_dirs
+    from fedpgen.shared.data.user_folder import list_user_dirs
 
     folder = Path(cfg["data-dir"]).expanduser() if cfg.get("data") == "dir" else run_dir / "users"
     try:
@@ -97,7 +97,7 @@ def _attacks(run_dir: Path, cfg_dict: dict[str, Any], result: AuditResult, attac
     """Membership inference under every view, and the planted canaries (exposure, one-run bounds)."""
     from fedpgen.audit import canaries
     from fedpgen.audit.views import VIEWS, Observer
-    from shared.config import RunConfig
+    from fedpgen.shared.config import RunConfig
 
     mia_name, canary_name = "membership inference within the DP bound", "one-run lower bound within the claim"
     cfg = RunConfig.from_mapping(cfg_dict)
@@ -191,8 +191,8 @@ def _accounting(run_dir: Path, cfg: dict[str, Any], rows: list[dict[str, Any]], 
         checks += audit_device(state, cfg=cfg, key_file=key_file, server_rows=mine)
         if client is not None:
             try:
-                from shared.privacy.ledger import PrivacyLedger
-                from shared.store import device_sealer
+                from fedpgen.shared.privacy.ledger import PrivacyLedger
+                from fedpgen.shared.store import device_sealer
 
                 ledger = PrivacyLedger(state, device_sealer(state, key_file, create=False))
                 ledger_eps[client] = [e.epsilon for e in ledger.events()]
@@ -211,8 +211,8 @@ def _accounting(run_dir: Path, cfg: dict[str, Any], rows: list[dict[str, Any]], 
 def _plans(cfg: dict[str, Any], rows: list[dict[str, Any]], devices: list[Path],
            key_file: Path | None) -> set[tuple[float, float, float, int]]:
     """Distinct (σ, C, q, total DP steps) the devices ran: from their ledgers, else the server's rows."""
-    from shared.privacy.ledger import PrivacyLedger
-    from shared.store import device_sealer
+    from fedpgen.shared.privacy.ledger import PrivacyLedger
+    from fedpgen.shared.store import device_sealer
 
     plans = set()
     for state in devices:

@@ -45,11 +45,11 @@ class Observer:
     def __init__(self, run_dir: Path, cfg: Any) -> None:
         from safetensors.numpy import load as st_load
 
-        from server.results import read_jsonl
-        from shared.adapters import get_arrays
-        from shared.data.user_folder import list_user_dirs
-        from shared.model import build_model
-        from shared.population import population_dir
+        from fedpgen.server.results import read_jsonl
+        from fedpgen.shared.adapters import get_arrays
+        from fedpgen.shared.data.user_folder import list_user_dirs
+        from fedpgen.shared.model import build_model
+        from fedpgen.shared.population import population_dir
 
         self.run_dir, self.cfg = Path(run_dir), cfg
         self.built = build_model(cfg)
@@ -84,7 +84,7 @@ class Observer:
     def _read_deltas(self, by_index: list[str]) -> tuple[dict[tuple[str, int], list[np.ndarray]], str]:
         """(user, round) -> the update the server received, from the server's transcript."""
         from fedpgen.audit.wire_scan import _content
-        from shared.wire_transcript import RUN_TRANSCRIPT_DIR, SERVER_STEM, UPLINK, read_transcript
+        from fedpgen.shared.wire_transcript import RUN_TRANSCRIPT_DIR, SERVER_STEM, UPLINK, read_transcript
 
         if self.cfg.secure_aggregation:
             return {}, "the server saw only masked vectors (SecAgg+): no device's own update to attack"
@@ -113,7 +113,7 @@ class Observer:
 
     def losses(self, theta: list[np.ndarray], records: torch.Tensor, key: tuple[Any, ...] | None = None) -> np.ndarray:
         from fedpgen.audit.membership import record_losses
-        from shared.adapters import active, set_arrays
+        from fedpgen.shared.adapters import active, set_arrays
 
         if key is not None and key in self._cache:
             return self._cache[key]
@@ -162,8 +162,8 @@ class Observer:
     def canary_records(self, user: str, texts: list[str]) -> torch.Tensor:
         """``texts`` as records of ``user`` (the text task's layout: profile prefix, text, padding)."""
         from fedpgen.audit.canaries import records
-        from shared.data.user_folder import read_profile
-        from shared.tasks.text_tokenizer import load_tokenizer
+        from fedpgen.shared.data.user_folder import read_profile
+        from fedpgen.shared.tasks.text_tokenizer import load_tokenizer
 
         profile, _ = read_profile(self.users[user])
         return records(texts, profile=profile, tokenizer=load_tokenizer(self.built.base_path), seq_len=self.cfg.seq_len)

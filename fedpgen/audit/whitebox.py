@@ -26,8 +26,8 @@ import numpy as np
 import torch
 
 from fedpgen.audit.one_run import Guesses, best_guesses, max_provable
-from shared.privacy.accounting import epsilon
-from shared.privacy.mechanism import RecordDP
+from fedpgen.shared.privacy.accounting import epsilon
+from fedpgen.shared.privacy.mechanism import RecordDP
 
 MechanismFactory = Callable[..., RecordDP]
 

@@ -40,12 +40,12 @@ from flwr.proto.recorddict_pb2 import RecordDict as ProtoRecordDict
 
 from fedpgen.audit import wire_schema
 from fedpgen.audit.raw_context import Needle, NeedleIndex, Sources, personal_needles, user_needles
-from shared.wire_transcript import (DEVICE_TRANSCRIPT_DIR, DOWNLINK, RUN_TRANSCRIPT_DIR, WireEntry,
+from fedpgen.shared.wire_transcript import (DEVICE_TRANSCRIPT_DIR, DOWNLINK, RUN_TRANSCRIPT_DIR, WireEntry,
                                       find_transcripts, read_transcript)
-from shared.adapters import ParamSets
-from shared.config import RunConfig
-from shared.tasks import TASKS
-from shared.wire import eval_schema
+from fedpgen.shared.adapters import ParamSets
+from fedpgen.shared.config import RunConfig
+from fedpgen.shared.tasks import TASKS
+from fedpgen.shared.wire import eval_schema
 
 log = logging.getLogger(__name__)
 
@@ -309,7 +309,7 @@ def scan_transcripts(paths: Sequence[Path], cfg: RunConfig, *, users: Mapping[st
 
 def _model_sets(cfg: RunConfig) -> tuple[ParamSets | None, list[list[int]] | None, str]:
     try:
-        from shared.model import build_model
+        from fedpgen.shared.model import build_model
 
         built = build_model(cfg)
     except Exception as exc:  # a missing or unreadable base model: the checks that need it say so
@@ -374,8 +374,8 @@ def scan_run(run_dir: Path, *, users: Mapping[str, Path] | None = None, devices:
 
 
 def _simulated_users(cfg: RunConfig) -> tuple[dict[str, Path], str]:
-    from shared.data.user_folder import list_user_dirs
-    from shared.population import population_dir
+    from fedpgen.shared.data.user_folder import list_user_dirs
+    from fedpgen.shared.population import population_dir
 
     try:
         return {p.name: p for p in list_user_dirs(population_dir(cfg))}, ""
@@ -421,7 +421,7 @@ def audit_wire(run_dir: Path, *, cfg: Mapping[str, Any] | None = None, devices: 
     keys = {name: Path(key_file) for name in states} if key_file and states else None
     users = None
     if users_dir is not None:
-        from shared.data.user_folder import list_user_dirs
+        from fedpgen.shared.data.user_folder import list_user_dirs
 
         users = {p.name: p for p in list_user_dirs(Path(users_dir))}
     scan = scan_run(Path(run_dir), users=users, devices=states, key_files=keys)

@@ -15,8 +15,8 @@ from flwr.app import ArrayRecord, ConfigRecord, RecordDict
 from flwr.common.secure_aggregation.secaggplus_constants import RECORD_KEY_CONFIGS, Key, Stage
 from flwr.compat.common.recorddict_compat import EMPTY_TENSOR_KEY
 
-from shared.wire_transcript import DOWNLINK, UPLINK, describe_records
-from shared.wire import DOWNLINK_CONFIG, FIT_SCHEMA, REFUSALS, Field
+from fedpgen.shared.wire_transcript import DOWNLINK, UPLINK, describe_records
+from fedpgen.shared.wire import DOWNLINK_CONFIG, FIT_SCHEMA, REFUSALS, Field
 
 CHECKS = ("records", "downlink-config", "uplink-metrics", "status", "arrays")
 MESSAGE_TYPES = frozenset({"train", "evaluate"})

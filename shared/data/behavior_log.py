@@ -21,7 +21,7 @@ import os
 from pathlib import Path
 from typing import Any
 
-from shared.data.safe_read import LOG_MAX_BYTES, UserBudget, count, loads_strict, read_file
+from fedpgen.shared.data.safe_read import LOG_MAX_BYTES, UserBudget, count, loads_strict, read_file
 
 log = logging.getLogger(__name__)
 

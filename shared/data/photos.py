@@ -21,7 +21,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from shared.data.safe_read import PHOTO_MAX_BYTES, UserBudget, count, list_folder, read_file
+from fedpgen.shared.data.safe_read import PHOTO_MAX_BYTES, UserBudget, count, list_folder, read_file
 
 log = logging.getLogger(__name__)
 

@@ -14,7 +14,7 @@ import math
 import os
 from pathlib import Path
 
-from shared.data.safe_read import (DOCUMENT_MAX_BYTES, PROFILE_MAX_BYTES, UserBudget, count, list_folder,
+from fedpgen.shared.data.safe_read import (DOCUMENT_MAX_BYTES, PROFILE_MAX_BYTES, UserBudget, count, list_folder,
                                    loads_strict, read_file)
 
 log = logging.getLogger(__name__)

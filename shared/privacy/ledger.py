@@ -17,9 +17,9 @@ import json
 import os
 from typing import Any
 
-from shared.privacy.accounting import History, compose
-from shared.sealing import TamperedStateError
-from shared.store import SealedFiles
+from fedpgen.shared.privacy.accounting import History, compose
+from fedpgen.shared.sealing import TamperedStateError
+from fedpgen.shared.store import SealedFiles
 
 
 @dataclasses.dataclass(frozen=True)

@@ -23,7 +23,7 @@ import torch
 from opacus import PrivacyEngine
 from torch.utils.data import DataLoader, TensorDataset
 
-from shared.privacy.accounting import History, compose
+from fedpgen.shared.privacy.accounting import History, compose
 
 
 def micro_batches(batch: torch.Tensor, size: int) -> list[torch.Tensor]:

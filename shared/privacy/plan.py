@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import dataclasses
 
-from shared.config import RunConfig
-from shared.presets import Preset
-from shared.privacy.accounting import calibrate_sigma, compose, epsilon, poisson_sample_rate
-from shared.privacy.ledger import PrivacyLedger
+from fedpgen.shared.config import RunConfig
+from fedpgen.shared.presets import Preset
+from fedpgen.shared.privacy.accounting import calibrate_sigma, compose, epsilon, poisson_sample_rate
+from fedpgen.shared.privacy.ledger import PrivacyLedger
 
 
 class BudgetExhaustedError(RuntimeError):

@@ -13,7 +13,7 @@ import math
 
 import numpy as np
 
-from shared.privacy.accounting import epsilon
+from fedpgen.shared.privacy.accounting import epsilon
 
 
 def clip_delta(delta: list[np.ndarray], bound: float) -> list[np.ndarray]:

@@ -6,7 +6,7 @@ metadata (``shared/tasks/registry.py``) and ``get_task`` imports a task when it 
 
 from __future__ import annotations
 
-from shared.tasks.base import NoUsableDataError, Task, UserData
-from shared.tasks.registry import TASKS, TaskInfo, get_task, task_info
+from fedpgen.shared.tasks.base import NoUsableDataError, Task, UserData
+from fedpgen.shared.tasks.registry import TASKS, TaskInfo, get_task, task_info
 
 __all__ = ["TASKS", "NoUsableDataError", "Task", "TaskInfo", "UserData", "get_task", "task_info"]

@@ -11,12 +11,12 @@ import dataclasses
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, ClassVar
 
-from shared.tasks.registry import TASKS, TaskInfo
+from fedpgen.shared.tasks.registry import TASKS, TaskInfo
 
 if TYPE_CHECKING:
     import torch
 
-    from shared.config import RunConfig
+    from fedpgen.shared.config import RunConfig
 
 
 # LoRA targets by architecture, shared by every task built on these architectures:

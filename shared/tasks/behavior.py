@@ -29,16 +29,16 @@ import torch
 import torch.nn.functional as F
 from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
 
-from shared.data import synthetic_behavior as synth
-from shared.data.behavior_log import CATALOG_FILE, read_catalog, read_log, write_catalog, write_log
-from shared.data.safe_read import UserBudget
-from shared.data.user_folder import read_profile
-from shared.tasks.base import NoUsableDataError, Task, UserData
-from shared.tasks.cache import MARKER, ensure_built
-from shared.tasks.pretraining import pretrain_loop
+from fedpgen.shared.data import synthetic_behavior as synth
+from fedpgen.shared.data.behavior_log import CATALOG_FILE, read_catalog, read_log, write_catalog, write_log
+from fedpgen.shared.data.safe_read import UserBudget
+from fedpgen.shared.data.user_folder import read_profile
+from fedpgen.shared.tasks.base import NoUsableDataError, Task, UserData
+from fedpgen.shared.tasks.cache import MARKER, ensure_built
+from fedpgen.shared.tasks.pretraining import pretrain_loop
 
 if TYPE_CHECKING:
-    from shared.config import RunConfig
+    from fedpgen.shared.config import RunConfig
 
 log = logging.getLogger(__name__)
 

@@ -36,17 +36,17 @@ from diffusers import DDIMScheduler, UNet2DConditionModel
 from PIL import Image, ImageDraw
 from safetensors.torch import load_file
 
-from shared.data import procedural_faces as faces
-from shared.data.photos import read_photos, write_photos
-from shared.data.safe_read import UserBudget
-from shared.data.user_folder import read_profile
-from shared.tasks.base import NoUsableDataError, Task, UserData
-from shared.tasks.image_base import (cached_encoder_quality, ensure_encoder, ensure_unet, load_encoder, scheduler,
+from fedpgen.shared.data import procedural_faces as faces
+from fedpgen.shared.data.photos import read_photos, write_photos
+from fedpgen.shared.data.safe_read import UserBudget
+from fedpgen.shared.data.user_folder import read_profile
+from fedpgen.shared.tasks.base import NoUsableDataError, Task, UserData
+from fedpgen.shared.tasks.image_base import (cached_encoder_quality, ensure_encoder, ensure_unet, load_encoder, scheduler,
                                      to_tensor)
-from shared.tasks.image_model import ATTR_KEYS, ATTR_VOCAB, HEADS, NUM_SLOTS, FaceUNet, attribute_tokens
+from fedpgen.shared.tasks.image_model import ATTR_KEYS, ATTR_VOCAB, HEADS, NUM_SLOTS, FaceUNet, attribute_tokens
 
 if TYPE_CHECKING:
-    from shared.config import RunConfig
+    from fedpgen.shared.config import RunConfig
 
 PIXELS = 3 * faces.SIZE * faces.SIZE
 SAMPLES, SAMPLE_STEPS, REF_CHOICES = 8, 25, 10

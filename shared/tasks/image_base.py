@@ -22,10 +22,10 @@ import torch.nn.functional as F
 from diffusers import DDPMScheduler
 from safetensors.torch import load_file, save_file
 
-from shared.data import procedural_faces as faces
-from shared.tasks.cache import MARKER, cached_path, ensure_built
-from shared.tasks.pretraining import pretrain_loop
-from shared.tasks.image_model import ATTR_KEYS, HEADS, NUM_SLOTS, UNET, FaceUNet, IdentityEncoder, attribute_tokens
+from fedpgen.shared.data import procedural_faces as faces
+from fedpgen.shared.tasks.cache import MARKER, cached_path, ensure_built
+from fedpgen.shared.tasks.pretraining import pretrain_loop
+from fedpgen.shared.tasks.image_model import ATTR_KEYS, HEADS, NUM_SLOTS, UNET, FaceUNet, IdentityEncoder, attribute_tokens
 
 log = logging.getLogger(__name__)
 

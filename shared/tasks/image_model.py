@@ -19,7 +19,7 @@ import torch.nn.functional as F
 from diffusers import UNet2DConditionModel
 from torch import nn
 
-from shared.data.procedural_faces import HAIR, SIZE
+from fedpgen.shared.data.procedural_faces import HAIR, SIZE
 
 CONTEXT_DIM = 32
 NUM_SLOTS = 4

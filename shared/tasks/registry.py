@@ -16,7 +16,7 @@ from types import MappingProxyType
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
-    from shared.tasks.base import Task
+    from fedpgen.shared.tasks.base import Task
 
 
 @dataclasses.dataclass(frozen=True)
@@ -72,13 +72,13 @@ class TaskInfo:
 _ENTRIES = (
     TaskInfo(name="text", datasets=("shakespeare", "synthetic"), metric_names=("ppl", "acc"),
              primary="ppl", higher_is_better=False, primary_label="held-out perplexity",
-             target="shared.tasks.text:TextTask"),
+             target="fedpgen.shared.tasks.text:TextTask"),
     TaskInfo(name="behavior", datasets=("synthetic",), metric_names=("hr10", "ndcg10", "cov10", "nll"),
              primary="hr10", higher_is_better=True, primary_label="held-out HR@10",
-             target="shared.tasks.behavior:BehaviorTask"),
+             target="fedpgen.shared.tasks.behavior:BehaviorTask"),
     TaskInfo(name="image", datasets=("synthetic",), metric_names=("top1", "idsim", "align", "fd", "edit"),
              primary="top1", higher_is_better=True, primary_label="identification of generated samples (top-1 of 10)",
-             target="shared.tasks.image:ImageTask"),
+             target="fedpgen.shared.tasks.image:ImageTask"),
 )
 
 TASKS: Mapping[str, TaskInfo] = MappingProxyType({info.name: info for info in _ENTRIES})

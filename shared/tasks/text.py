@@ -20,15 +20,15 @@ import torch
 import torch.nn.functional as F
 from transformers import AutoModelForCausalLM
 
-from shared.data import shakespeare, synthetic_text
-from shared.data.safe_read import UserBudget
-from shared.data.user_folder import read_documents, read_profile, write_user
-from shared.tasks.base import NoUsableDataError, Task, UserData
-from shared.tasks.text_base import ensure_base
-from shared.tasks.text_tokenizer import Tokenizer, load_tokenizer
+from fedpgen.shared.data import shakespeare, synthetic_text
+from fedpgen.shared.data.safe_read import UserBudget
+from fedpgen.shared.data.user_folder import read_documents, read_profile, write_user
+from fedpgen.shared.tasks.base import NoUsableDataError, Task, UserData
+from fedpgen.shared.tasks.text_base import ensure_base
+from fedpgen.shared.tasks.text_tokenizer import Tokenizer, load_tokenizer
 
 if TYPE_CHECKING:
-    from shared.config import RunConfig
+    from fedpgen.shared.config import RunConfig
 
 _MIN_RECORD_TOKENS = 8
 EVAL_BATCH = 64

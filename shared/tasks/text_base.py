@@ -16,10 +16,10 @@ from pathlib import Path
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
-from shared.data import shakespeare
-from shared.tasks.cache import MARKER, ensure_built
-from shared.tasks.pretraining import pretrain_loop
-from shared.tasks.text_tokenizer import ByteTokenizer
+from fedpgen.shared.data import shakespeare
+from fedpgen.shared.tasks.cache import MARKER, ensure_built
+from fedpgen.shared.tasks.pretraining import pretrain_loop
+from fedpgen.shared.tasks.text_tokenizer import ByteTokenizer
 
 log = logging.getLogger(__name__)
 
