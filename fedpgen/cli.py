@@ -134,7 +134,7 @@ def plant_canaries(
 
 @cli.command()
 def summary(run_dir: Path) -> None:
-    """Print the results table of a finished run folder."""
+    """Print the results table of a finished run folder and (re)write its plots and report.html."""
     from fedpgen.server.summary import print_summary
 
     print_summary(run_dir, console=console)

@@ -4,7 +4,9 @@ federation gain (shared+personal vs local-only) and ε, per client and aggregate
 from __future__ import annotations
 
 import json
+import logging
 import statistics
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -13,8 +15,17 @@ from rich.table import Table
 
 from fedpgen.server.results import read_clients, read_config, read_jsonl
 from fedpgen.shared.config import RunConfig
+from fedpgen.shared.data.user_folder import list_user_dirs
 from fedpgen.shared.tasks import TASKS, TaskInfo, get_task
-from fedpgen.shared.wire import BUDGET_EXHAUSTED, NO_USABLE_DATA, REFUSALS, SKIP_REASONS, VARIANTS
+from fedpgen.shared.wire import (
+    BUDGET_EXHAUSTED,
+    NO_USABLE_DATA,
+    REFUSALS,
+    SKIP_REASONS,
+    VARIANTS,
+)
+
+log = logging.getLogger(__name__)
 
 
 def epsilon_by_client(run_dir: Path) -> dict[int, float]:
@@ -24,6 +35,30 @@ def epsilon_by_client(run_dir: Path) -> dict[int, float]:
         if "dp-epsilon" in row:
             out[int(row["client-index"])] = float(row["dp-epsilon"])
     return out
+
+
+def user_names(run_dir: Path) -> dict[int, str]:
+    """Each simulated user's name (its folder's name) by client index, as ``fedpgen simulate`` numbered them.
+
+    The population is listed again: ``<run-dir>/users`` for a built-in one, ``data-dir`` for
+    ``data = "dir"``. Empty when that folder is gone (a deployment has no client indices).
+    """
+    cfg = read_config(run_dir)
+    folder = Path(cfg.data_dir).expanduser() if cfg.data == "dir" else Path(run_dir) / "users"
+    try:
+        return {i: p.name for i, p in enumerate(list_user_dirs(folder))}
+    except (FileNotFoundError, ValueError) as exc:
+        log.info("user names unknown (%s): users are labelled by index", exc)
+        return {}
+
+
+def user_label(index: int, names: Mapping[int, str], row: Mapping[str, Any] | None = None) -> str:
+    """How a user is shown: its name, else its node id (deployment), else ``user <index>``."""
+    if index in names:
+        return names[index]
+    if index < 0 and row is not None and row.get("node-id") not in (None, ""):
+        return f"node {row['node-id']}"
+    return f"user {index}"
 
 
 def evaluated_variants(clients: list[dict[str, Any]], primary: str) -> list[str]:
@@ -143,8 +178,10 @@ def summarize(run_dir: Path) -> dict[str, Any]:
 
 
 def print_summary(run_dir: Path, names: dict[int, str] | None = None, console: Console | None = None) -> dict:
+    """Write ``summary.json``, print the results table, then write the plots and ``report.html``."""
     console = console or Console()
     summary = summarize(run_dir)
+    names = user_names(run_dir) if names is None else names
     task = TASKS[summary["task"]]
     p = task.primary
     direction = "higher" if task.higher_is_better else "lower"
@@ -156,7 +193,7 @@ def print_summary(run_dir: Path, names: dict[int, str] | None = None, console: C
     for col in ("client", *(titles[v] for v in variants), "pers. gain", *(("fed. gain",) if local else ()), "ε"):
         table.add_column(col, justify="right" if col != "client" else "left")
     for c in sorted(read_clients(run_dir), key=lambda r: r["client-index"]):
-        name = (names or {}).get(int(c["client-index"]), str(c["client-index"]))
+        name = user_label(int(c["client-index"]), names, c)
         fed = (_fmt_gain(task, _gain(task, c[f"local-{p}"], c[f"personal-{p}"])),) if local else ()
         table.add_row(name, *(f"{c[f'{v}-{p}']:.3f}" for v in variants),
                       _fmt_gain(task, _gain(task, c[f"shared-{p}"], c[f"personal-{p}"])), *fed,
@@ -192,4 +229,7 @@ def print_summary(run_dir: Path, names: dict[int, str] | None = None, console: C
         console.print(f"[{style}]{line}")
     if summary["ended-short"]:
         console.print(f"[bold red]{summary['ended-short']}")
+    from fedpgen.server.report import write_report  # it imports this module
+
+    console.print(f"report: {write_report(run_dir, summary=summary, names=names)}", highlight=False)
     return summary
