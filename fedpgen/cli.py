@@ -46,14 +46,21 @@ def simulate(
                                                        "HEAD_IP:PORT (docs/scale.md)")] = None,
     client_gpus: Annotated[Optional[float], typer.Option(help="GPU share per virtual device, e.g. 0.25")] = None,
     fresh: Annotated[bool, typer.Option(help="ignore checkpoints in run-dir and start over")] = False,
+    verbose: Annotated[bool, typer.Option("--verbose", "-v", help="show Flower's log lines instead of the "
+                                          "progress display (docs/monitoring.md)")] = False,
 ) -> None:
     """Simulate a federation on this machine (or a Ray cluster) and print the results table."""
+    from fedpgen.server.metrics_log import require_backend
+    from fedpgen.server.progress import configure_logging
     from fedpgen.simulate import simulate as run
+
+    configure_logging(verbose)
 
     flags = {"data-dir": data_dir, "data": "dir" if data_dir else None, "base-model": base_model,
              "num-users": num_users, "num-server-rounds": rounds, "preset": preset, "task": task, "run-dir": run_dir,
              "ray-address": ray_address, "client-gpus": client_gpus}
     cfg = RunConfig.from_mapping(_overrides(config, set_, flags))
+    require_backend(cfg.metrics_log)  # a missing tracking library stops here, before any pre-training
     summary = run(cfg, fresh=fresh, console=console)
     if summary["ended-short"] or summary["out-of-bounds-rounds"]:  # results exist, but not the run asked for
         raise typer.Exit(3)

@@ -10,6 +10,8 @@ from flwr.server import Grid
 from flwr.serverapp import ServerApp
 
 from fedpgen.server.federation import run_server
+from fedpgen.server.metrics_log import require_backend
+from fedpgen.server.progress import ensure_log_handler
 from fedpgen.shared.config import RunConfig
 
 
@@ -23,6 +25,8 @@ def build_app(overrides: Mapping[str, Any] | None = None, *, fail_short: bool = 
     @app.main()
     def main(grid: Grid, context: Context) -> None:
         cfg = RunConfig.from_mapping({**dict(context.run_config), **dict(overrides or {})})
+        require_backend(cfg.metrics_log)  # a missing fedpgen[tracking] fails here, before anything runs
+        ensure_log_handler()  # under `flwr run`: the progress lines reach Flower's log stream
         strategy = run_server(grid, context, cfg)
         if fail_short and (strategy.stopped or strategy.refused_rounds):
             raise RuntimeError(f"the run ended short of its plan: {strategy.stopped or ''} "

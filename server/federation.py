@@ -4,15 +4,14 @@ from __future__ import annotations
 
 import logging
 from pathlib import Path
-from typing import Any
 
 from flwr.app import Context
 from flwr.server import Grid, LegacyContext, ServerConfig
 from flwr.server.workflow import DefaultWorkflow
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
-from fedpgen.shared.wire_transcript import recording_grid
 from fedpgen.server import checkpoint
+from fedpgen.server.metrics_log import metrics_logging
+from fedpgen.server.progress import RoundProgress
 from fedpgen.server.results import RunRecorder
 from fedpgen.server.secure_aggregation import LoudSecAggPlus
 from fedpgen.server.strategy import SharedDeltaStrategy
@@ -20,6 +19,7 @@ from fedpgen.shared.adapters import get_arrays
 from fedpgen.shared.config import RunConfig
 from fedpgen.shared.locking import exclusive
 from fedpgen.shared.model import build_model
+from fedpgen.shared.wire_transcript import recording_grid
 
 log = logging.getLogger(__name__)
 
@@ -48,17 +48,12 @@ def _run(grid: Grid, context: Context, cfg: RunConfig) -> SharedDeltaStrategy:
     remaining = max(1, cfg.num_server_rounds - strategy.completed)
     legacy = LegacyContext(context=context, strategy=strategy,
                            config=ServerConfig(num_rounds=remaining, round_timeout=cfg.round_timeout or None))
-    columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
-    with Progress(*columns) as progress:
-        bar = progress.add_task("federated rounds", total=cfg.num_server_rounds, completed=strategy.completed)
-
-        def advance(row: dict[str, Any]) -> None:
-            progress.update(bar, completed=row["round"],
-                            description=f"round {row['round']}: max ε {row.get('epsilon-max', float('inf')):.2f}")
-
-        strategy.on_round_end = advance
+    with (RoundProgress(total_rounds=cfg.num_server_rounds, offset=strategy.completed) as progress,
+          metrics_logging(cfg, strategy)):  # docs/monitoring.md
+        strategy.on_round_end = progress.round_recorded
         fit_workflow = LoudSecAggPlus(cfg, strategy) if cfg.secure_aggregation else None
-        DefaultWorkflow(fit_workflow=fit_workflow)(recording_grid(grid, cfg), legacy)  # wire-transcript: audits
+        grid = recording_grid(progress.watch(grid), cfg)  # wire-transcript: audits
+        DefaultWorkflow(fit_workflow=fit_workflow)(grid, legacy)
     if not strategy.final_metrics:
         raise RuntimeError("the final evaluation returned no client metrics")
     return strategy

@@ -97,7 +97,8 @@ class SharedDeltaStrategy(Strategy):
         self.optimizer.load_state(opt_state)
         self.recorder = recorder
         self.final_metrics: list[dict[str, Scalar]] = []
-        self.on_round_end: Callable[[dict[str, Any]], None] = lambda row: None
+        self.on_round_end: Callable[[dict[str, Any]], None] = lambda row: None  # an aggregated round
+        self.on_round_row: Callable[[dict[str, Any]], None] = lambda row: None  # any row of rounds.jsonl
         self.refused: dict[int, str] = {}  # devices that refused, and why (shared.wire.REFUSALS)
         self.eval_schema = eval_schema(TASKS[cfg.task].metric_names)
         self.user_rounds = completed  # DP-FedAvg rounds so far (user-level accounting)
@@ -109,6 +110,11 @@ class SharedDeltaStrategy(Strategy):
         self._rejected_before_sum = 0
         self.refused_rounds: list[int] = []  # rounds whose updates were out of bounds: base kept, no checkpoint
         self._round_started = time.perf_counter()
+
+    def _write_round(self, row: dict[str, Any]) -> None:
+        """Record a row of ``rounds.jsonl`` and hand it to ``on_round_row`` (server/metrics_log.py)."""
+        self.recorder.round(row)
+        self.on_round_row(row)
 
     def absolute_round(self, server_round: int) -> int:
         return self.completed + server_round
@@ -134,7 +140,7 @@ class SharedDeltaStrategy(Strategy):
         """Stop training (the final evaluation still runs), and say so in the results."""
         self.stopped = f"round {r}: {why}"
         log.warning("%s", self.stopped)
-        self.recorder.round({"round": r, **self.refusal_counts(), "stopped": self.stopped})
+        self._write_round({"round": r, **self.refusal_counts(), "stopped": self.stopped})
 
     def wait_for_population(self, client_manager: ClientManager, *, poll: float = 1.0) -> int:
         """Before a round samples: wait until ``min-available-clients`` devices are registered
@@ -281,7 +287,7 @@ class SharedDeltaStrategy(Strategy):
                     if key in a.res.metrics and math.isfinite(float(a.res.metrics[key]))]
             if vals:
                 row[key] = sum(v * w for v, w in vals) / sum(w for _, w in vals)
-        self.recorder.round(row)
+        self._write_round(row)
         self.aggregated_rounds += 1
         self.on_round_end(row)
         log.info("round %d/%d: %d clients, %.1fs, max record-level ε so far %.2f", r, cfg.num_server_rounds,
@@ -318,7 +324,7 @@ class SharedDeltaStrategy(Strategy):
         """Keep the base as it was, write no checkpoint, record the refused round, go on."""
         log.error("round %d REFUSED, shared base unchanged: %s", r, why)
         self.refused_rounds.append(r)
-        self.recorder.round({"round": r, "out-of-bounds": why[:500], "seconds": time.perf_counter() - self._round_started})
+        self._write_round({"round": r, "out-of-bounds": why[:500], "seconds": time.perf_counter() - self._round_started})
         return ndarrays_to_parameters(self.theta), {}
 
     def configure_evaluate(self, server_round: int, parameters: Parameters,

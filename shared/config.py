@@ -26,7 +26,9 @@ PYPROJECT = Path(__file__).resolve().parent.parent / "pyproject.toml"
 # Keys that do not change what a checkpoint means: a run may resume with other values.
 _RESUMABLE_KEYS = frozenset({"num-server-rounds", "run-dir", "client-cpus", "client-gpus", "ray-address",
                              "threads-per-client", "round-timeout", "min-available-clients",
-                             "wire-transcript", "evaluation"})
+                             "wire-transcript", "evaluation", "metrics-log"})
+
+METRICS_LOGS = ("none", "tensorboard", "mlflow")  # metrics-log: where the server logs its per-round aggregates
 
 
 def default_config() -> dict[str, Any]:
@@ -114,6 +116,7 @@ class RunConfig:
     ray_address: str
     threads_per_client: int
     wire_transcript: bool
+    metrics_log: str
 
     def _need(self, ok: bool, key: str, why: str) -> None:
         if not ok:
@@ -165,6 +168,7 @@ class RunConfig:
              "'auto', HOST:PORT of a Ray head, or empty")
         need(self.threads_per_client >= 1, "threads-per-client", "must be >= 1")
         need(isinstance(self.wire_transcript, bool), "wire-transcript", "must be true or false")
+        need(self.metrics_log in METRICS_LOGS, "metrics-log", f"valid: {', '.join(METRICS_LOGS)}")
         self._check_privacy()
 
     def _check_privacy(self) -> None:
