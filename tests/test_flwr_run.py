@@ -1,0 +1,113 @@
+"""Flower's own CLI is a tested path: ``flwr run .`` with the smoke configuration, on a Flower home
+with nothing run before, no runtime dependency installation, the population built by the app
+itself and the run folder where the user ran the command (docs/flwr-run.md)."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+BIN = Path(sys.executable).parent
+# What `fedpgen simulate --config simulations/smoke.toml` writes into its run folder (README).
+SIMULATE_WRITES = {"config.json", "rounds.jsonl", "client_rounds.jsonl", "clients.csv", "summary.json",
+                   "rounds.png", "personalization.png", "privacy.png", "checkpoints", "users", "devices"}
+
+pytestmark = pytest.mark.slow
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _superlinks_of(flwr_home: Path) -> list[int]:
+    """PIDs of the local SuperLink that ``flwr run`` started for this Flower home (it logs there)."""
+    found = []
+    for proc in Path("/proc").iterdir():
+        try:
+            cmd = (proc / "cmdline").read_bytes().split(b"\0")
+        except (OSError, ValueError):
+            continue
+        if proc.name.isdigit() and any(b"flower-superlink" in c for c in cmd) and \
+                any(str(flwr_home).encode() in c for c in cmd):
+            found.append(int(proc.name))
+    return found
+
+
+@pytest.fixture
+def flower_env(tmp_path: Path) -> Iterator[dict[str, str]]:
+    """A Flower home with nothing in it, its own local-SuperLink ports, runtime installs off."""
+    home = tmp_path / "flwr-home"
+    env = {**os.environ, "FLWR_HOME": str(home), "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1",
+           "FLWR_LOCAL_SUPERLINK_HTTP_API_PORT": str(_free_port()),
+           "FLWR_LOCAL_CONTROL_API_PORT": str(_free_port()), "FLWR_DISABLE_UPDATE_CHECK": "1",
+           "PATH": f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}"}
+    yield env
+    for pid in _superlinks_of(home):  # `flwr run` leaves its local SuperLink running: stop what we started
+        try:
+            os.killpg(pid, signal.SIGTERM)  # started detached: its own process group (simulation included)
+        except ProcessLookupError:
+            pass
+    deadline = time.monotonic() + 30
+    while _superlinks_of(home) and time.monotonic() < deadline:
+        time.sleep(0.5)
+    assert not _superlinks_of(home), "the local SuperLink did not stop"
+
+
+def _flwr_run(env: dict[str, str], cwd: Path, *args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([str(BIN / "flwr"), "run", str(ROOT), *args, "--stream"], cwd=cwd, env=env,
+                          capture_output=True, text=True, timeout=900, check=False)
+
+
+def test_flwr_run_smoke_writes_the_run_folder_where_the_user_ran_it(tmp_path: Path,
+                                                                    flower_env: dict[str, str]) -> None:
+    # Prepare: a working folder that is not the project (relative paths resolve here)
+    work = tmp_path / "work"
+    work.mkdir()
+    # Execute
+    proc = _flwr_run(flower_env, work, "--run-config", str(ROOT / "simulations" / "smoke.toml"),
+                     "--federation-config", "num-supernodes=4")
+    out = proc.stdout + proc.stderr
+    check = subprocess.run([str(BIN / "fedpgen"), "summary", "runs/smoke"], cwd=work, env=flower_env,
+                           capture_output=True, text=True, timeout=300, check=False)
+    # Assert: the run folder of `fedpgen simulate`, in the user's folder, the run complete
+    assert proc.returncode == 0, out[-3000:]
+    run_dir = work / "runs" / "smoke"
+    assert SIMULATE_WRITES <= {p.name for p in run_dir.iterdir()}, out[-3000:]
+    assert sorted(p.name for p in (run_dir / "users").iterdir() if p.is_dir()) == \
+        [f"synthetic-{i:04d}" for i in range(4)], "the app did not build the smoke population"
+    assert [json.loads(line)["round"] for line in (run_dir / "rounds.jsonl").read_text().splitlines()] == [1, 2]
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert len(summary["epsilon-by-client"]) == 4 and max(summary["epsilon-by-client"].values()) <= 8.0
+    assert check.returncode == 0, check.stdout + check.stderr
+    assert "Installing application dependencies" not in out
+    assert not (Path(flower_env["FLWR_HOME"]) / "runtime-envs").exists(), "a runtime environment was created"
+    assert "DEPRECATED" not in out
+
+
+def test_a_failed_flwr_run_says_why_and_the_check_exits_non_zero(tmp_path: Path,
+                                                                 flower_env: dict[str, str]) -> None:
+    # Prepare: more users than virtual SuperNodes (one SuperNode per user)
+    work = tmp_path / "work"
+    work.mkdir()
+    # Execute
+    proc = _flwr_run(flower_env, work, "--run-config", str(ROOT / "simulations" / "smoke.toml"),
+                     "--federation-config", "num-supernodes=3")
+    check = subprocess.run([str(BIN / "fedpgen"), "summary", "runs/smoke"], cwd=work, env=flower_env,
+                           capture_output=True, text=True, timeout=300, check=False)
+    # Assert: Flower's CLI only starts the run (exit 0); the log says what to set; the check fails
+    out = proc.stdout + proc.stderr
+    assert "num-supernodes=4" in out, out[-3000:]
+    assert not (work / "runs" / "smoke" / "summary.json").exists()
+    assert check.returncode != 0 and "no per-client results" in check.stdout + check.stderr
