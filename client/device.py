@@ -208,8 +208,8 @@ class Device:
         cfg = self.cfg
         privacy, plan = self._privacy()
         if plan is not None:  # refuse before touching anything: never exceed a budget silently
-            plan.check_budget(self.ledger.history(), delta=cfg.dp_delta, accountant=cfg.dp_accountant,
-                              budget=cfg.dp_epsilon)
+            plan.check_budget(self.ledger.history(), spent=len(self.ledger.events()), delta=cfg.dp_delta,
+                              accountant=cfg.dp_accountant, budget=cfg.dp_epsilon)
         set_arrays(self.model, self.sets.send, shared)
         self.load_personal()
         # Validation losses are wire metrics only of runs that are not private: under DP they are not computed.

@@ -75,7 +75,7 @@ def refusal_of(res: FitRes) -> str:
 
 
 class _NotRefused(Criterion):
-    def __init__(self, refused: dict[int, str]) -> None:
+    def __init__(self, refused: set[int]) -> None:
         self.refused = refused
 
     def select(self, client: ClientProxy) -> bool:
@@ -100,6 +100,7 @@ class SharedDeltaStrategy(Strategy):
         self.on_round_end: Callable[[dict[str, Any]], None] = lambda row: None  # an aggregated round
         self.on_round_row: Callable[[dict[str, Any]], None] = lambda row: None  # any row of rounds.jsonl
         self.refused: dict[int, str] = {}  # devices that refused, and why (shared.wire.REFUSALS)
+        self.times_sampled: dict[int, int] = {}  # per node, this server process (dp-max-participations)
         self.eval_schema = eval_schema(TASKS[cfg.task].metric_names)
         self.user_rounds = completed  # DP-FedAvg rounds so far (user-level accounting)
         self.configured_rounds = self.aggregated_rounds = self.last_configured_round = 0  # loud-failure checks
@@ -136,6 +137,14 @@ class SharedDeltaStrategy(Strategy):
     def _refusal_text(self) -> str:
         return ", ".join(f"{n} {REFUSAL_MEANING[why]}" for why, n in self.refusal_counts().items() if n)
 
+    def capped(self) -> set[int]:
+        """Devices sampled ``dp-max-participations`` times: they would refuse (a device spends its
+        budget when sampled, even if its update is then lost), so they are not sampled again.
+        Under SecAgg+ a refusal is a dropout, and too many of them halt the round. The device
+        enforces its cap itself (across server restarts too); this only avoids asking."""
+        cap = self.cfg.dp_max_participations if self.cfg.record_dp else 0
+        return {node for node, k in self.times_sampled.items() if cap and k >= cap}
+
     def stop(self, r: int, why: str) -> None:
         """Stop training (the final evaluation still runs), and say so in the results."""
         self.stopped = f"round {r}: {why}"
@@ -171,15 +180,19 @@ class SharedDeltaStrategy(Strategy):
         if self.stopped:
             return []
         total = self.wait_for_population(client_manager)
-        available = total - len(self.refused)
+        excluded = set(self.refused) | self.capped()
+        available = total - len(excluded)
         n = max(self.cfg.min_fit_clients, math.ceil(self.cfg.fraction_fit * available))
-        if self.refused and n > available:
+        if excluded and n > available:
             self.stop(r, f"training stopped: {len(self.refused)} of {total} devices refused "
-                         f"({self._refusal_text()}); {available} left < {n} needed")
+                         f"({self._refusal_text()}), {len(self.capped())} reached dp-max-participations; "
+                         f"{available} left < {n} needed")
             return []
         if n > available:
             raise RoundFailedError(f"round {r}: {available} clients available, need {n} (min-fit-clients)")
-        clients = client_manager.sample(num_clients=n, min_num_clients=n, criterion=_NotRefused(self.refused))
+        clients = client_manager.sample(num_clients=n, min_num_clients=n, criterion=_NotRefused(excluded))
+        for c in clients:
+            self.times_sampled[c.node_id] = self.times_sampled.get(c.node_id, 0) + 1
         self._round_started = time.perf_counter()
         self._sampled, self._population = len(clients), total
         self.configured_rounds += 1
@@ -335,7 +348,7 @@ class SharedDeltaStrategy(Strategy):
         skip = {n: why for n, why in self.refused.items() if why != BUDGET_EXHAUSTED}
         available = client_manager.num_available() - len(skip)
         n = max(1, math.ceil(self.cfg.eval_fraction * available))
-        clients = client_manager.sample(num_clients=n, min_num_clients=n, criterion=_NotRefused(skip))
+        clients = client_manager.sample(num_clients=n, min_num_clients=n, criterion=_NotRefused(set(skip)))
         ins = EvaluateIns(ndarrays_to_parameters(self.theta), {"server-round": self.cfg.num_server_rounds,
                                                               "final": True})
         return [(c, ins) for c in clients]

@@ -101,6 +101,7 @@ class RunConfig:
     dp_noise_multiplier: float
     dp_clip: float
     dp_accountant: str
+    dp_max_participations: int
     user_dp: str
     user_clip: float
     user_noise_multiplier: float
@@ -180,6 +181,7 @@ class RunConfig:
         need(self.dp_noise_multiplier >= 0.0, "dp-noise-multiplier", "must be >= 0")
         need(self.dp_clip > 0.0, "dp-clip", "must be > 0")
         need(self.dp_accountant in {"prv", "rdp"}, "dp-accountant", "valid: prv, rdp")
+        need(self.dp_max_participations >= 0, "dp-max-participations", "must be >= 0 (0 = every round)")
         need(self.user_dp in {"off", "central", "distributed"}, "user-dp", "valid: off, central, distributed")
         need(self.user_clip > 0.0, "user-clip", "must be > 0")
         need(self.user_noise_multiplier >= 0.0, "user-noise-multiplier", "must be >= 0")
@@ -221,6 +223,12 @@ class RunConfig:
     def to_toml_dict(self) -> dict[str, Any]:
         """Return the settings under their TOML key names (Flower's run-config form)."""
         return {k.replace("_", "-"): v for k, v in dataclasses.asdict(self).items()}
+
+    @property
+    def planned_participations(self) -> int:
+        """Rounds a device may train in: what its σ is planned for (``dp-max-participations``)."""
+        cap = self.dp_max_participations
+        return min(cap, self.num_server_rounds) if cap else self.num_server_rounds
 
     @property
     def record_dp(self) -> bool:

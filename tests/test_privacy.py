@@ -190,3 +190,55 @@ def test_sigma_zero_is_labelled_not_private(make_cfg) -> None:
     _, _, metrics = d.fit(d.init_send, server_round=1)
     assert math.isinf(metrics["dp-epsilon"]) and metrics["dp-accountant"] == "none"
     assert d.ledger.events()[-1].private is False
+
+
+def test_a_participation_cap_plans_sigma_for_the_cap_and_the_device_refuses_past_it(make_cfg) -> None:
+    # Prepare: 10 rounds, a device that may train in at most 2 of them (sampled rarely)
+    cfg = make_cfg(local_steps=4, num_server_rounds=10, dp_max_participations=2)
+    every_round = make_cfg(local_steps=4, num_server_rounds=10)
+    d = device(cfg)
+    q = poisson_sample_rate(d.data.num_train, cfg.batch_size)
+    # Execute: train until the device refuses
+    spent = []
+    with pytest.raises(BudgetExhaustedError, match="participation cap reached: trained 2 of at most 2"):
+        for r in (1, 5, 9):  # rounds it happens to be sampled in
+            _, _, m = d.fit(d.init_send, server_round=r)
+            spent.append(m)
+    # Assert: σ is the one for 2 × 4 steps (not 10 × 4), its whole budget is spent in those 2, and
+    # the uncapped device's σ is larger (it pays for 10 participations it may never make)
+    sigma = spent[0]["dp-sigma"]
+    assert [m["dp-steps"] for m in spent] == [4, 4] and len(d.ledger.events()) == 2
+    assert epsilon([(sigma, q, 8)], delta=cfg.dp_delta, accountant="prv") == pytest.approx(cfg.dp_epsilon, rel=1e-2)
+    assert spent[-1]["dp-epsilon"] <= cfg.dp_epsilon * 1.0001
+    uncapped = device(every_round, state=d.store.dir.parent / "uncapped")
+    _, _, m = uncapped.fit(uncapped.init_send, server_round=1)
+    assert m["dp-sigma"] > sigma * 1.3
+    # The cheap pre-round check refuses too, and the cap cannot change mid-run
+    from fedpgen.client.device import preflight
+    from fedpgen.shared.population import ensure_population
+    with pytest.raises(BudgetExhaustedError, match="participation cap"):
+        preflight(cfg, user_dir=ensure_population(cfg)[0], state_dir=d.store.dir)
+    raised = device(make_cfg(local_steps=4, num_server_rounds=10, dp_max_participations=3))
+    with pytest.raises(ValueError, match="'dp-max-participations'.*cannot change mid-run"):
+        raised.fit(raised.init_send, server_round=10)
+
+
+def test_a_negative_participation_cap_names_the_field() -> None:
+    with pytest.raises(ValueError, match="'dp-max-participations'"):
+        RunConfig.from_mapping({"dp-max-participations": -1})
+
+
+def test_the_server_never_samples_a_device_past_its_participation_cap(make_cfg, tmp_path: Path) -> None:
+    # Prepare: 6 devices, 3 sampled per round, at most 2 participations each: 12 participations in all
+    cfg = make_cfg(num_server_rounds=10, dp_max_participations=2, fraction_fit=0.5, min_fit_clients=3)
+    strategy = SharedDeltaStrategy(cfg=cfg, names=("a.lora_A.shared.weight",), theta=[np.zeros(2, np.float32)],
+                                   completed=0, opt_state={}, recorder=RunRecorder(tmp_path / "run", cfg))
+    manager = SimpleClientManager()
+    for i in range(6):
+        manager.register(Proxy(i))  # type: ignore[arg-type]
+    # Execute
+    sampled = [[c.node_id for c, _ in strategy.configure_fit(r, None, manager)] for r in range(1, 11)]  # type: ignore[arg-type]
+    # Assert: nobody past the cap (a refusal inside SecAgg+ is a dropout), then a loud stop
+    counts = {i: sum(i in s for s in sampled) for i in range(6)}
+    assert max(counts.values()) <= 2 and sum(counts.values()) >= 9
+    assert sampled[-1] == [] and "reached dp-max-participations" in (strategy.stopped or "")

@@ -121,6 +121,10 @@ def audit_device(state_dir: Path, *, cfg: dict[str, Any], key_file: Path | None 
     over = [e for e in private if e.epsilon > budget * (1 + 1e-6)] if cfg.get("dp") == "epsilon" else []
     checks.append(Check("never past the budget", subject, "fail" if over else "pass",
                         f"budget {budget:g}; events over it: {[(e.round, e.epsilon) for e in over]}"))
+    cap = int(plan.get("participations", 0)) if plan else 0
+    if cap:
+        checks.append(Check("never past the participation cap", subject, "pass" if len(events) <= cap else "fail",
+                            f"{len(events)} participations (ledger events), planned for at most {cap}"))
     trained = int(meta.get("rounds_trained", len(events)))
     checks.append(Check("every training round has an event", subject, "pass" if trained == len(events) else "fail",
                         f"{trained} rounds trained, {len(events)} ledger events"))

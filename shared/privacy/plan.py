@@ -1,4 +1,5 @@
-"""The device's DP plan for the whole run: σ for the private steps its preset's schedule takes."""
+"""The device's DP plan for the whole run: σ for the private steps its preset's schedule takes,
+in each of the rounds it may train in (``dp-max-participations``, else every round)."""
 
 from __future__ import annotations
 
@@ -16,13 +17,14 @@ class BudgetExhaustedError(RuntimeError):
 
 @dataclasses.dataclass(frozen=True)
 class DPPlan:
-    """Planned once per device for the whole run (σ for rounds × steps × q), then stored."""
+    """Planned once per device for the whole run (σ for participations × steps × q), then stored."""
 
     noise_multiplier: float
     sample_rate: float
     steps_per_round: int
     rounds: int
     target_epsilon: float
+    participations: int = 0  # rounds it may train in (dp-max-participations); 0 = no cap but the budget
 
     @classmethod
     def make(cls, cfg: RunConfig, preset: Preset, *, num_records: int) -> DPPlan:
@@ -32,11 +34,12 @@ class DPPlan:
         steps = preset.private_steps(cfg)  # the schedule the device executes: one count
         if cfg.dp == "epsilon":
             sigma = calibrate_sigma(target_epsilon=cfg.dp_epsilon, delta=cfg.dp_delta, sample_rate=q,
-                                    steps=steps * cfg.num_server_rounds, accountant=cfg.dp_accountant)
+                                    steps=steps * cfg.planned_participations, accountant=cfg.dp_accountant)
         else:
             sigma = cfg.dp_noise_multiplier
         return cls(noise_multiplier=sigma, sample_rate=q, steps_per_round=steps, rounds=cfg.num_server_rounds,
-                   target_epsilon=cfg.dp_epsilon)
+                   target_epsilon=cfg.dp_epsilon,
+                   participations=cfg.planned_participations if cfg.dp_max_participations else 0)
 
     def check_config(self, cfg: RunConfig) -> None:
         """Privacy parameters are never silently changed mid-run: a different config is an error."""
@@ -46,9 +49,19 @@ class DPPlan:
         if cfg.dp == "sigma" and cfg.dp_noise_multiplier != self.noise_multiplier:
             raise ValueError(f"config 'dp-noise-multiplier': {cfg.dp_noise_multiplier} differs from the "
                              f"{self.noise_multiplier} this device has been using; it cannot change mid-run")
+        if cfg.record_dp and (cfg.planned_participations if cfg.dp_max_participations else 0) != self.participations:
+            raise ValueError(f"config 'dp-max-participations': this run allows {cfg.planned_participations} "
+                             f"participations but the device planned σ for {self.participations}; privacy "
+                             "parameters cannot change mid-run")
 
-    def check_budget(self, history: list, *, delta: float, accountant: str, budget: float) -> float:
-        """Return ε after one more round; raise ``BudgetExhaustedError`` if it would exceed ``budget``."""
+    def check_budget(self, history: list, *, spent: int, delta: float, accountant: str, budget: float) -> float:
+        """Return ε after one more round; raise ``BudgetExhaustedError`` if it would exceed ``budget``
+        or if the device has spent all its planned participations (``spent``: its ledger's events)."""
+        if self.participations and spent >= self.participations:
+            now = epsilon(history, delta=delta, accountant=accountant)
+            raise BudgetExhaustedError(f"participation cap reached: trained {spent} of at most {self.participations} "
+                                       f"rounds (dp-max-participations; ε spent {now:.3f} of {budget:.3f}, "
+                                       f"δ={delta:g}); refusing to train")
         nxt = epsilon(compose(history, sigma=self.noise_multiplier, sample_rate=self.sample_rate,
                               steps=self.steps_per_round), delta=delta, accountant=accountant)
         if nxt > budget * (1 + 1e-6):
@@ -67,5 +80,5 @@ def check_stored_budget(cfg: RunConfig, ledger: PrivacyLedger) -> None:
         return
     stored = ledger.plan()
     if stored:
-        DPPlan(**stored).check_budget(ledger.history(), delta=cfg.dp_delta, accountant=cfg.dp_accountant,
-                                      budget=cfg.dp_epsilon)
+        DPPlan(**stored).check_budget(ledger.history(), spent=len(ledger.events()), delta=cfg.dp_delta,
+                                      accountant=cfg.dp_accountant, budget=cfg.dp_epsilon)
