@@ -173,6 +173,32 @@ def generate(
     console.print(result, markup=False, highlight=False)  # generated text may contain "[...]"
 
 
+@cli.command("export")
+def export_model(
+    run_dir: Path,
+    user: str,
+    out: Annotated[Path, typer.Option(help="the export folder to create (it must not exist)")],
+    variant: Annotated[str, typer.Option(help="personal (base + shared + personal adapter) | shared")] = "personal",
+    user_dir: Annotated[Optional[Path], typer.Option(help="the user's device folder (default: the run's)")] = None,
+    state_dir: Annotated[Optional[Path], typer.Option(help="the device's state-dir (default: the run's)")] = None,
+    key_file: Annotated[Optional[Path], typer.Option(help="device key (default <state-dir>/device.key)")] = None,
+) -> None:
+    """Export one user's model (on the device): the base in Hugging Face format, each adapter in PEFT's.
+
+    The personal adapter is written unsealed and is not DP-protected (docs/export.md)."""
+    from fedpgen.export import PLAINTEXT_WARNING
+    from fedpgen.export import export as run
+
+    result = run(run_dir, user, out=out, variant=variant, user_dir=user_dir, device_state=state_dir,
+                 key_file=key_file)
+    folders = "base/, shared/" + (", personal/" if variant == "personal" else "")
+    console.print(f"exported {user} to {result.out}: {folders} (shared adapter of round {result.round}; "
+                  f"{variant} = adapters {' + '.join(result.activate)} active together); loading code in "
+                  f"{result.out / 'README.txt'}", markup=False, highlight=False)
+    if variant == "personal":
+        console.print(f"[bold red]WARNING:[/] {PLAINTEXT_WARNING}")
+
+
 @cli.command()
 def ledger(state_dir: Path,
            key_file: Annotated[Optional[Path], typer.Option(help="device key (default <state-dir>/device.key)")] = None,

@@ -62,6 +62,8 @@ def param_sets(model: PeftModel, preset: Preset) -> ParamSets:
 @contextlib.contextmanager
 def active(model: PeftModel, adapters: list[str], trainable: tuple[str, ...]) -> Iterator[list[torch.nn.Parameter]]:
     """Activate ``adapters`` (others switched off) with exactly ``trainable`` requiring grad."""
+    if isinstance(adapters, str):  # "shared" would iterate as letters, match nothing and leave the bare base
+        raise TypeError(f"active() takes a list of adapter names, not the string {adapters!r}")
     present = [a for a in adapters if a in model.peft_config]
     model.base_model.set_adapter(present)
     wanted = set(trainable)
