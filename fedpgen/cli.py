@@ -54,14 +54,13 @@ def simulate(
     from fedpgen.server.progress import configure_logging
     from fedpgen.simulate import simulate as run
 
-    configure_logging(verbose)
-
     flags = {"data-dir": data_dir, "data": "dir" if data_dir else None, "base-model": base_model,
              "num-users": num_users, "num-server-rounds": rounds, "preset": preset, "task": task, "run-dir": run_dir,
              "ray-address": ray_address, "client-gpus": client_gpus}
     cfg = RunConfig.from_mapping(_overrides(config, set_, flags))
     require_backend(cfg.metrics_log)  # a missing tracking library stops here, before any pre-training
-    summary = run(cfg, fresh=fresh, console=console)
+    with configure_logging(verbose):
+        summary = run(cfg, fresh=fresh, console=console)
     if summary["ended-short"] or summary["out-of-bounds-rounds"]:  # results exist, but not the run asked for
         raise typer.Exit(3)
 

@@ -10,13 +10,14 @@ asked for it (:func:`configure_logging`) and stderr is a terminal; otherwise, as
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import datetime
 import logging
 import os
 import sys
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from types import TracebackType
 from typing import Any, Self
 
@@ -50,8 +51,10 @@ class _Display:
 _DISPLAY = _Display()
 
 
-def configure_logging(verbose: bool) -> None:
-    """Set how ``fedpgen simulate`` shows a run: Flower's log lines, or the progress display.
+@contextlib.contextmanager
+def configure_logging(verbose: bool) -> Iterator[None]:
+    """How ``fedpgen simulate`` shows a run, for the duration of the block (then restored: a
+    process that runs more than one thing, e.g. tests, must not inherit the setting).
 
     Parameters
     ----------
@@ -63,12 +66,24 @@ def configure_logging(verbose: bool) -> None:
     """
     from flwr.common.logger import update_console_handler
 
+    handlers = list(logging.getLogger("flwr").handlers)  # Flower's logger (its console handler)
+    before = ([h.level for h in handlers], os.environ.get("FLWR_LOG_LEVEL"), _DISPLAY.live)
     _DISPLAY.live = not verbose
-    if verbose:
-        update_console_handler(level=logging.INFO)
-        return
-    level = os.environ.setdefault("FLWR_LOG_LEVEL", "WARNING")  # Ray's workers import Flower's logger anew
-    update_console_handler(level=level.upper())
+    try:
+        if verbose:
+            update_console_handler(level=logging.INFO)
+        else:
+            level = os.environ.setdefault("FLWR_LOG_LEVEL", "WARNING")  # Ray's workers import Flower's logger anew
+            update_console_handler(level=level.upper())
+        yield
+    finally:
+        levels, env, _DISPLAY.live = before
+        for handler, level in zip(handlers, levels, strict=True):
+            handler.setLevel(level)
+        if env is None:
+            os.environ.pop("FLWR_LOG_LEVEL", None)
+        else:
+            os.environ["FLWR_LOG_LEVEL"] = env
 
 
 def ensure_log_handler() -> None:

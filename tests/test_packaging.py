@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import dataclasses
 import importlib
+import os
 import subprocess
 import sys
 import tomllib
@@ -46,8 +47,11 @@ print(type(server_app).__name__, type(client_app).__name__, RunConfig.from_mappi
 
 
 def test_no_generic_top_level_package_is_installed(tmp_path: Path) -> None:
+    # Flower's Ray backend exports its sys.path as PYTHONPATH (a source checkout's root, where
+    # the folders are): a process started afterwards would find them there, not installed
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
     proc = subprocess.run([sys.executable, "-c", "import server"], cwd=tmp_path, capture_output=True, text=True,
-                          timeout=60, check=False)
+                          timeout=60, check=False, env=env)
     assert proc.returncode != 0 and "No module named 'server'" in proc.stderr, proc.stderr
 
 
@@ -93,3 +97,23 @@ def test_a_built_wheel_ships_the_plays_under_the_namespace_only(tmp_path: Path) 
     assert "fedpgen/shared/data/plays.tar.xz" in names
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert proc.stdout.split() == ["True", "42", "3", "False"]
+
+
+def test_a_code_only_copy_of_the_app_finds_the_plays_of_the_installed_package(tmp_path: Path) -> None:
+    # Prepare: what Flower's FAB holds (only .py/.toml/.md files: no plays.tar.xz), as under `flwr run`
+    app = tmp_path / "fab"
+    for folder in ("fedpgen", "server", "client", "shared"):
+        for f in (ROOT / folder).rglob("*.py"):
+            dest = app / f.relative_to(ROOT)
+            dest.parent.mkdir(parents=True, exist_ok=True)
+            dest.write_bytes(f.read_bytes())
+    (app / "pyproject.toml").write_bytes((ROOT / "pyproject.toml").read_bytes())
+    assert not (app / "shared" / "data" / "plays.tar.xz").exists()
+    code = ("import fedpgen.shared.data.shakespeare as s, sys; "
+            "print(s.__file__.startswith(sys.argv[1]), len(s.play_texts()), s.archive() == s.ARCHIVE)")
+    # Execute: the copy's modules, this environment's installed fedpgen distribution
+    proc = subprocess.run([sys.executable, "-c", code, str(app)], cwd=app, capture_output=True, text=True,
+                          timeout=300, check=False, env={k: v for k, v in os.environ.items() if k != "PYTHONPATH"})
+    # Assert: the copy's code ran, with the 42 plays found outside it
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert proc.stdout.split() == ["True", "42", "False"]

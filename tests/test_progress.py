@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import io
 import logging
+import os
 import time
 from collections.abc import Iterable
 
@@ -158,18 +159,17 @@ def test_live_display_only_when_asked_for_and_on_a_terminal(monkeypatch: pytest.
     handlers = [h for h in logging.getLogger("flwr").handlers if isinstance(h, ConsoleHandler)]
     levels = [h.level for h in handlers]
     terminal = Console(file=io.StringIO(), force_terminal=True, width=100)
-    try:
-        configure_logging(verbose=False)
+    with configure_logging(verbose=False):
         assert all(h.level == logging.WARNING for h in handlers)
+        assert os.environ["FLWR_LOG_LEVEL"] == "WARNING"  # for the simulation's worker processes
         assert RoundProgress(total_rounds=2, console=terminal).live
         assert not RoundProgress(total_rounds=2, console=Console(file=io.StringIO())).live  # a log file, a pipe
-        configure_logging(verbose=True)
+    with configure_logging(verbose=True):
         assert all(h.level == logging.INFO for h in handlers)
         assert not RoundProgress(total_rounds=2, console=terminal).live
-    finally:
-        configure_logging(verbose=True)
-        for h, level in zip(handlers, levels, strict=True):
-            h.setLevel(level)
+    # Restored after the run: processes this one starts later (a deployed SuperNode in the tests)
+    # must not inherit a WARNING level that hides their INFO lines
+    assert "FLWR_LOG_LEVEL" not in os.environ and [h.level for h in handlers] == levels
 
 
 def test_live_display_shows_round_stage_and_devices() -> None:

@@ -13,12 +13,39 @@ other plays, so no simulated user's text is in pre-training.
 from __future__ import annotations
 
 import functools
+import importlib.metadata
+import json
 import re
 import tarfile
+import urllib.parse
 from collections import defaultdict
 from pathlib import Path
 
 ARCHIVE = Path(__file__).with_name("plays.tar.xz")
+_IN_PACKAGE = "fedpgen/shared/data/plays.tar.xz"
+
+
+def archive() -> Path:
+    """The plays' archive: beside this module, or — in a copy of the app that holds only code
+    (Flower's FAB keeps ``.py``/``.toml``/``.md`` files; ``flwr run``, docs/flwr-run.md) — in the
+    installed distribution (a wheel's files, or an editable install's source tree)."""
+    if ARCHIVE.is_file():
+        return ARCHIVE
+    candidates = []
+    try:
+        dist = importlib.metadata.distribution("fedpgen")
+        direct = json.loads(dist.read_text("direct_url.json") or "{}")
+        if direct.get("dir_info", {}).get("editable") and direct.get("url", "").startswith("file://"):
+            candidates.append(Path(urllib.parse.unquote(urllib.parse.urlparse(direct["url"]).path))
+                              / "shared" / "data" / ARCHIVE.name)
+        candidates.append(Path(str(dist.locate_file(_IN_PACKAGE))))
+    except importlib.metadata.PackageNotFoundError:
+        pass
+    for candidate in candidates:
+        if candidate.is_file():
+            return candidate
+    raise RuntimeError(f"the plays are missing from this installation: {ARCHIVE} (also looked in "
+                       f"{', '.join(map(str, candidates)) or 'no installed fedpgen distribution'})")
 
 # Plays whose roles become users. Every other play is public pre-training text.
 USER_PLAYS = (
@@ -33,10 +60,8 @@ _SPEAKER = re.compile(r"^([A-Z][A-Za-z']*(?: [A-Za-z']+){0,3})\.$")
 @functools.lru_cache(maxsize=1)  # immutable texts shipped with the code: one decompression per process
 def play_texts() -> dict[str, str]:
     """Every play's text, keyed by play name (``hamlet``, ``macbeth``, ...)."""
-    if not ARCHIVE.is_file():
-        raise RuntimeError(f"the plays are missing from this installation: {ARCHIVE}")
     texts = {}
-    with tarfile.open(ARCHIVE, "r:xz") as tar:
+    with tarfile.open(archive(), "r:xz") as tar:
         for member in tar.getmembers():
             handle = tar.extractfile(member) if member.isfile() else None
             if handle is not None and member.name.endswith("_gut.txt"):
@@ -81,7 +106,7 @@ def users(*, num_users: int, min_bytes: int) -> dict[str, list[str]]:
     texts = play_texts()
     missing = [p for p in USER_PLAYS if p not in texts]
     if missing:
-        raise RuntimeError(f"plays missing from {ARCHIVE}: {missing}")
+        raise RuntimeError(f"plays missing from {archive()}: {missing}")
     candidates: list[tuple[int, str, list[str]]] = []
     for play in USER_PLAYS:
         for role, speeches in parse_roles(texts[play]).items():
