@@ -150,6 +150,9 @@ def federation(tmp_path_factory: pytest.TempPathFactory):  # type: ignore[no-unt
                "start": start, "run_config": run_config, "run_dir": run_dir, "initial": initial, "cfg": cfg,
                "superlink": superlink_addr}
     finally:
+        for proc in reversed(procs):  # signal every process first, then wait: their shutdowns overlap
+            if proc.p.poll() is None:
+                proc.p.send_signal(signal.SIGTERM)
         for proc in reversed(procs):
             proc.kill()
 

@@ -11,6 +11,8 @@ import sys
 import tomllib
 from pathlib import Path
 
+import pytest
+
 from fedpgen.shared.config import RunConfig
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -99,7 +101,8 @@ def test_a_built_wheel_ships_the_plays_under_the_namespace_only(tmp_path: Path) 
     assert proc.stdout.split() == ["True", "42", "3", "False"]
 
 
-def test_a_code_only_copy_of_the_app_finds_the_plays_of_the_installed_package(tmp_path: Path) -> None:
+@pytest.mark.parametrize("pythonpath", ["", "root"])  # root: the checkout on the path, as Flower's Ray backend exports it
+def test_a_code_only_copy_of_the_app_finds_the_plays_of_the_installed_package(tmp_path: Path, pythonpath: str) -> None:
     # Prepare: what Flower's FAB holds (only .py/.toml/.md files: no plays.tar.xz), as under `flwr run`
     app = tmp_path / "fab"
     for folder in ("fedpgen", "server", "client", "shared"):
@@ -113,7 +116,8 @@ def test_a_code_only_copy_of_the_app_finds_the_plays_of_the_installed_package(tm
             "print(s.__file__.startswith(sys.argv[1]), len(s.play_texts()), s.archive() == s.ARCHIVE)")
     # Execute: the copy's modules, this environment's installed fedpgen distribution
     proc = subprocess.run([sys.executable, "-c", code, str(app)], cwd=app, capture_output=True, text=True,
-                          timeout=300, check=False, env={k: v for k, v in os.environ.items() if k != "PYTHONPATH"})
+                          timeout=300, check=False, env={**{k: v for k, v in os.environ.items() if k != "PYTHONPATH"},
+                                                         **({"PYTHONPATH": str(ROOT)} if pythonpath else {})})
     # Assert: the copy's code ran, with the 42 plays found outside it
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert proc.stdout.split() == ["True", "42", "False"]

@@ -31,16 +31,14 @@ def archive() -> Path:
     installed distribution (a wheel's files, or an editable install's source tree)."""
     if ARCHIVE.is_file():
         return ARCHIVE
-    candidates = []
-    try:
-        dist = importlib.metadata.distribution("fedpgen")
+    candidates: list[Path] = []
+    for dist in importlib.metadata.distributions(name="fedpgen"):  # more than one: a source tree's egg-info too
         direct = json.loads(dist.read_text("direct_url.json") or "{}")
         if direct.get("dir_info", {}).get("editable") and direct.get("url", "").startswith("file://"):
             candidates.append(Path(urllib.parse.unquote(urllib.parse.urlparse(direct["url"]).path))
                               / "shared" / "data" / ARCHIVE.name)
-        candidates.append(Path(str(dist.locate_file(_IN_PACKAGE))))
-    except importlib.metadata.PackageNotFoundError:
-        pass
+        candidates.append(Path(str(dist.locate_file(_IN_PACKAGE))))  # a wheel's files
+        candidates.append(Path(str(dist.locate_file("shared/data/plays.tar.xz"))))  # beside a source tree's egg-info
     for candidate in candidates:
         if candidate.is_file():
             return candidate
