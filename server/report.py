@@ -139,6 +139,9 @@ def _record_level(run_dir: Path, cfg: RunConfig) -> list[tuple[str, str]]:
     elif cfg.record_dp:
         lines.append(("bad", "NOT PRIVATE at record level as far as this folder shows: DP-SGD was configured "
                              + "but no device reported a finite ε"))
+    elif cfg.user_dp != "off":  # user-level DP-FedAvg noises the sum: it covers each record with the same ε
+        lines.append(("info", f"No DP-SGD on the devices (dp = {cfg.dp}): a record is protected only by the "
+                              + "user-level guarantee below, which covers all of a user's records at once"))
     else:
         lines.append(("bad", f"NOT PRIVATE at record level: no DP-SGD (dp = {cfg.dp}"
                              + (", σ = 0" if cfg.dp == "sigma" else "") + "): the shared deltas carry no noise"))

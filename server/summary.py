@@ -89,6 +89,9 @@ def privacy_lines(run_dir: Path, rounds: list[dict[str, Any]], *, cfg: RunConfig
         lines = [(f"record-level DP (DP-SGD, {cfg.dp_accountant.upper()} accountant, δ={cfg.dp_delta:g}, "
                   f"C={cfg.dp_clip}): ε per user min {eps[0]:.2f} / median {statistics.median(eps):.2f} / "
                   f"max {eps[-1]:.2f} (budget {cfg.dp_epsilon:g})")]
+    elif cfg.user_dp != "off":  # a user-level guarantee covers each of the user's records with the same ε
+        lines = ["no DP-SGD on the devices (dp = off or σ = 0): records are protected by the user-level "
+                 "guarantee below only"]
     else:
         lines = ["NOT PRIVATE at record level: no DP-SGD (dp = off or σ = 0)"]
     user_eps = [r["user-epsilon"] for r in rounds if "user-epsilon" in r]

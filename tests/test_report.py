@@ -259,6 +259,16 @@ def test_a_run_without_dp_or_secagg_says_so_loudly(tmp_path: Path) -> None:
     assert len(parse(page).srcs) == 2
 
 
+def test_user_level_dp_without_dp_sgd_is_not_called_not_private(tmp_path: Path) -> None:
+    # Prepare: no DP-SGD, but user-level DP-FedAvg with noise shares under SecAgg+
+    run, _ = make_run(tmp_path, names=["a", "b", "c"], dp="off", **{"user-dp": "distributed"})
+    # Execute
+    page = write_report(run).read_text(encoding="utf-8")
+    # Assert: no false alarm, and the guarantee that does hold is named
+    assert "NOT PRIVATE" not in page and "carry no noise" not in page
+    assert "User-level DP (distributed DP-FedAvg" in page and "protected only by the user-level guarantee" in page
+
+
 def test_a_deployments_users_are_its_nodes(tmp_path: Path) -> None:
     # Prepare: no names and no client indices, only node ids
     run, ledger = make_run(tmp_path, names=["a", "b", "c"], deployed=True)
