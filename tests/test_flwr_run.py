@@ -65,24 +65,26 @@ def flower_env(tmp_path: Path) -> Iterator[dict[str, str]]:
     assert not _superlinks_of(home), "the local SuperLink did not stop"
 
 
-def _flwr_run(env: dict[str, str], cwd: Path, *args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([str(BIN / "flwr"), "run", str(ROOT), *args, "--stream"], cwd=cwd, env=env,
+def _smoke(tmp_path: Path, env: dict[str, str], *, supernodes: int) -> tuple[Path, str, subprocess.CompletedProcess[str]]:
+    """``flwr run <app> --run-config simulations/smoke.toml --stream`` from a working folder that is
+    not the project (relative paths resolve there), then the documented check ``fedpgen summary``.
+    Returns the working folder, flwr run's output and the check's result."""
+    work = tmp_path / "work"
+    work.mkdir()
+    proc = subprocess.run([str(BIN / "flwr"), "run", str(ROOT), "--run-config", str(ROOT / "simulations" / "smoke.toml"),
+                           "--federation-config", f"num-supernodes={supernodes}", "--stream"], cwd=work, env=env,
                           capture_output=True, text=True, timeout=900, check=False)
+    assert proc.returncode == 0, (proc.stdout + proc.stderr)[-3000:]  # Flower's CLI: 0 once the run started
+    check = subprocess.run([str(BIN / "fedpgen"), "summary", "runs/smoke"], cwd=work, env=env,
+                           capture_output=True, text=True, timeout=300, check=False)
+    return work, proc.stdout + proc.stderr, check
 
 
 def test_flwr_run_smoke_writes_the_run_folder_where_the_user_ran_it(tmp_path: Path,
                                                                     flower_env: dict[str, str]) -> None:
-    # Prepare: a working folder that is not the project (relative paths resolve here)
-    work = tmp_path / "work"
-    work.mkdir()
     # Execute
-    proc = _flwr_run(flower_env, work, "--run-config", str(ROOT / "simulations" / "smoke.toml"),
-                     "--federation-config", "num-supernodes=4")
-    out = proc.stdout + proc.stderr
-    check = subprocess.run([str(BIN / "fedpgen"), "summary", "runs/smoke"], cwd=work, env=flower_env,
-                           capture_output=True, text=True, timeout=300, check=False)
+    work, out, check = _smoke(tmp_path, flower_env, supernodes=4)
     # Assert: the run folder of `fedpgen simulate`, in the user's folder, the run complete
-    assert proc.returncode == 0, out[-3000:]
     run_dir = work / "runs" / "smoke"
     assert SIMULATE_WRITES <= {p.name for p in run_dir.iterdir()}, out[-3000:]
     assert sorted(p.name for p in (run_dir / "users").iterdir() if p.is_dir()) == \
@@ -98,16 +100,9 @@ def test_flwr_run_smoke_writes_the_run_folder_where_the_user_ran_it(tmp_path: Pa
 
 def test_a_failed_flwr_run_says_why_and_the_check_exits_non_zero(tmp_path: Path,
                                                                  flower_env: dict[str, str]) -> None:
-    # Prepare: more users than virtual SuperNodes (one SuperNode per user)
-    work = tmp_path / "work"
-    work.mkdir()
-    # Execute
-    proc = _flwr_run(flower_env, work, "--run-config", str(ROOT / "simulations" / "smoke.toml"),
-                     "--federation-config", "num-supernodes=3")
-    check = subprocess.run([str(BIN / "fedpgen"), "summary", "runs/smoke"], cwd=work, env=flower_env,
-                           capture_output=True, text=True, timeout=300, check=False)
-    # Assert: Flower's CLI only starts the run (exit 0); the log says what to set; the check fails
-    out = proc.stdout + proc.stderr
+    # Execute: more users than virtual SuperNodes (one SuperNode per user)
+    work, out, check = _smoke(tmp_path, flower_env, supernodes=3)
+    # Assert: the log says what to set; no summary; the documented check fails
     assert "num-supernodes=4" in out, out[-3000:]
     assert not (work / "runs" / "smoke" / "summary.json").exists()
     assert check.returncode != 0 and "no per-client results" in check.stdout + check.stderr
