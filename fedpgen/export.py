@@ -48,6 +48,8 @@ from fedpgen.shared.tasks.text_tokenizer import BYTE_TOKENIZER_FILE, load_tokeni
 FORMAT = 1
 VARIANTS = ("personal", "shared")  # shared+personal (the product), or the shared part alone
 EXPORT_JSON, README = "export.json", "README.txt"
+# Every load in the recipe is a local path (never a name a library could look up on a model hub).
+FOLDER_LINE = 'folder = Path(".").resolve()  # this export folder: run from it, or put its path here'
 BASE, UNET, SCHEDULER, CONTEXT = "base", "unet", "scheduler", "context.safetensors"
 # The tasks' generation defaults (TextTask.generate, BehaviorTask.generate), repeated in the
 # export's recipe; tests/test_export.py holds the recipe's output equal to `fedpgen generate`'s.
@@ -216,19 +218,21 @@ class _CausalLMParts:
 
     def recipe(self, manifest: dict[str, Any], act: list[str]) -> tuple[str, str]:
         """The notes and the Python code of README.txt."""
-        load = ["import json", "", "import torch", "from peft import PeftModel",
+        load = ["import json", "from pathlib import Path", "", "import torch", "from peft import PeftModel",
                 "from transformers import AutoModelForCausalLM"
                 + (", AutoTokenizer" if manifest.get("tokenizer") == "transformers" else ""), "",
                 'prompt, seed = "", 0  # as given to `fedpgen generate` (PROMPT, --seed)',
-                'export = json.load(open("export.json"))',
-                'base = AutoModelForCausalLM.from_pretrained("base")',
-                f'model = PeftModel.from_pretrained(base, "{act[0]}", adapter_name="{act[0]}")',
-                *[f'model.load_adapter("{a}", adapter_name="{a}")' for a in act[1:]],
+                FOLDER_LINE,
+                'export = json.loads((folder / "export.json").read_text())',
+                'base = AutoModelForCausalLM.from_pretrained(folder / "base", local_files_only=True)',
+                f'model = PeftModel.from_pretrained(base, str(folder / "{act[0]}"), adapter_name="{act[0]}")',
+                *[f'model.load_adapter(str(folder / "{a}"), adapter_name="{a}")' for a in act[1:]],
                 f"model.base_model.set_adapter({act!r})  # all active at once", "model.eval()"]
         if manifest["task"] == "behavior":
             notes = ("Inputs: line i (from 0) of base/catalog.jsonl is token item-base + i; the user's\n"
                      "profile is the prefix prompt-prefix-ids (export.json). PROMPT: space-separated item ids.")
-            use = ['catalog = [json.loads(line)["item"] for line in open("base/catalog.jsonl") if line.strip()]',
+            use = ['lines = (folder / "base" / "catalog.jsonl").read_text().splitlines()',
+                   'catalog = [json.loads(line)["item"] for line in lines if line.strip()]',
                    'item_base, window, sampling = export["item-base"], export["window"], export["sampling"]',
                    'ids = export["prompt-prefix-ids"] + [item_base + catalog.index(w) for w in prompt.split()]',
                    "torch.manual_seed(seed)", "picks = []", "with torch.no_grad():",
@@ -246,7 +250,8 @@ class _CausalLMParts:
                               'bytes(i for i in new if i < 256).decode("utf-8", errors="replace")')
         else:
             notes = "Tokens: the base's own tokenizer, saved with it in base/."
-            load.insert(load.index("model.eval()") + 1, 'tok = AutoTokenizer.from_pretrained("base")')
+            load.insert(load.index("model.eval()") + 1,
+                        'tok = AutoTokenizer.from_pretrained(folder / "base", local_files_only=True)')
             encode, decode = ('tok(prompt, add_special_tokens=False)["input_ids"]',
                               "tok.decode(new, skip_special_tokens=True)")
         notes += ("\nEvery prompt starts with this user's profile line, as in training: prompt-prefix-ids.")
@@ -318,28 +323,29 @@ class _ImageParts:
                  "[attribute embeddings, subject token]: base/context.safetensors holds the attribute\n"
                  "embedding and the subject-token projection, <adapter>/slot_proj.safetensors its LoRA\n"
                  "(scaling: slot-proj-lora in export.json), added as PEFT's LoRA layer adds it.")
-        code = ["import json", "", "import torch", "import torch.nn.functional as F",
+        code = ["import json", "from pathlib import Path", "", "import torch", "import torch.nn.functional as F",
                 "from diffusers import DDIMScheduler, UNet2DConditionModel",
                 "from peft import PeftModel", "from safetensors.torch import load_file", "",
                 'prompt, seed, count = "", 0, 4  # as given to `fedpgen generate` (PROMPT, --seed, --count)',
-                'export = json.load(open("export.json"))',
-                'unet = UNet2DConditionModel.from_pretrained("base/unet")',
-                f'unet = PeftModel.from_pretrained(unet, "{act[0]}/unet", adapter_name="{act[0]}")',
-                *[f'unet.load_adapter("{a}/unet", adapter_name="{a}")' for a in act[1:]],
+                FOLDER_LINE,
+                'export = json.loads((folder / "export.json").read_text())',
+                'unet = UNet2DConditionModel.from_pretrained(folder / "base" / "unet", local_files_only=True)',
+                f'unet = PeftModel.from_pretrained(unet, str(folder / "{act[0]}" / "unet"), adapter_name="{act[0]}")',
+                *[f'unet.load_adapter(str(folder / "{a}" / "unet"), adapter_name="{a}")' for a in act[1:]],
                 f"unet.base_model.set_adapter({act!r})  # all active at once", "unet.eval()",
                 'keys, vocab = export["attribute-keys"], export["attribute-vocab"]',
                 'tokens = dict(zip(keys, export["profile-attribute-tokens"]))',
                 'tokens.update({word.split("=")[0]: vocab.index(word) + 1 for word in prompt.split()})',
                 "attrs, slot = torch.tensor([tokens[k] for k in keys]), 0",
-                'ctx = load_file("base/context.safetensors")',
+                'ctx = load_file(folder / "base" / "context.safetensors")',
                 'one_hot = F.one_hot(torch.full((count,), slot), ctx["slot_proj"].shape[1]).float()',
                 'token = F.linear(one_hot, ctx["slot_proj"])',
                 f'for name in [a for a in {act!r} if a in export["slot-proj-lora"]]:',
-                '    lora = load_file(f"{name}/slot_proj.safetensors")',
+                '    lora = load_file(folder / name / "slot_proj.safetensors")',
                 ('    token = token + F.linear(F.linear(one_hot, lora["lora_A"]), lora["lora_B"]) '
                  '* export["slot-proj-lora"][name]'),
                 'context = torch.cat([ctx["attr_embed"][attrs][None].expand(count, -1, -1), token[:, None]], dim=1)',
-                'ddim = DDIMScheduler.from_pretrained("base/scheduler")',
+                'ddim = DDIMScheduler.from_pretrained(folder / "base" / "scheduler", local_files_only=True)',
                 'ddim.set_timesteps(export["sampler"]["steps"])', "size = unet.config.sample_size",
                 "x = torch.randn((count, 3, size, size), generator=torch.Generator().manual_seed(seed))",
                 "with torch.no_grad():", "    for t in ddim.timesteps:",

@@ -90,7 +90,7 @@ def fedpgen_model(run: Path, user: str, *, personal: bool) -> Device:
 def load_export(out: Path, variant: str) -> PeftModel:
     """The exported model, built from transformers + PEFT only, as export.json says."""
     act = json.loads((out / "export.json").read_text())["activate"][variant]
-    model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(str(out / "base")), str(out / act[0]),
+    model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(out / "base", local_files_only=True), str(out / act[0]),
                                       adapter_name=act[0])
     for name in act[1:]:
         model.load_adapter(str(out / name), adapter_name=name)
