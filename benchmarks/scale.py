@@ -1,6 +1,7 @@
 """Scaling benchmark: prints a table; asserts nothing (numbers are measured, not claimed).
 
-The workload of issue 14: synthetic text users, 5 shared + 5 personal steps per round,
+The workload of issue 14: synthetic text users (``--task behavior``: synthetic interaction
+logs), 5 shared + 5 personal steps per round,
 SecAgg+ off, 2 rounds; per setting (registered users × sampled per round) it reports:
 
 * population build time and disk (user folders; the sealed state-dirs of the devices that
@@ -19,6 +20,7 @@ gives the plain-Flower ratio.
 
     python benchmarks/scale.py                                 # 1,000 / 10,000 registered × 100 sampled
     python benchmarks/scale.py --settings 100000x100 1000x1000 --resident on
+    python benchmarks/scale.py --task behavior --settings 100000x100 --resident on
 """
 
 from __future__ import annotations
@@ -64,7 +66,16 @@ def peak_rss_sampler() -> tuple[list[int], threading.Event]:
     return peak, stop
 
 
-def run_plain(registered: int, sampled: int, work: Path, out: Path) -> None:
+def workload(task: str) -> dict[str, object]:
+    return {**WORKLOAD, "task": task}
+
+
+def population_dir(work: Path, task: str, registered: int) -> Path:
+    """Each task's population once per size (text keeps the folder name of earlier runs)."""
+    return work / (f"users-{registered}" if task == "text" else f"users-{task}-{registered}")
+
+
+def run_plain(registered: int, sampled: int, work: Path, out: Path, task: str) -> None:
     """Inner mode: the plain-Flower reference (benchmarks/plain_flower.py) on the same population."""
     sys.path.insert(0, str(ROOT))
     sys.path.insert(0, str(ROOT / "benchmarks"))  # Ray's workers import the plain app from here too
@@ -72,8 +83,9 @@ def run_plain(registered: int, sampled: int, work: Path, out: Path) -> None:
     from fedpgen.shared.config import RunConfig
     from fedpgen.shared.data.user_folder import list_user_dirs
 
-    cfg = RunConfig.from_mapping({**WORKLOAD, "num-users": registered, "dp": "off", "run-dir": str(work / "plain")})
-    rounds = run(cfg, list_user_dirs(work / f"users-{registered}"), registered, sampled)
+    cfg = RunConfig.from_mapping({**workload(task), "num-users": registered, "dp": "off",
+                                  "run-dir": str(work / "plain")})
+    rounds = run(cfg, list_user_dirs(population_dir(work, task, registered)), registered, sampled)
     r2 = next(r for r in rounds if r["round"] == 2)
     concurrency = max(1, int((os.cpu_count() or 1) / cfg.client_cpus))
     out.write_text(json.dumps({"round 1 devices": rounds[0]["clients"], "round 2 devices": r2["clients"],
@@ -84,7 +96,7 @@ def run_plain(registered: int, sampled: int, work: Path, out: Path) -> None:
                                / r2["clients"]}))
 
 
-def run_one(registered: int, sampled: int, work: Path, out: Path, dp: str) -> None:
+def run_one(registered: int, sampled: int, work: Path, out: Path, dp: str, task: str) -> None:
     """Inner mode: one simulation in this process (a fresh Ray), peak RSS sampled from a thread."""
     from rich.console import Console
 
@@ -95,8 +107,8 @@ def run_one(registered: int, sampled: int, work: Path, out: Path, dp: str) -> No
     from fedpgen.shared.model import build_model
     from fedpgen.shared.population import ensure_population
 
-    users = work / f"users-{registered}"
-    cfg = RunConfig.from_mapping({**WORKLOAD, "num-users": registered, "fraction-fit": sampled / registered,
+    users = population_dir(work, task, registered)
+    cfg = RunConfig.from_mapping({**workload(task), "num-users": registered, "fraction-fit": sampled / registered,
                                   "min-fit-clients": sampled, "eval-fraction": min(1.0, 4 / registered), "dp": dp,
                                   "run-dir": str(work / "run")})
     build = {}
@@ -107,8 +119,8 @@ def run_one(registered: int, sampled: int, work: Path, out: Path, dp: str) -> No
         shutil.rmtree(users, ignore_errors=True)
         (work / "build" / "users").rename(users)
         build["users GiB"] = du(users) / 2**30
-        (work / f"build-{registered}.json").write_text(json.dumps(build))
-    build = json.loads((work / f"build-{registered}.json").read_text())
+        (work / f"build-{users.name}.json").write_text(json.dumps(build))
+    build = json.loads((work / f"build-{users.name}.json").read_text())
     shutil.rmtree(work / "run", ignore_errors=True)
     (work / "run").mkdir()
     (work / "run" / "users").symlink_to(users)
@@ -144,6 +156,7 @@ def main() -> None:
                         help="REGISTEREDxSAMPLED per setting")
     parser.add_argument("--resident", choices=["on", "off", "both"], default="both")
     parser.add_argument("--dp", choices=["epsilon", "off"], default="epsilon", help="record-level DP-SGD")
+    parser.add_argument("--task", choices=["text", "behavior"], default="text", help="the synthetic population")
     parser.add_argument("--work", type=Path, default=ROOT / "runs" / "bench-scale",
                         help="populations (reused across invocations) and the run folder")
     parser.add_argument("--plain", action="store_true",
@@ -155,9 +168,9 @@ def main() -> None:
     if args.inner:
         registered, sampled, out = args.inner
         if args.inner_plain:
-            run_plain(int(registered), int(sampled), args.work, Path(out))
+            run_plain(int(registered), int(sampled), args.work, Path(out), args.task)
         else:
-            run_one(int(registered), int(sampled), args.work, Path(out), args.dp)
+            run_one(int(registered), int(sampled), args.work, Path(out), args.dp, args.task)
         return
     from rich.console import Console
     from rich.table import Table
@@ -167,7 +180,7 @@ def main() -> None:
     cols = ["round 1 devices", "round 2 devices", "round 1 s", "round 2 s", "updates/s", "compute share",
             "overhead core-s/update", "peak RSS GiB", "build s", "users GiB", "states GiB", "KiB up/device",
             "model KiB"]
-    table = Table(title=f"FedPGen scaling: synthetic text users, 5 + 5 steps, SecAgg+ off, dp={args.dp}, "
+    table = Table(title=f"FedPGen scaling: synthetic {args.task} users, 5 + 5 steps, SecAgg+ off, dp={args.dp}, "
                         f"{os.cpu_count()} cores")
     for c in ["registered", "sampled", "resident runtime", *cols]:
         table.add_column(c, justify="right")
@@ -180,11 +193,12 @@ def main() -> None:
         found = {}
         for mode, dp, plain in runs:
             label = f"{mode}, dp={dp}"
-            out = args.work / f"result-{setting}-{mode}-{dp}.json".replace(" ", "-")
+            out = args.work / f"result-{args.task}-{setting}-{mode}-{dp}.json".replace(" ", "-")
             env = {**os.environ, "FEDPGEN_RESIDENT_RUNTIME": "0" if mode == "off" else "1"}
             with (args.work / f"log-{out.stem}.txt").open("w") as log:
                 subprocess.run([sys.executable, __file__, "--inner", str(registered), str(sampled), str(out),
-                                "--work", str(args.work), "--dp", dp, *(["--inner-plain"] if plain else [])],
+                                "--work", str(args.work), "--dp", dp, "--task", args.task,
+                                *(["--inner-plain"] if plain else [])],
                                check=True, env=env, stdout=subprocess.DEVNULL, stderr=log)
             found[label] = r = json.loads(out.read_text())
             table.add_row(str(registered), str(sampled), label,

@@ -7,6 +7,13 @@ Training is kept short (2 DP-free local steps) so the protocol's own cost shows;
 with full local training is smaller. Prints a table; asserts nothing.
 
     python benchmarks/secagg.py [--sizes 10 50 100] [--set secagg-num-shares=0.2]
+    python benchmarks/secagg.py --shamir 11 15 31 101   # Flower's secret sharing alone, per device
+
+``--shamir``: the CPU cost of what SecAgg+ does per device and per round with Shamir's secret
+sharing (Flower's ``create_shares`` / ``combine_shares``, pycryptodome underneath), for
+neighbourhoods of k shares at the default threshold (0.6 k): each device splits two secrets
+(its pairwise private key and its self-mask seed) into k shares; the server combines one of
+them from threshold shares per device. Split grows about as k × threshold, combine as threshold².
 """
 
 from __future__ import annotations
@@ -17,6 +24,7 @@ import os
 import statistics
 import sys
 import tempfile
+import time
 from collections import defaultdict
 from pathlib import Path
 
@@ -55,11 +63,43 @@ def run(users: int, secure: bool, out: Path, extra: dict[str, str]) -> dict[str,
     return {"seconds": rounds[0]["seconds"], "bytes": statistics.mean(sent.values())}
 
 
+def shamir(neighbourhoods: list[int]) -> None:
+    """Print Flower's secret-sharing cost per device for each neighbourhood size (medians of 3)."""
+    from flwr.common.secure_aggregation.crypto.shamir import combine_shares, create_shares
+    from flwr.supercore.primitives.asymmetric import generate_key_pairs, private_key_to_bytes
+    from rich.console import Console
+    from rich.table import Table
+
+    secret_key = private_key_to_bytes(generate_key_pairs()[0])
+    table = Table(title="Shamir secret sharing in Flower's SecAgg+, CPU seconds per device per round")
+    for col in ("shares k", "threshold", "device: split both secrets", "server: combine one secret",
+                "server, 1,000 devices"):
+        table.add_column(col, justify="right")
+    for k in neighbourhoods:
+        t = max(2, round(0.6 * k))
+        split, combine = [], []
+        for _ in range(3):
+            start = time.process_time()
+            create_shares(secret_key, t, k)
+            shares = create_shares(os.urandom(32), t, k)
+            split.append(time.process_time() - start)
+            start = time.process_time()
+            combine_shares(shares[:t])
+            combine.append(time.process_time() - start)
+        table.add_row(str(k), str(t), f"{statistics.median(split):.3f}", f"{statistics.median(combine):.3f}",
+                      f"{statistics.median(combine) * 1000:.0f}")
+    Console(width=140).print(table)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--sizes", type=int, nargs="*", default=[10, 50, 100])
     parser.add_argument("--set", dest="sets", action="append", default=[], help="key=value override")
+    parser.add_argument("--shamir", type=int, nargs="*", help="only the secret-sharing cost for these share counts")
     args = parser.parse_args()
+    if args.shamir:
+        shamir(args.shamir)
+        return
     from rich.console import Console
     from rich.table import Table
 

@@ -7,6 +7,11 @@ are closed here: a round in which SecAgg+ halts (too few devices for the thresho
 dropouts, an even integer ``num_shares``) returns silently and keeps the old shared base —
 we raise instead; and ``num_shares`` is validated in the run config.
 
+A third is a cost trap: a fractional ``num_shares`` grows with the cohort, and each device's
+Shamir sharing (pycryptodome, pure Python) costs about shares × threshold; at 1,000 devices
+the default fraction gives 100 shares, 1.9 core-seconds per device per round. A fraction is
+capped at ``secagg-max-shares`` (``capped_shares``; docs/scale.md).
+
 Known limit, stated in the audit: Flower derives the masks with numpy's ``RandomState``
 seeded from 32 bits of the shared secret, weaker than its key agreement.
 """
@@ -46,6 +51,22 @@ def secagg_parameters(cfg: RunConfig) -> dict[str, float | int]:
         "max_weight": cfg.secagg_max_weight,
         "timeout": cfg.round_timeout or None,
     }
+
+
+def flower_shares(fraction: float, cohort: int) -> int:
+    """The shares Flower 1.42's ``SecAggPlusWorkflow.setup_stage`` derives from a fraction."""
+    shares = round(fraction * cohort)
+    if shares < cohort and shares % 2 == 0:
+        shares += 1
+    return cohort if shares <= 2 else shares
+
+
+def capped_shares(num_shares: float | int, cohort: int, cap: int) -> float | int:
+    """``num_shares`` for a round of ``cohort`` devices: a fraction that would give more than
+    ``cap`` shares becomes the integer ``cap`` (odd, >= 3); anything else is left to Flower."""
+    if isinstance(num_shares, int) or cap <= 0 or cap >= cohort or flower_shares(num_shares, cohort) <= cap:
+        return num_shares
+    return cap
 
 
 def check_masked_reply(content: RecordDict, *, shapes: list[tuple[int, ...]], modulus: int, max_weight: float,
@@ -107,12 +128,30 @@ class _SecAggPlus(SecAggPlusWorkflow):
     neighbourhood once key sharing is over.
     """
 
-    def __init__(self, strategy: SharedDeltaStrategy, **kwargs: float | int) -> None:
+    def __init__(self, strategy: SharedDeltaStrategy, *, max_shares: int, **kwargs: float | int) -> None:
         super().__init__(**kwargs)  # type: ignore[arg-type]
-        self.strategy = strategy
+        self.strategy, self.max_shares = strategy, max_shares
 
     def setup_stage(self, grid: Grid, context: Context, state: WorkflowState) -> bool:  # type: ignore[override]
-        ok = super().setup_stage(grid, context, state)  # type: ignore[arg-type]
+        # Flower derives the shares from ``self.num_shares`` right after the strategy has sampled
+        # the cohort, in this same call: the sampling sets the capped value for this round only.
+        strategy = context.strategy  # type: ignore[attr-defined]
+        configured, num_shares = strategy.configure_fit, self.num_shares
+
+        def configure_fit(*args: Any, **kwargs: Any) -> Any:
+            chosen = configured(*args, **kwargs)
+            self.num_shares = capped_shares(num_shares, len(chosen), self.max_shares)
+            if self.num_shares != num_shares:
+                log.info("SecAgg+: %d shares per device for %d devices (secagg-max-shares; the fraction %g would "
+                         "give %d)", self.num_shares, len(chosen), num_shares, flower_shares(num_shares, len(chosen)))
+            return chosen
+
+        strategy.configure_fit = configure_fit
+        try:
+            ok = super().setup_stage(grid, context, state)  # type: ignore[arg-type]
+        finally:
+            del strategy.configure_fit  # the class's method again
+            self.num_shares = num_shares
         refused = refusals_in(state.failures)  # devices refuse here, by node id (budget spent, no usable data)
         if refused:
             self.strategy.mark_refused(refused, self.strategy.last_configured_round)
@@ -141,7 +180,7 @@ class LoudSecAggPlus:
     """SecAgg+ as the fit workflow, raising when a configured round aggregated nothing."""
 
     def __init__(self, cfg: RunConfig, strategy: SharedDeltaStrategy) -> None:
-        self.inner = _SecAggPlus(strategy, **secagg_parameters(cfg))
+        self.inner = _SecAggPlus(strategy, max_shares=cfg.secagg_max_shares, **secagg_parameters(cfg))
         self.strategy = strategy
 
     def __call__(self, grid: Grid, context: Context) -> None:

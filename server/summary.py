@@ -99,7 +99,8 @@ def privacy_lines(run_dir: Path, rounds: list[dict[str, Any]], *, cfg: RunConfig
         lines.append(f"user-level DP ({cfg.user_dp} DP-FedAvg, S={cfg.user_clip}, "
                      f"z={cfg.user_noise_multiplier}): ε = {user_eps[-1] if user_eps else 0.0:.2f} per user")
     if cfg.secure_aggregation:
-        lines.append(f"secure aggregation (Flower SecAgg+, num-shares {cfg.secagg_num_shares:g}, threshold "
+        cap = f" capped at {cfg.secagg_max_shares}" if cfg.secagg_num_shares <= 1 and cfg.secagg_max_shares else ""
+        lines.append(f"secure aggregation (Flower SecAgg+, num-shares {cfg.secagg_num_shares:g}{cap}, threshold "
                      f"{cfg.secagg_threshold:g}): the server unmasked only the weighted sum of deltas. Still seen in "
                      "plaintext: each device's number of examples, its dp-* ledger fields, counts, timings and "
                      "final evaluation metrics. Assumes an honest-but-curious server; Flower seeds its masks from "

@@ -107,6 +107,7 @@ class RunConfig:
     user_noise_multiplier: float
     secure_aggregation: bool
     secagg_num_shares: float
+    secagg_max_shares: int
     secagg_threshold: float
     secagg_clip: float
     secagg_max_weight: float
@@ -189,8 +190,13 @@ class RunConfig:
         need(shares > 0 and (shares <= 1 or (shares.is_integer() and int(shares) % 2 == 1 and shares >= 3)),
              "secagg-num-shares", "a fraction in (0, 1] or an odd integer >= 3 (an even integer makes SecAgg+ "
              "fail every round silently)")
+        cap = self.secagg_max_shares
+        need(cap == 0 or (cap >= 3 and cap % 2 == 1), "secagg-max-shares",
+             "0 (no cap) or an odd integer >= 3 (an even one makes SecAgg+ fail every round silently)")
         need(threshold > 0 and (threshold < 1 or (threshold.is_integer() and (shares <= 1 or threshold <= shares))),
              "secagg-threshold", "a fraction in (0, 1) or an integer count <= secagg-num-shares")
+        need(threshold < 1 or shares > 1 or cap == 0 or threshold < cap, "secagg-threshold",
+             "an integer count must be below secagg-max-shares (the shares a capped fraction gives)")
         need(self.secagg_clip >= 0.0, "secagg-clip", "must be >= 0 (0 = derived)")
         need(self.secagg_max_weight >= 1.0, "secagg-max-weight", "must be >= 1")
         need(self.secagg_quantization >= 2**8, "secagg-quantization", "must be >= 256")

@@ -59,10 +59,27 @@ class RecordPlainDelta:
         return out
 
 
+class RecordSetup:
+    """Test instrumentation outside SecAgg+: writes the shares and threshold each device was told."""
+
+    def __init__(self, folder: str) -> None:
+        self.folder = folder
+
+    def __call__(self, msg: Message, ctxt: Context, call_next: ClientAppCallable) -> Message:
+        configs = msg.content.config_records.get(RECORD_KEY_CONFIGS) if msg.has_content() else None
+        if configs is not None and configs.get(Key.STAGE) == Stage.SETUP:
+            (Path(self.folder) / f"{msg.metadata.dst_node_id}.json").write_text(json.dumps(
+                {"shares": int(configs[Key.SHARE_NUMBER]), "threshold": int(configs[Key.THRESHOLD])}))
+        return call_next(msg, ctxt)
+
+
 def secagg_mods(tmp_path: Path, dropout: Dropout | None = None) -> tuple[list, list]:
-    """Outer mods see the protocol (dropouts); inner ones sit between SecAgg+ and the app (recorder)."""
-    (tmp_path / "plain").mkdir(exist_ok=True)
-    return [m for m in (dropout,) if m], [RecordPlainDelta(str(tmp_path / "plain"))]
+    """Outer mods see the protocol (dropouts, the setup each device gets); inner ones sit between
+    SecAgg+ and the app (recorder)."""
+    for sub in ("plain", "setup"):
+        (tmp_path / sub).mkdir(exist_ok=True)
+    outer = [m for m in (dropout, RecordSetup(str(tmp_path / "setup"))) if m]
+    return outer, [RecordPlainDelta(str(tmp_path / "plain"))]
 
 
 @pytest.fixture
@@ -100,16 +117,41 @@ def test_config_rejects_even_shares_and_a_threshold_above_the_shares() -> None:
     with pytest.raises(ValueError, match="'secagg-threshold'"):
         RunConfig.from_mapping({"secagg-num-shares": 5, "secagg-threshold": 7})
     RunConfig.from_mapping({"secagg-num-shares": 5, "secagg-threshold": 3})
+    with pytest.raises(ValueError, match="'secagg-max-shares'.*odd"):
+        RunConfig.from_mapping({"secagg-max-shares": 30})
+    with pytest.raises(ValueError, match="'secagg-threshold'.*below secagg-max-shares"):
+        RunConfig.from_mapping({"secagg-max-shares": 5, "secagg-threshold": 5})
+
+
+@pytest.mark.parametrize(("num_shares", "cohort", "cap", "expected"), [
+    (0.1, 1000, 31, 31),      # the default fraction at 1,000 devices: 101 shares, capped
+    (0.1, 100, 31, 0.1),      # 11 shares: under the cap, Flower derives them as before
+    (0.1, 1000, 0, 0.1),      # no cap
+    (1.0, 5, 3, 3),           # every device would hold shares of every other: capped
+    (1.0, 3, 3, 1.0),         # the cap is the cohort itself: nothing to cap
+    (15, 1000, 3, 15),        # an explicit integer is the operator's choice: never changed
+])
+def test_a_fraction_of_shares_is_capped(num_shares: float, cohort: int, cap: int, expected: float) -> None:
+    from fedpgen.server.secure_aggregation import capped_shares, flower_shares
+
+    # Flower 1.42's own rule: round, then odd; <= 2 means everyone
+    assert (flower_shares(0.1, 1000), flower_shares(0.1, 20), flower_shares(0.1, 14)) == (101, 3, 14)
+    got = capped_shares(num_shares, cohort, cap)
+    assert got == expected and type(got) is type(expected)
 
 
 def test_secure_aggregate_equals_plain_weighted_fedavg_within_the_quantization_bound(make_cfg, tmp_path: Path) -> None:
     # Without DP, so both runs compute the very same deltas (DP noise is secret: never the same twice)
-    plain_cfg = make_cfg(num_server_rounds=1, min_fit_clients=2, run_dir=str(tmp_path / "plain-run"), dp="off",
-                         secure_aggregation=False)
+    plain_cfg = make_cfg(num_users=5, num_server_rounds=1, min_fit_clients=2, run_dir=str(tmp_path / "plain-run"),
+                         dp="off", secure_aggregation=False)
     simulate(plain_cfg)
     theta0, plain = theta_before_after(plain_cfg)
-    cfg = make_cfg(num_server_rounds=1, min_fit_clients=2, run_dir=str(tmp_path / "secure"), dp="off")
+    # Five devices, each holding shares of all others (num-shares 1.0) but for the cap of 3.
+    cfg = make_cfg(num_users=5, num_server_rounds=1, min_fit_clients=2, run_dir=str(tmp_path / "secure"), dp="off",
+                   secagg_num_shares=1.0, secagg_max_shares=3)
     simulate(cfg, client_mods=secagg_mods(tmp_path))
+    told = [json.loads(f.read_text()) for f in sorted((tmp_path / "setup").glob("*.json"))]
+    assert told == [{"shares": 3, "threshold": 2}] * 5  # round(0.6 * 3) = 2 of 3, not 5 shares
     _, secure = theta_before_after(cfg)
     expected, weights, max_abs = plain_mean(tmp_path / "plain")
     bound = error_bound(num_clients=len(weights), weights=weights, clipping_range=cfg.secagg_clipping_range,
