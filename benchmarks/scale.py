@@ -1,7 +1,7 @@
 """Scaling benchmark: prints a table; asserts nothing (numbers are measured, not claimed).
 
 The workload of issue 14: synthetic text users (``--task behavior``: synthetic interaction
-logs), 5 shared + 5 personal steps per round,
+logs of 240-360 events), 5 shared + 5 personal steps per round,
 SecAgg+ off, 2 rounds; per setting (registered users × sampled per round) it reports:
 
 * population build time and disk (user folders; the sealed state-dirs of the devices that
@@ -67,7 +67,10 @@ def peak_rss_sampler() -> tuple[list[int], threading.Event]:
 
 
 def workload(task: str) -> dict[str, object]:
-    return {**WORKLOAD, "task": task}
+    """The benchmark workload for ``task``; behavior users keep simulations/behavior.toml's shape
+    (20-30 records of 12 events: 240-360 events per user)."""
+    shape = {"seq-len": 12, "min-records": 20} if task == "behavior" else {}
+    return {**WORKLOAD, "task": task, **shape}
 
 
 def population_dir(work: Path, task: str, registered: int) -> Path:

@@ -3,6 +3,7 @@ GPU share and Ray-cluster keys. (The resident runtime: tests/test_runtime.py.)""
 
 from __future__ import annotations
 
+import json
 import threading
 import time
 from pathlib import Path
@@ -151,3 +152,34 @@ def test_a_device_finds_its_folder_without_listing_the_population_per_message(ma
     # on every message before), listed again once the folder's entries changed
     assert found == [users[i % 3] for i in range(6)]
     assert after.name == "zz-new-user" and len(calls) == 2
+
+
+def test_the_behavior_population_is_written_one_user_at_a_time(make_cfg, tmp_path: Path, monkeypatch) -> None:
+    """100,000 users with hundreds of events each are gigabytes as Python objects: the folder of
+    each user is on disk before the next user is generated, and the users are those of ``users``."""
+    from fedpgen.shared.data import synthetic_behavior as synth
+    from fedpgen.shared.tasks.behavior import BehaviorTask
+
+    # Prepare
+    cfg = make_cfg(task="behavior", num_users=6, seq_len=8, min_records=10)
+    dest = tmp_path / "users"
+    dest.mkdir()
+    original = synth.iter_users
+    on_disk_before: list[bool] = []
+
+    def watched(**kwargs):  # type: ignore[no-untyped-def]
+        previous = None
+        for name, user in original(**kwargs):
+            on_disk_before.append(previous is None or (dest / previous / "profile.json").is_file())
+            previous = name
+            yield name, user
+
+    monkeypatch.setattr(synth, "iter_users", watched)
+    # Execute
+    written = BehaviorTask().materialize_users(cfg, dest)
+    # Assert
+    assert on_disk_before == [True] * 6 and len(written) == 6
+    expected = synth.users(num_users=6, events_per_user=(80, 120), seed=cfg.seed)
+    assert sorted(p.name for p in written) == sorted(expected)
+    first = sorted(expected)[0]
+    assert json.loads((dest / first / "profile.json").read_text()) == expected[first][1]

@@ -20,6 +20,7 @@ The generative story (so tests and simulations know what can be learned, and by 
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Iterator
 
 import numpy as np
 
@@ -71,12 +72,19 @@ def _cluster_tastes(world: World, seed: int) -> np.ndarray:
 def users(*, num_users: int, events_per_user: tuple[int, int], seed: int, world: World = World(),
           public: bool = False) -> dict[str, tuple[list[dict], dict[str, str]]]:
     """Generate ``{name: (events, profile)}``; events are dicts in timestamp order."""
+    return dict(iter_users(num_users=num_users, events_per_user=events_per_user, seed=seed, world=world,
+                           public=public))
+
+
+def iter_users(*, num_users: int, events_per_user: tuple[int, int], seed: int, world: World = World(),
+               public: bool = False) -> Iterator[tuple[str, tuple[list[dict], dict[str, str]]]]:
+    """``users`` one user at a time (the same users): a population of 100,000 users with
+    hundreds of events each is gigabytes as Python objects, one user is kilobytes."""
     genres = _genres(world, seed)
     pop = _popularity(world, seed, public=public)
     by_genre = [np.flatnonzero(genres == g) for g in range(world.num_genres)]
     within = [pop[idx] / pop[idx].sum() if idx.size else idx for idx in by_genre]
     tastes = _cluster_tastes(world, seed)
-    out: dict[str, tuple[list[dict], dict[str, str]]] = {}
     prefix = "public" if public else "user"
     for u in range(num_users):
         rng = np.random.default_rng([seed, 4, int(public), u])
@@ -106,6 +114,5 @@ def users(*, num_users: int, events_per_user: tuple[int, int], seed: int, world:
             events.append(event)
         region = _REGIONS[cluster % len(_REGIONS)] if rng.random() < 0.7 else _REGIONS[int(rng.integers(8))]
         profile = {"region": region, "age": _AGES[int(rng.integers(len(_AGES)))]}
-        out[f"{prefix}{u:04d}"] = (events, profile)
-    return out
+        yield f"{prefix}{u:04d}", (events, profile)
 

@@ -137,10 +137,10 @@ class BehaviorTask(Task, task="behavior"):
     # -- users ------------------------------------------------------------------------------
     def materialize_users(self, cfg: RunConfig, dest: Path) -> list[Path]:
         low = cfg.min_records * cfg.seq_len
-        population = synth.users(num_users=cfg.num_users, events_per_user=(low, low * 3 // 2), seed=cfg.seed)
+        population = synth.iter_users(num_users=cfg.num_users, events_per_user=(low, low * 3 // 2), seed=cfg.seed)
         write_catalog(dest / CATALOG_FILE, synth.catalog(synth.World(), cfg.seed))  # public, for reference
         written = []
-        for name, (events, profile) in population.items():
+        for name, (events, profile) in population:  # written one user at a time: memory bounded by one user
             write_log(dest / name, events)
             (dest / name / "profile.json").write_text(json.dumps(profile), encoding="utf-8")
             written.append(dest / name)
