@@ -9,7 +9,7 @@ we raise instead; and ``num_shares`` is validated in the run config.
 
 A third is a cost trap: a fractional ``num_shares`` grows with the cohort, and each device's
 Shamir sharing (pycryptodome, pure Python) costs about shares × threshold; at 1,000 devices
-the default fraction gives 100 shares, 1.9 core-seconds per device per round. A fraction is
+the default fraction gives 101 shares, about 2.3 CPU seconds per device per round. A fraction is
 capped at ``secagg-max-shares`` (``capped_shares``; docs/scale.md).
 
 Known limit, stated in the audit: Flower derives the masks with numpy's ``RandomState``
