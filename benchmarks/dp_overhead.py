@@ -143,6 +143,7 @@ def main() -> None:
         out = subprocess.run([sys.executable, __file__, "--memory", mode, "--steps", "10"], capture_output=True,
                              text=True, check=True).stdout
         mem[mode] = json.loads(out.strip().splitlines()[-1])["peak_kib"]
+
     def med(dp: bool, key: str) -> float:
         return statistics.median(t[key] for t in times[dp])
 

@@ -179,7 +179,7 @@ def test_the_behavior_population_is_written_one_user_at_a_time(make_cfg, tmp_pat
     written = BehaviorTask().materialize_users(cfg, dest)
     # Assert
     assert on_disk_before == [True] * 6 and len(written) == 6
-    expected = synth.users(num_users=6, events_per_user=(80, 120), seed=cfg.seed)
+    expected = dict(original(num_users=6, events_per_user=(80, 120), seed=cfg.seed))  # as synth.users gives
     assert sorted(p.name for p in written) == sorted(expected)
     first = sorted(expected)[0]
     assert json.loads((dest / first / "profile.json").read_text()) == expected[first][1]
