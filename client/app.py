@@ -4,7 +4,11 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import os
+import pickle
+import sys
 from collections.abc import Iterator, Mapping
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -121,4 +125,25 @@ def build_app(overrides: Mapping[str, Any] | None = None, mods: list[Mod] | None
                                                 secagg_when_asked, *(inner_mods or [])])
 
 
-app = build_app()
+
+SIMULATION_MODS_ENV = "FEDPGEN_SIMULATION_CLIENT_MODS"
+
+
+def simulation_mods() -> tuple[list[Mod], list[Mod]]:
+    """(outer, inner) mods that ``fedpgen.simulate.simulate(client_mods=...)`` hands the simulation
+    it starts (fault injection and instrumentation in tests): a pickle whose path is in
+    ``$FEDPGEN_SIMULATION_CLIENT_MODS``. Unset (always, on a deployed device): none. Whoever sets
+    the variable runs code in this process, so only the process that starts the run sets it."""
+    path = os.environ.get(SIMULATION_MODS_ENV)
+    if not path:
+        return [], []
+    outer, inner = pickle.loads(Path(path).read_bytes())
+    return list(outer), list(inner)
+
+
+if "flwr.server.superlink.fleet.vce.vce_api" in sys.modules:  # Flower's Simulation Engine is loading this app:
+    from fedpgen.simulation_engine import install_population_independent_poll
+
+    install_population_independent_poll()  # before it starts polling (fedpgen/simulation_engine.py)
+_outer, _inner = simulation_mods()
+app = build_app(mods=_outer, inner_mods=_inner)

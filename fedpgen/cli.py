@@ -60,7 +60,7 @@ def simulate(
     cfg = RunConfig.from_mapping(_overrides(config, set_, flags))
     require_backend(cfg.metrics_log)  # a missing tracking library stops here, before any pre-training
     with configure_logging(verbose):
-        summary = run(cfg, fresh=fresh, console=console)
+        summary = run(cfg, fresh=fresh, console=console, verbose=verbose)
     if summary["ended-short"] or summary["out-of-bounds-rounds"]:  # results exist, but not the run asked for
         raise typer.Exit(3)
 

@@ -114,7 +114,7 @@ def _need(path: Path | None, what: str) -> Path:
     return Path(path).resolve()
 
 
-def _exe(name: str) -> str:
+def flower_exe(name: str) -> str:
     """A Flower executable: next to this Python first (the project's venv), then on PATH."""
     local = Path(sys.executable).parent / name
     found = str(local) if local.is_file() else shutil.which(name)
@@ -127,7 +127,7 @@ def _exe(name: str) -> str:
 def superlink_command(*, certs: Path | None, database: Path, host: str = "127.0.0.1", port: int = 9092,
                       insecure: bool = False) -> list[str]:
     """``flower-superlink`` with TLS, node authentication and durable state (or ``--insecure``)."""
-    cmd = [_exe("flower-superlink"), "--database", str(Path(database).resolve()), "--host", host,
+    cmd = [flower_exe("flower-superlink"), "--database", str(Path(database).resolve()), "--host", host,
            "--port", str(port), "--disable-runtime-dependency-installation"]
     if insecure:
         return [*cmd, "--insecure"]  # Flower refuses node authentication without TLS
@@ -173,7 +173,7 @@ def supernode_command(*, superlink: str, ca: Path | None, key: Path | None, data
                  "--auth-supernode-private-key", str(_need(Path(key) if key else None, "SuperNode private key"))]
     if resident:
         return [sys.executable, "-m", "fedpgen.client.resident", "--", *args]
-    return [_exe("flower-supernode"), *args]
+    return [flower_exe("flower-supernode"), *args]
 
 
 def flwr_home(home: Path, *, superlink: str, ca: Path | None, insecure: bool = False) -> dict[str, str]:
@@ -201,14 +201,15 @@ def flower_env(home: Path) -> dict[str, str]:
 
 def register_node(public_key: Path, *, env: Mapping[str, str]) -> int:
     """Register a SuperNode's public key with the SuperLink; return its node id."""
-    out = subprocess.run([_exe("flwr"), "supernode", "register", str(Path(public_key).resolve()), CONNECTION,
+    out = subprocess.run([flower_exe("flwr"), "supernode", "register", str(Path(public_key).resolve()), CONNECTION,
                           "--format", "json"], env=dict(env), capture_output=True, text=True, timeout=120)
     if out.returncode != 0:
         raise RuntimeError(f"registering {public_key} failed: {(out.stdout + out.stderr).strip()[-800:]}")
     return int(_json(out.stdout)["node-id"])
 
 
-def _toml_value(value: Any) -> str:
+def cli_value(value: Any) -> str:
+    """A value as Flower's CLI reads ``key=value`` (``--run-config``, ``--federation-config``)."""
     if isinstance(value, bool):
         return str(value).lower()
     if isinstance(value, int | float):
@@ -220,8 +221,8 @@ def run_app(app_dir: Path, *, env: Mapping[str, str], run_config: Mapping[str, A
             timeout: float = 3600) -> tuple[int, str]:
     """``flwr run APP_DIR fedpgen --stream``; return (run id, output). Raises when the run did not
     finish as ``completed`` (``--stream`` alone exits 0 on a failed ServerApp)."""
-    cfg = " ".join(f"{k}={_toml_value(v)}" for k, v in run_config.items())
-    cmd = [_exe("flwr"), "run", str(Path(app_dir).resolve()), CONNECTION, "--stream"]
+    cfg = " ".join(f"{k}={cli_value(v)}" for k, v in run_config.items())
+    cmd = [flower_exe("flwr"), "run", str(Path(app_dir).resolve()), CONNECTION, "--stream"]
     if cfg:
         cmd += ["--run-config", cfg]
     out = subprocess.run(cmd, env=dict(env), capture_output=True, text=True, timeout=timeout)
@@ -237,7 +238,7 @@ def run_app(app_dir: Path, *, env: Mapping[str, str], run_config: Mapping[str, A
 
 
 def run_status(run_id: int, *, env: Mapping[str, str]) -> str:
-    out = subprocess.run([_exe("flwr"), "ls", CONNECTION, "--run-id", str(run_id), "--format", "json"],
+    out = subprocess.run([flower_exe("flwr"), "ls", CONNECTION, "--run-id", str(run_id), "--format", "json"],
                          env=dict(env), capture_output=True, text=True, timeout=120)
     return str(_json(out.stdout)["runs"][0]["status"])
 

@@ -4,26 +4,29 @@ Flower 1.42's engine (``flwr/server/superlink/fleet/vce/vce_api.py``, ``add_mess
 polls every 0.1 s for each *registered* node: ``state.get_message_ins(node_id, limit=1)``, which
 scans every pending message under the state's lock. A sweep costs nodes × pending messages:
 at 100,000 registered users and 100 sampled, 10⁷ checks per sweep, and the rounds of the same
-100 devices took 3.5× longer than at 10,000 users (docs/scale.md). ``population_independent_poll``
-swaps in a sweep that reads which nodes have undelivered messages in one pass and asks the
+100 devices took 3.5× longer than at 10,000 users (docs/scale.md). :func:`add_messages_to_queue`
+is a sweep that reads which nodes have undelivered messages in one pass and asks the
 state only for those: the same calls into Flower's state for the nodes that matter, each
 message still delivered once, by Flower's own ``get_message_ins``.
 
-Only the in-memory state of ``run_simulation`` keeps its messages in ``message_ins_store``;
+Only the in-memory state of Flower's simulation keeps its messages in ``message_ins_store``;
 with any other state the original sweep runs unchanged.
+
+Where: Flower's simulation process (``flwr-simulation``, started by the SuperLink for
+``fedpgen simulate`` and ``flwr run``) loads the ClientApp (``fedpgen.client.app``) in its main
+thread before it starts the engine's poll thread; importing that module there installs the
+sweep (:func:`install_population_independent_poll`), for the rest of that process, which
+runs one simulation.
 """
 
 from __future__ import annotations
 
-import contextlib
 import threading
-from collections.abc import Iterator, Mapping
+from collections.abc import Mapping
 from queue import Queue
 from typing import Any
 
 from flwr.server.superlink.fleet.vce import vce_api
-
-_ORIGINAL = vce_api.add_messages_to_queue
 
 
 def pending_nodes(state: Any) -> set[int] | None:
@@ -48,11 +51,6 @@ def add_messages_to_queue(state: Any, queue: Queue[Any], nodes_mapping: Mapping[
         f_stop.wait(0.1)
 
 
-@contextlib.contextmanager
-def population_independent_poll() -> Iterator[None]:
-    """Within this block, Flower's Simulation Engine polls only nodes that have messages."""
+def install_population_independent_poll() -> None:
+    """From now on, this process's Flower Simulation Engine polls only nodes that have messages."""
     vce_api.add_messages_to_queue = add_messages_to_queue
-    try:
-        yield
-    finally:
-        vce_api.add_messages_to_queue = _ORIGINAL

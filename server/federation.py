@@ -11,7 +11,7 @@ from flwr.server.workflow import DefaultWorkflow
 
 from fedpgen.server import checkpoint
 from fedpgen.server.metrics_log import metrics_logging
-from fedpgen.server.progress import RoundProgress
+from fedpgen.server.progress import EVENTS_FILE, RoundProgress
 from fedpgen.server.results import RunRecorder
 from fedpgen.server.secure_aggregation import LoudSecAggPlus
 from fedpgen.server.strategy import SharedDeltaStrategy
@@ -48,7 +48,8 @@ def _run(grid: Grid, context: Context, cfg: RunConfig) -> SharedDeltaStrategy:
     remaining = max(1, cfg.num_server_rounds - strategy.completed)
     legacy = LegacyContext(context=context, strategy=strategy,
                            config=ServerConfig(num_rounds=remaining, round_timeout=cfg.round_timeout or None))
-    with (RoundProgress(total_rounds=cfg.num_server_rounds, offset=strategy.completed) as progress,
+    with (RoundProgress(total_rounds=cfg.num_server_rounds, offset=strategy.completed,
+                        events=Path(cfg.run_dir) / EVENTS_FILE) as progress,
           metrics_logging(cfg, strategy)):  # docs/monitoring.md
         strategy.on_round_end = progress.round_recorded
         fit_workflow = LoudSecAggPlus(cfg, strategy) if cfg.secure_aggregation else None

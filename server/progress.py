@@ -6,6 +6,10 @@ pull loop with Flower's own timeout semantics, and tells a :class:`RoundProgress
 every reply as it arrives. The progress renders with ``rich`` when ``fedpgen simulate``
 asked for it (:func:`configure_logging`) and stderr is a terminal; otherwise, as under
 ``flwr run`` where the ServerApp's output is a log stream, it logs one line per stage.
+
+The ServerApp also appends every progress event to ``<run-dir>/progress.jsonl``
+(:data:`EVENTS_FILE`): ``fedpgen simulate`` runs the ServerApp in Flower's simulation process,
+not in its own, and draws the live display from that file (:func:`replay`).
 """
 
 from __future__ import annotations
@@ -13,11 +17,14 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import datetime
+import json
 import logging
 import os
 import sys
+import threading
 import time
 from collections.abc import Callable, Iterable, Iterator
+from pathlib import Path
 from types import TracebackType
 from typing import Any, Self
 
@@ -38,6 +45,7 @@ from fedpgen.shared.wire_transcript import stage_of
 log = logging.getLogger(__name__)
 
 _STAGE_NAMES = {"train": "fit", "evaluate": "evaluate"}
+EVENTS_FILE = "progress.jsonl"
 _DEFAULT_PULL_INTERVAL = 3.0  # Flower's gRPC grid sleeps 3 s between pulls; its in-memory grid has pull_interval
 
 
@@ -185,11 +193,16 @@ class RoundProgress:
         Where a live display goes; default stderr.
     clock
         Monotonic seconds (tests pass their own).
+    events
+        A file to write every event to, one JSON object a line, for :func:`replay` (started
+        afresh by each run).
     """
 
     def __init__(self, *, total_rounds: int, offset: int = 0, live: bool | None = None,
-                 console: Console | None = None, clock: Callable[[], float] = time.monotonic) -> None:
+                 console: Console | None = None, clock: Callable[[], float] = time.monotonic,
+                 events: Path | None = None) -> None:
         self.total_rounds, self.offset, self.clock = total_rounds, offset, clock
+        self._events_path, self._events = events, None
         self.console = console or Console(stderr=True)
         self.live = (_DISPLAY.live and self.console.is_terminal) if live is None else live
         self.round_seconds: list[float] = []  # finished rounds, in this process
@@ -202,7 +215,15 @@ class RoundProgress:
         self._rounds_bar = self._stage_bar = TaskID(0)
 
     # -- the live display ------------------------------------------------------------------
+    def _emit(self, event: str, **fields: Any) -> None:
+        if self._events is not None:
+            self._events.write(json.dumps({"event": event, **fields}) + "\n")
+            self._events.flush()
+
     def __enter__(self) -> Self:
+        if self._events_path is not None:
+            self._events = open(self._events_path, "w", encoding="utf-8")
+            self._emit("open", total_rounds=self.total_rounds, offset=self.offset)
         if self.live:
             self._progress = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
                                       TextColumn("{task.fields[unit]}"), TimeElapsedColumn(),
@@ -221,6 +242,10 @@ class RoundProgress:
         if self._progress is not None:
             self._progress.stop()
             self._progress = None
+        if self._events is not None:
+            self._emit("close")
+            self._events.close()
+            self._events = None
 
     def _refresh(self) -> None:
         if self._progress is None:
@@ -255,6 +280,7 @@ class RoundProgress:
         """
         if self._in_flight:
             self.round_finished()
+        self._emit("stage", server_round=server_round, stage=stage, total=total)
         now = self.clock()
         r = min(self.offset + server_round, self.total_rounds)  # a finished run resumed: its final evaluation
         if r != self.round:
@@ -274,11 +300,13 @@ class RoundProgress:
         """A device answered the stage in flight (``failed``: with an error)."""
         self.done += 1
         self.failed += int(failed)
+        self._emit("reply", failed=failed)
         self._refresh()
 
     def round_finished(self) -> StageResult:
         """The stage in flight is over (every device answered, or the timeout passed)."""
         self._in_flight = False
+        self._emit("finished")
         result = StageResult(server_round=self.round, stage=self.stage, done=self.done, failed=self.failed,
                              total=self.total, seconds=self.clock() - self._stage_start, eta=self.eta())
         self._refresh()
@@ -290,6 +318,7 @@ class RoundProgress:
 
     def round_recorded(self, row: dict[str, Any]) -> None:
         """The strategy recorded an aggregated round (its row of ``rounds.jsonl``)."""
+        self._emit("recorded", row={k: row.get(k) for k in ("round", "epsilon-max")})
         if self._progress is not None:
             eps = row.get("epsilon-max")
             self._progress.update(self._rounds_bar, completed=int(row["round"]),
@@ -298,6 +327,54 @@ class RoundProgress:
     def watch(self, grid: Grid) -> Grid:
         """``grid`` reporting each stage and reply to this progress."""
         return ProgressGrid(grid, self)  # type: ignore[return-value]
+
+
+def replay(events: Path, stop: threading.Event, *, console: Console | None = None, live: bool | None = None,
+           poll: float = 0.2) -> None:
+    """Show the progress another process writes to ``events`` (a :class:`RoundProgress` with
+    ``events``), as that process would on a terminal, until ``stop`` is set and the file is read."""
+    progress: RoundProgress | None = None
+    position, partial = 0, ""
+    try:
+        while True:
+            finishing = stop.is_set()
+            try:
+                with open(events, encoding="utf-8") as f:
+                    if f.seek(0, 2) < position:  # a new run started the file afresh
+                        position, partial = 0, ""
+                    f.seek(position)
+                    chunk = f.read()
+                    position = f.tell()
+            except FileNotFoundError:
+                chunk = ""
+            *lines, partial = (partial + chunk).split("\n")
+            for line in lines:
+                event = json.loads(line)
+                kind = event.pop("event")
+                if kind == "open":
+                    if progress is not None:
+                        progress.__exit__(None, None, None)
+                    progress = RoundProgress(total_rounds=event["total_rounds"], offset=event["offset"],
+                                             live=live, console=console).__enter__()
+                elif progress is None:
+                    continue
+                elif kind == "stage":
+                    progress.round_started(event["server_round"], event["stage"], event["total"])
+                elif kind == "reply":
+                    progress.reply(failed=event["failed"])
+                elif kind == "finished":
+                    progress.round_finished()
+                elif kind == "recorded":
+                    progress.round_recorded(event["row"])
+                elif kind == "close":
+                    progress.__exit__(None, None, None)
+                    progress = None
+            if finishing:
+                return
+            stop.wait(poll)
+    finally:
+        if progress is not None:
+            progress.__exit__(None, None, None)
 
 
 def stage_name(msg: Message) -> str:

@@ -186,6 +186,15 @@ def print_summary(run_dir: Path, names: dict[int, str] | None = None, console: C
     console = console or Console()
     summary = summarize(run_dir)
     names = user_names(run_dir) if names is None else names
+    render_summary(run_dir, summary, names=names, console=console)
+    from fedpgen.server.report import write_report  # it imports this module
+
+    console.print(f"report: {write_report(run_dir, summary=summary, names=names)}", highlight=False)
+    return summary
+
+
+def render_summary(run_dir: Path, summary: dict[str, Any], *, names: Mapping[int, str], console: Console) -> None:
+    """Print the results table and the privacy statement of ``summary`` (:func:`summarize`)."""
     task = TASKS[summary["task"]]
     p = task.primary
     direction = "higher" if task.higher_is_better else "lower"
@@ -233,7 +242,3 @@ def print_summary(run_dir: Path, names: dict[int, str] | None = None, console: C
         console.print(f"[{style}]{line}")
     if summary["ended-short"]:
         console.print(f"[bold red]{summary['ended-short']}")
-    from fedpgen.server.report import write_report  # it imports this module
-
-    console.print(f"report: {write_report(run_dir, summary=summary, names=names)}", highlight=False)
-    return summary

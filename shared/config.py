@@ -164,7 +164,8 @@ class RunConfig:
         need(self.server_optimizer in {"fedavg", "fedadam"}, "server-optimizer", "valid: fedavg, fedadam")
         need(self.server_lr > 0.0, "server-lr", "must be > 0")
         need(bool(self.run_dir), "run-dir", "must not be empty")
-        need(self.client_cpus > 0.0, "client-cpus", "must be > 0")
+        need(self.client_cpus >= 1 and float(self.client_cpus).is_integer(), "client-cpus",
+             "a whole number of CPUs >= 1 (Flower's federation config takes whole CPUs per virtual device)")
         need(self.client_gpus >= 0.0, "client-gpus", "must be >= 0 (0 = CPU only)")
         need(self.ray_address.strip() == self.ray_address and " " not in self.ray_address, "ray-address",
              "'auto', HOST:PORT of a Ray head, or empty")

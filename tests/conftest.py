@@ -6,7 +6,6 @@ simulation's link tapped, SecAgg+'s aggregate computed and its error bounded. Im
 from __future__ import annotations
 
 import os
-from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -18,10 +17,9 @@ os.environ.setdefault("FEDPGEN_CACHE", str(Path(__file__).resolve().parent.paren
 # Hypothesis caches constants of the code under test from collection on: keep it in that cache too.
 os.environ.setdefault("HYPOTHESIS_STORAGE_DIRECTORY", str(Path(os.environ["FEDPGEN_CACHE"]) / "hypothesis"))
 
-from fedpgen.shared.config import RunConfig  # noqa: E402
+from fedpgen.shared.config import RunConfig
 
 if TYPE_CHECKING:
-    from flwr.app import Message
 
     from fedpgen.client.device import Device
 
@@ -74,23 +72,14 @@ def device(cfg: RunConfig, index: int = 0, state: Path | None = None) -> Device:
     return Device(cfg, user_dir=users[index], state_dir=state or state_dir(cfg, users[index]), client_index=index)
 
 
-def watch_pulled_messages(monkeypatch: pytest.MonkeyPatch, on_message: Callable[[Message], None]) -> None:
-    """Call ``on_message`` with every message the server pulls from the link, as it arrives.
+def server_received(run_dir: Path) -> list:
+    """Every reply with content that the server received, as its wire transcript recorded it
+    (``wire-transcript = true``; the ServerApp runs in Flower's simulation process, not here)."""
+    from fedpgen.shared.wire_transcript import RUN_TRANSCRIPT_DIR, SERVER_STEM, UPLINK, WireEntry, read_transcript
 
-    Patches ``InMemoryGrid.pull_messages`` (the simulation's link); read what you need inside
-    ``on_message``: the workflow consumes the arrays once it converts a message."""
-    from flwr.superlink.grid.inmemory_grid import InMemoryGrid
-
-    original = InMemoryGrid.pull_messages
-
-    def pull(self: InMemoryGrid, message_ids: Iterable[str]) -> list[Message]:
-        messages = list(original(self, message_ids))
-        for msg in messages:
-            if msg.has_content():
-                on_message(msg)
-        return messages
-
-    monkeypatch.setattr(InMemoryGrid, "pull_messages", pull)
+    entries = list(read_transcript(Path(run_dir) / RUN_TRANSCRIPT_DIR / f"{SERVER_STEM}.jsonl"))
+    assert all(isinstance(e, WireEntry) for e in entries), [e for e in entries if not isinstance(e, WireEntry)]
+    return [e for e in entries if e.direction == UPLINK and e.error is None]
 
 
 def secagg_mean(deltas: list[list[np.ndarray]], weights: list[int], *, clipping_range: float,

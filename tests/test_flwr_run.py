@@ -14,7 +14,11 @@ import time
 from collections.abc import Iterator
 from pathlib import Path
 
+import cloudpickle
 import pytest
+from flwr.app import Context, Message
+from flwr.clientapp.typing import ClientAppCallable
+from flwr.common.secure_aggregation.secaggplus_constants import RECORD_KEY_CONFIGS, Key, Stage
 
 ROOT = Path(__file__).resolve().parent.parent
 BIN = Path(sys.executable).parent
@@ -106,3 +110,47 @@ def test_a_failed_flwr_run_says_why_and_the_check_exits_non_zero(tmp_path: Path,
     assert "num-supernodes=4" in out, out[-3000:]
     assert not (work / "runs" / "smoke" / "summary.json").exists()
     assert check.returncode != 0 and "no per-client results" in check.stdout + check.stderr
+
+
+class DropAtShareKeys:
+    """Every device disappears when asked to share its keys: SecAgg+ cannot finish, the run fails."""
+
+    def __call__(self, msg: Message, ctxt: Context, call_next: ClientAppCallable) -> Message:
+        configs = msg.content.config_records.get(RECORD_KEY_CONFIGS) if msg.has_content() else None
+        if configs is not None and configs.get(Key.STAGE) == Stage.SHARE_KEYS:
+            raise ConnectionError("dropped")
+        return call_next(msg, ctxt)
+
+
+def _superlink_pids() -> set[int]:
+    found = set()
+    for proc in Path("/proc").iterdir():
+        try:
+            if proc.name.isdigit() and b"flower-superlink" in (proc / "cmdline").read_bytes():
+                found.add(int(proc.name))
+        except OSError:
+            continue
+    return found
+
+
+def test_fedpgen_simulate_runs_through_flwr_run_and_a_failed_run_exits_non_zero(tmp_path: Path) -> None:
+    # Prepare: the smoke run, every device made to drop out of SecAgg+ (the simulation hook for tests)
+    mods = tmp_path / "mods.pkl"
+    mods.write_bytes(cloudpickle.dumps(([DropAtShareKeys()], [])))
+    env = {**os.environ, "FEDPGEN_SIMULATION_CLIENT_MODS": str(mods),
+           "PYTHONPATH": os.pathsep.join([str(Path(__file__).parent), *sys.path])}
+    before = _superlink_pids()
+    # Execute
+    proc = subprocess.run([str(BIN / "fedpgen"), "simulate", "--config", str(ROOT / "simulations" / "smoke.toml"),
+                           "--run-dir", str(tmp_path / "run")], cwd=tmp_path, env=env, capture_output=True,
+                          text=True, timeout=900, check=False)
+    out = proc.stdout + proc.stderr
+    # Assert: a non-zero exit that says why and where the whole log is; Flower's supported path
+    # (no deprecation notice), its SuperLink stopped
+    assert proc.returncode == 2, out[-3000:]
+    assert "finished:failed" in out and "secure aggregation halted" in out and "flower.log" in out
+    log = (tmp_path / "run" / "flower.log").read_text()
+    assert "Successfully started run" in log and "secure aggregation halted" in log
+    assert "DEPRECATED" not in out + log
+    assert not (tmp_path / "run" / "summary.json").exists()
+    assert _superlink_pids() <= before, "the run's SuperLink was left running"

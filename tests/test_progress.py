@@ -4,8 +4,10 @@ log-line fallback says devices done/total, seconds and an ETA that is right."""
 from __future__ import annotations
 
 import io
+import json
 import logging
 import os
+import threading
 import time
 from collections.abc import Iterable
 
@@ -20,6 +22,7 @@ from fedpgen.server.progress import (
     configure_logging,
     format_seconds,
     remaining_seconds,
+    replay,
     run_eta,
     stage_name,
 )
@@ -182,6 +185,34 @@ def test_live_display_shows_round_stage_and_devices() -> None:
         progress.round_finished()
     text = out.getvalue()
     assert "round 3/10 fit" in text and "5/8" in text and "devices" in text
+
+
+def test_the_servers_progress_is_drawn_by_the_process_that_started_the_run(tmp_path) -> None:
+    # fedpgen simulate: the ServerApp runs in Flower's simulation process and writes its events
+    events = tmp_path / "progress.jsonl"
+    out = io.StringIO()
+    stop = threading.Event()
+    shown = threading.Thread(target=replay, args=(events, stop),
+                             kwargs={"console": Console(file=out, force_terminal=True, width=120), "live": True,
+                                     "poll": 0.01})
+    shown.start()
+    # Execute: the ServerApp's side (no terminal there)
+    with RoundProgress(total_rounds=10, offset=2, live=False, events=events) as progress:
+        progress.round_started(1, "fit", 8)
+        for _ in range(5):
+            progress.reply()
+        progress.reply(failed=True)
+        time.sleep(0.2)
+        progress.round_finished()
+        progress.round_recorded({"round": 3, "epsilon-max": 1.5})
+    stop.set()
+    shown.join(10)
+    # Assert: drawn here as it would be there, to the last event
+    text = out.getvalue()
+    assert not shown.is_alive()
+    assert "round 3/10 fit (1 failed)" in text and "6/8" in text and "max ε 1.50" in text
+    assert [json.loads(line)["event"] for line in events.read_text().splitlines()] == \
+        ["open", "stage", *["reply"] * 6, "finished", "recorded", "close"]
 
 
 def test_in_a_process_without_logging_set_up_the_lines_reach_stdout() -> None:

@@ -4,6 +4,9 @@ GPU share and Ray-cluster keys. (The resident runtime: tests/test_runtime.py.)""
 from __future__ import annotations
 
 import json
+import os
+import subprocess
+import sys
 import threading
 import time
 from pathlib import Path
@@ -15,11 +18,11 @@ import pytest
 from conftest import Proxy
 from flwr.server.client_manager import SimpleClientManager
 
-from fedpgen.simulate import backend_config
-from fedpgen.simulation_engine import add_messages_to_queue, population_independent_poll
 from fedpgen.server.aggregation import RoundFailedError
 from fedpgen.server.results import RunRecorder
 from fedpgen.server.strategy import SharedDeltaStrategy
+from fedpgen.simulate import federation_config, flower_env
+from fedpgen.simulation_engine import add_messages_to_queue
 
 NAMES = ("w",)
 
@@ -103,33 +106,44 @@ def test_the_message_poll_asks_only_for_nodes_that_have_messages() -> None:
     assert set(state.asked) == {7, 99_999, 512}
 
 
-def test_the_poll_replacement_is_scoped_to_the_simulation() -> None:
-    from flwr.server.superlink.fleet.vce import vce_api
+def test_the_clientapp_installs_the_poll_in_flowers_simulation_process_only() -> None:
+    # Flower's simulation process (flwr-simulation: flwr.simulation.app) loads the ClientApp before
+    # its engine starts polling; a deployed device's ClientApp process never loads the engine.
+    check = ("import sys\n{before}import fedpgen.client.app\n"
+             "from flwr.server.superlink.fleet.vce import vce_api\n"
+             "from fedpgen.simulation_engine import add_messages_to_queue\n"
+             "print(vce_api.add_messages_to_queue is add_messages_to_queue)")
+    # Execute
+    got = {name: subprocess.run([sys.executable, "-c", check.format(before=before)], capture_output=True,
+                                text=True, check=True).stdout.strip()
+           for name, before in (("simulation", "import flwr.simulation.app\n"), ("device", ""))}
+    # Assert
+    assert got == {"simulation": "True", "device": "False"}
 
-    original = vce_api.add_messages_to_queue
-    with population_independent_poll():
-        assert vce_api.add_messages_to_queue is add_messages_to_queue
-    assert vce_api.add_messages_to_queue is original
 
-
-def test_gpu_share_and_ray_address_reach_flowers_backend(make_cfg) -> None:
-    # Prepare / Execute: the default, a GPU share, an existing cluster
-    default = backend_config(make_cfg())
-    gpu = backend_config(make_cfg(client_gpus=0.25, client_cpus=2.0, ray_address="auto"))
-    cluster = backend_config(make_cfg(ray_address="127.0.0.1:6379"))
-    # Assert: CPU only by default; the shares per virtual device; an address alone joins a cluster
-    assert default["client_resources"] == {"num_cpus": 1.0, "num_gpus": 0.0}
-    assert gpu["client_resources"] == {"num_cpus": 2.0, "num_gpus": 0.25}  # a cluster brings the GPUs
-    assert cluster["init_args"] == {"address": "127.0.0.1:6379"}
+def test_gpu_share_and_ray_address_reach_flowers_federation_config(make_cfg) -> None:
+    # Prepare / Execute: the default, a GPU share on a cluster, an existing cluster
+    default = federation_config(make_cfg(), 7)
+    gpu = federation_config(make_cfg(client_gpus=0.25, client_cpus=2.0, ray_address="auto"), 7)
+    cluster = make_cfg(ray_address="127.0.0.1:6379")
+    # Assert: one SuperNode per user, CPU only by default, Ray on this machine's CPUs; the shares
+    # per virtual device; an address alone joins a cluster (Ray reads RAY_ADDRESS; it brings its CPUs)
+    assert default == {"num-supernodes": 7, "client-resources-num-cpus": 1, "client-resources-num-gpus": 0.0,
+                       "init-args-num-cpus": os.cpu_count()}
+    assert gpu == {"num-supernodes": 7, "client-resources-num-cpus": 2, "client-resources-num-gpus": 0.25}
+    assert flower_env(cluster, None)["RAY_ADDRESS"] == "127.0.0.1:6379"
+    assert "RAY_ADDRESS" not in flower_env(make_cfg(), None)
     with pytest.raises(ValueError, match="client-gpus"):
         make_cfg(client_gpus=-1.0)
+    with pytest.raises(ValueError, match="client-cpus.*whole number"):
+        make_cfg(client_cpus=0.5)
 
 
 @pytest.mark.skipif(__import__("torch").cuda.is_available(), reason="checks the machine without a GPU")
 def test_a_gpu_share_without_a_gpu_is_a_clear_error_before_ray_starts(make_cfg) -> None:
     # Flower itself would stop with "ActorPool is empty" and leave the ServerApp waiting
     with pytest.raises(ValueError, match="client-gpus.*no GPU"):
-        backend_config(make_cfg(client_gpus=0.5))
+        federation_config(make_cfg(client_gpus=0.5), 3)
 
 
 def test_a_device_finds_its_folder_without_listing_the_population_per_message(make_cfg, monkeypatch) -> None:

@@ -9,22 +9,21 @@ from pathlib import Path
 import numpy as np
 import pytest
 import ray.cloudpickle
+from conftest import error_bound, server_received
 from flwr.app import Context, Message
 from flwr.clientapp.typing import ClientAppCallable
-from flwr.common import bytes_to_ndarray, ndarray_to_bytes, parameters_to_ndarrays
+from flwr.common import bytes_to_ndarray, ndarray_to_bytes, parameters_to_ndarrays, serde
 from flwr.common.secure_aggregation.quantization import dequantize
 from flwr.common.secure_aggregation.secaggplus_constants import RECORD_KEY_CONFIGS, Key, Stage
 from flwr.compat.common import recorddict_compat as compat
+from flwr.proto.recorddict_pb2 import RecordDict as ProtoRecordDict
 
-from fedpgen.simulate import simulate
 from fedpgen.server import checkpoint
-from fedpgen.server.strategy import RoundFailedError
 from fedpgen.shared.adapters import get_arrays
 from fedpgen.shared.config import RunConfig
 from fedpgen.shared.model import build_model
 from fedpgen.shared.privacy.ledger import PrivacyLedger
-
-from conftest import error_bound, watch_pulled_messages
+from fedpgen.simulate import RunFailedError, simulate
 
 pytestmark = pytest.mark.slow
 ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])  # the mods below run in Ray workers
@@ -82,17 +81,13 @@ def secagg_mods(tmp_path: Path, dropout: Dropout | None = None) -> tuple[list, l
     return outer, [RecordPlainDelta(str(tmp_path / "plain"))]
 
 
-@pytest.fixture
-def uploads(monkeypatch: pytest.MonkeyPatch) -> dict:
-    """Masked vectors the server receives (stage 2), by node id, serialized at arrival."""
-    got: dict[int, list[np.ndarray]] = {}
-
-    def keep(msg: Message) -> None:
-        cfg = msg.content.config_records.get(RECORD_KEY_CONFIGS)
+def masked_uploads(run_dir: Path) -> dict[int, list[np.ndarray]]:
+    """The masked vectors the server received (stage 2), by node id, from its wire transcript."""
+    got = {}
+    for entry in server_received(run_dir):
+        cfg = serde.recorddict_from_proto(ProtoRecordDict.FromString(entry.blob)).config_records.get(RECORD_KEY_CONFIGS)
         if cfg is not None and Key.MASKED_PARAMETERS in cfg:
-            got[msg.metadata.src_node_id] = [bytes_to_ndarray(b) for b in cfg[Key.MASKED_PARAMETERS]]
-
-    watch_pulled_messages(monkeypatch, keep)
+            got[entry.src] = [bytes_to_ndarray(b) for b in cfg[Key.MASKED_PARAMETERS]]
     return got
 
 
@@ -164,10 +159,10 @@ def test_secure_aggregate_equals_plain_weighted_fedavg_within_the_quantization_b
 
 
 @pytest.mark.parametrize(("stage", "dropped"), [(Stage.UNMASK, {1, 3}), (Stage.SHARE_KEYS, {2})])
-def test_the_round_completes_with_the_survivors_aggregate(make_cfg, tmp_path: Path, uploads: dict,
-                                                          stage: str, dropped: set[int]) -> None:
+def test_the_round_completes_with_the_survivors_aggregate(make_cfg, tmp_path: Path, stage: str,
+                                                          dropped: set[int]) -> None:
     cfg = make_cfg(num_users=5, num_server_rounds=1, min_fit_clients=2, run_dir=str(tmp_path / "run"), dp="sigma",
-                   dp_noise_multiplier=1.0, dp_epsilon=1000.0)
+                   dp_noise_multiplier=1.0, dp_epsilon=1000.0, wire_transcript=True)
     simulate(cfg, client_mods=secagg_mods(tmp_path, Dropout(dropped, stage)))
     theta0, theta1 = theta_before_after(cfg)
     expected, weights, max_abs = plain_mean(tmp_path / "plain")
@@ -179,6 +174,7 @@ def test_the_round_completes_with_the_survivors_aggregate(make_cfg, tmp_path: Pa
     for t0, t1, e in zip(theta0, theta1, expected):
         assert float(np.abs((t1 - t0) - e).max()) <= bound
     if stage == Stage.UNMASK:  # one device's masked upload, alone, says nothing about its delta
+        uploads = masked_uploads(Path(cfg.run_dir))
         node = next(iter(uploads))
         z = np.load(tmp_path / "plain" / f"{node}.npz")
         delta = np.concatenate([z[f"arr_{i}"].ravel() for i in range(len(z.files) - 1)])
@@ -193,7 +189,7 @@ def test_the_round_completes_with_the_survivors_aggregate(make_cfg, tmp_path: Pa
 
 def test_too_many_dropouts_fail_loudly_instead_of_keeping_the_old_base(make_cfg, tmp_path: Path) -> None:
     cfg = make_cfg(num_users=5, num_server_rounds=1, min_fit_clients=2, run_dir=str(tmp_path / "run"))
-    with pytest.raises(RoundFailedError, match="secure aggregation halted"):
+    with pytest.raises(RunFailedError, match="secure aggregation halted"):
         simulate(cfg, client_mods=secagg_mods(tmp_path, Dropout({0, 1, 2}, Stage.SHARE_KEYS)))
     assert not list((tmp_path / "run" / "checkpoints").glob("*.safetensors"))
 

@@ -1,7 +1,7 @@
 """End to end in Flower's Simulation Engine: nothing personal leaves a device; runs resume.
 
-Every payload the server receives is captured where the server pulls it from the link
-(``InMemoryGrid.pull_messages``), serialized exactly as Flower's wire format (protobuf).
+Every payload the server receives is read back from the server's wire transcript
+(``wire-transcript = true``): each reply's content exactly as serialized for Flower's wire (protobuf).
 """
 
 from __future__ import annotations
@@ -17,7 +17,7 @@ from flwr.proto.recorddict_pb2 import RecordDict as ProtoRecordDict
 from flwr.common.secure_aggregation.secaggplus_constants import RECORD_KEY_CONFIGS, Key
 from flwr.compat.common import recorddict_compat as compat
 
-from conftest import TASK_CASES, watch_pulled_messages
+from conftest import TASK_CASES, server_received
 from fedpgen.generate import generate
 from fedpgen.simulate import simulate
 from fedpgen.server.results import read_jsonl
@@ -48,26 +48,19 @@ def make_users(root: Path) -> dict[str, list[str]]:
     return docs
 
 
-@pytest.fixture
-def captured(monkeypatch: pytest.MonkeyPatch) -> list:
-    """(message type, the content as Flower's wire bytes) of every message the server receives."""
-    received: list = []
-    watch_pulled_messages(monkeypatch, lambda msg: received.append(
-        (msg.metadata.message_type, serde.recorddict_to_proto(msg.content).SerializeToString())))
-    return received
-
-
-def test_nothing_personal_reaches_the_server_and_a_run_resumes(make_cfg, tmp_path: Path, captured: list) -> None:
+def test_nothing_personal_reaches_the_server_and_a_run_resumes(make_cfg, tmp_path: Path) -> None:
     # Prepare
     docs = make_users(tmp_path / "users")
     # σ given directly with a generous budget, so that the second invocation may add a round
     privacy = {"dp": "sigma", "dp_noise_multiplier": 1.0, "dp_epsilon": 1000.0}
-    cfg = make_cfg(data="dir", data_dir=str(tmp_path / "users"), num_server_rounds=1, min_fit_clients=3, **privacy)
+    cfg = make_cfg(data="dir", data_dir=str(tmp_path / "users"), num_server_rounds=1, min_fit_clients=3,
+                   wire_transcript=True, **privacy)
     built = build_model(cfg)
     params = dict(built.model.named_parameters())
     # Execute
     summary = simulate(cfg)
-    # Assert: what the server received
+    # Assert: what the server received (its wire transcript: each reply's content, as serialized for the wire)
+    captured = [(e.message_type, e.blob) for e in server_received(Path(cfg.run_dir))]
     # SecAgg+ (the default): 4 protocol replies per device (keys, shares, masked vector, unmask) + 1 evaluation
     assert len(captured) == 5 * len(USERS)
     masked_stage = 0
@@ -97,7 +90,7 @@ def test_nothing_personal_reaches_the_server_and_a_run_resumes(make_cfg, tmp_pat
     ckpt1 = Path(cfg.run_dir) / "checkpoints" / "round_0001.safetensors"
     first_bytes = ckpt1.read_bytes()
     simulate(make_cfg(data="dir", data_dir=str(tmp_path / "users"), num_server_rounds=2, min_fit_clients=3,
-                      **privacy))
+                      wire_transcript=True, **privacy))
     assert [r["round"] for r in read_jsonl(Path(cfg.run_dir) / "rounds.jsonl")] == [1, 2]
     assert ckpt1.read_bytes() == first_bytes, "round 1 was not re-run"
     assert (Path(cfg.run_dir) / "checkpoints" / "round_0002.safetensors").is_file()
@@ -115,12 +108,11 @@ def test_nothing_personal_reaches_the_server_and_a_run_resumes(make_cfg, tmp_pat
     assert isinstance(personal, str) and len(personal) > 0 and personal != base
 
 
-def test_behavior_sequences_never_reach_the_server_and_bad_logs_are_reported(make_cfg, tmp_path: Path,
-                                                                             captured: list) -> None:
+def test_behavior_sequences_never_reach_the_server_and_bad_logs_are_reported(make_cfg, tmp_path: Path) -> None:
     task_case = {k.replace("-", "_"): v for k, v in TASK_CASES["behavior"].items()}
     # Prepare: three users, each re-playing a unique 12-item sequence; one more with an empty log
     cfg = make_cfg(data="dir", data_dir=str(tmp_path / "users"), num_server_rounds=1, min_fit_clients=3,
-                   dp="sigma", dp_noise_multiplier=1.0, dp_epsilon=1000.0, **task_case)
+                   dp="sigma", dp_noise_multiplier=1.0, dp_epsilon=1000.0, wire_transcript=True, **task_case)
     built = build_model(cfg)
     catalog = [json.loads(x)["item"] for x in (built.base_path / "catalog.jsonl").read_text().splitlines()]
     layout = built.task.layout
@@ -137,6 +129,7 @@ def test_behavior_sequences_never_reach_the_server_and_bad_logs_are_reported(mak
     (tmp_path / "users" / "zed" / "behavior.jsonl").write_text("")
     # Execute
     summary = simulate(cfg)
+    captured = [(e.message_type, e.blob) for e in server_received(Path(cfg.run_dir))]
     # Assert: no item sequence, id string or profile value on the wire, in any encoding
     assert len(captured) == 5 * len(USERS), "4 SecAgg+ replies and 1 evaluation per usable device"
     for _, wire in captured:
@@ -153,7 +146,7 @@ def test_behavior_sequences_never_reach_the_server_and_bad_logs_are_reported(mak
     assert 0.0 <= summary["median-hr10"]["personal"] <= 1.0
 
 
-def test_image_photos_never_reach_the_server(make_cfg, tmp_path: Path, captured: list) -> None:
+def test_image_photos_never_reach_the_server(make_cfg, tmp_path: Path) -> None:
     # Prepare: three users whose photos carry a unique pixel pattern; one more with no usable photo
     from PIL import Image
 
@@ -162,7 +155,7 @@ def test_image_photos_never_reach_the_server(make_cfg, tmp_path: Path, captured:
 
     cfg = make_cfg(task="image", data="dir", data_dir=str(tmp_path / "users"), num_server_rounds=1,
                    min_fit_clients=3, local_steps=2, personal_max_steps=2, heldout_fraction=0.25, val_fraction=0.0,
-                   dp="sigma", dp_noise_multiplier=1.0, dp_epsilon=1000.0)
+                   dp="sigma", dp_noise_multiplier=1.0, dp_epsilon=1000.0, wire_transcript=True)
     photos = {}
     for k, u in enumerate(USERS):
         rng = np.random.default_rng(100 + k)
@@ -176,6 +169,7 @@ def test_image_photos_never_reach_the_server(make_cfg, tmp_path: Path, captured:
     (tmp_path / "users" / "zed" / "faces" / "a.txt").write_text("no photo")
     # Execute
     summary = simulate(cfg)
+    captured = [(e.message_type, e.blob) for e in server_received(Path(cfg.run_dir))]
     # Assert: no PNG bytes, raw pixel rows or model-input tensors of any photo on the wire
     assert len(captured) == 5 * len(USERS)
     for _, wire in captured:
