@@ -23,9 +23,9 @@ from collections import deque
 from pathlib import Path
 from typing import Any
 
-import cloudpickle
 import tomli_w
 from flwr.clientapp.typing import Mod
+from ray import cloudpickle
 from rich.console import Console
 
 from fedpgen.client.app import SIMULATION_MODS_ENV

@@ -14,11 +14,11 @@ import time
 from collections.abc import Iterator
 from pathlib import Path
 
-import cloudpickle
 import pytest
 from flwr.app import Context, Message
 from flwr.clientapp.typing import ClientAppCallable
 from flwr.common.secure_aggregation.secaggplus_constants import RECORD_KEY_CONFIGS, Key, Stage
+from ray import cloudpickle
 
 ROOT = Path(__file__).resolve().parent.parent
 BIN = Path(sys.executable).parent
