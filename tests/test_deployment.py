@@ -157,6 +157,7 @@ def federation(tmp_path_factory: pytest.TempPathFactory):  # type: ignore[no-unt
             proc.kill()
 
 
+@pytest.mark.long  # about 3 min; CI keeps test_an_unregistered_key_and_a_node_without_the_ca_are_refused
 def test_a_tls_federation_survives_a_killed_supernode(federation) -> None:  # type: ignore[no-untyped-def]
     f = federation
     state0 = f["root"] / "states" / "user0"

@@ -153,4 +153,5 @@ def test_fedpgen_simulate_runs_through_flwr_run_and_a_failed_run_exits_non_zero(
     assert "Successfully started run" in log and "secure aggregation halted" in log
     assert "DEPRECATED" not in out + log
     assert not (tmp_path / "run" / "summary.json").exists()
+    assert not list((tmp_path / "run" / "checkpoints").glob("*.safetensors")), "a halted round kept no base"
     assert _superlink_pids() <= before, "the run's SuperLink was left running"

@@ -158,7 +158,8 @@ def test_secure_aggregate_equals_plain_weighted_fedavg_within_the_quantization_b
     assert max(float(np.abs(s - t0).max()) for t0, s in zip(theta0, secure)) > 10 * bound, "a real update"
 
 
-@pytest.mark.parametrize(("stage", "dropped"), [(Stage.UNMASK, {1, 3}), (Stage.SHARE_KEYS, {2})])
+@pytest.mark.parametrize(("stage", "dropped"), [(Stage.UNMASK, {1, 3}),
+                                               pytest.param(Stage.SHARE_KEYS, {2}, marks=pytest.mark.long)])
 def test_the_round_completes_with_the_survivors_aggregate(make_cfg, tmp_path: Path, stage: str,
                                                           dropped: set[int]) -> None:
     cfg = make_cfg(num_users=5, num_server_rounds=1, min_fit_clients=2, run_dir=str(tmp_path / "run"), dp="sigma",
@@ -187,6 +188,7 @@ def test_the_round_completes_with_the_survivors_aggregate(make_cfg, tmp_path: Pa
         assert np.linalg.norm(decoded - delta) > 10 * np.linalg.norm(delta)  # measured: about 66x
 
 
+@pytest.mark.long  # CI: test_flwr_run.py halts SecAgg+ the same way, through the CLI, and checks the same
 def test_too_many_dropouts_fail_loudly_instead_of_keeping_the_old_base(make_cfg, tmp_path: Path) -> None:
     cfg = make_cfg(num_users=5, num_server_rounds=1, min_fit_clients=2, run_dir=str(tmp_path / "run"))
     with pytest.raises(RunFailedError, match="secure aggregation halted"):
@@ -194,6 +196,7 @@ def test_too_many_dropouts_fail_loudly_instead_of_keeping_the_old_base(make_cfg,
     assert not list((tmp_path / "run" / "checkpoints").glob("*.safetensors"))
 
 
+@pytest.mark.long  # CI: the budget-exhaustion run of test_budget_integrity.py (plain FedAvg)
 def test_devices_out_of_budget_refuse_inside_secagg_and_training_stops_cleanly(make_cfg, tmp_path: Path) -> None:
     from fedpgen.client.device import Device
     from fedpgen.shared.population import ensure_population

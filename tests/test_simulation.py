@@ -108,6 +108,7 @@ def test_nothing_personal_reaches_the_server_and_a_run_resumes(make_cfg, tmp_pat
     assert isinstance(personal, str) and len(personal) > 0 and personal != base
 
 
+@pytest.mark.long  # CI: the text canary above; the behavior reader's bad lines: test_behavior.py, test_bad_input.py
 def test_behavior_sequences_never_reach_the_server_and_bad_logs_are_reported(make_cfg, tmp_path: Path) -> None:
     task_case = {k.replace("-", "_"): v for k, v in TASK_CASES["behavior"].items()}
     # Prepare: three users, each re-playing a unique 12-item sequence; one more with an empty log
@@ -146,6 +147,7 @@ def test_behavior_sequences_never_reach_the_server_and_bad_logs_are_reported(mak
     assert 0.0 <= summary["median-hr10"]["personal"] <= 1.0
 
 
+@pytest.mark.long  # CI: the text canary above; what an image device sends: test_image.py
 def test_image_photos_never_reach_the_server(make_cfg, tmp_path: Path) -> None:
     # Prepare: three users whose photos carry a unique pixel pattern; one more with no usable photo
     from PIL import Image
