@@ -125,7 +125,6 @@ def build_app(overrides: Mapping[str, Any] | None = None, mods: list[Mod] | None
                                                 secagg_when_asked, *(inner_mods or [])])
 
 
-
 SIMULATION_MODS_ENV = "FEDPGEN_SIMULATION_CLIENT_MODS"
 
 

@@ -12,7 +12,6 @@ table and exits non-zero when the run failed (docs/flwr-run.md).
 from __future__ import annotations
 
 import json
-import logging
 import os
 import re
 import secrets
@@ -35,8 +34,6 @@ from fedpgen.server.summary import render_summary
 from fedpgen.shared.config import RunConfig
 from fedpgen.shared.locking import SHARE_ENV, exclusive
 from fedpgen.superlink import RunOutcome, app_folder, superlink
-
-log = logging.getLogger(__name__)
 
 LOG_FILE = "flower.log"  # the run's whole log stream, in the run folder
 _LEVEL = re.compile(r"^(?:\x1b\[[0-9;]*m)?(WARNING|ERROR|CRITICAL)\b")  # the simulation process's own warnings
@@ -64,7 +61,7 @@ def federation_config(cfg: RunConfig, users: int) -> dict[str, Any]:
     return config
 
 
-def flower_env(cfg: RunConfig, mods_file: Path | None) -> dict[str, str]:
+def simulation_env(cfg: RunConfig, mods_file: Path | None) -> dict[str, str]:
     """What the SuperLink and the simulation it starts need in their environment."""
     env = {"RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO": "0"}  # silence a Ray FutureWarning
     if cfg.ray_address:
@@ -108,7 +105,7 @@ def simulate(cfg: RunConfig, *, fresh: bool = False, console: Console | None = N
         stop = threading.Event()
         display = threading.Thread(target=replay, args=(run_dir / EVENTS_FILE, stop), name="fedpgen-progress",
                                    daemon=True)
-        with superlink(cwd=Path.cwd(), env={**flower_env(cfg, mods_file), SHARE_ENV: share}) as link:
+        with superlink(cwd=Path.cwd(), env={**simulation_env(cfg, mods_file), SHARE_ENV: share}) as link:
             display.start()
             try:
                 outcome = link.run(app, run_config, federation, cwd=Path.cwd(),

@@ -12,8 +12,9 @@ SuperLink per run (docs/flwr-run.md):
    --stream``, with a Flower home (``FLWR_HOME``) whose one connection is that SuperLink; each
    line of the run's log goes to a callback and to ``<run-dir>/flower.log``;
 3. ``flwr ls fedpgen --run-id ID --format json`` says how the run ended;
-4. the SuperLink's process group is stopped: the simulation process (ServerApp, Simulation
-   Engine, Ray) goes with it.
+4. the SuperLink is stopped (its process group); Flower's SuperExec and the simulation process
+   it started (ServerApp, Simulation Engine, Ray), which run in a session of their own, have
+   ended with the run, or follow their parent by Flower's own parent-process monitor.
 
 The app Flower packs (its FAB) is the project's ``pyproject.toml`` alone: the ServerApp and
 ClientApp components it names are imported from the installed ``fedpgen``, the code this process
@@ -121,7 +122,7 @@ def _healthy(port: int) -> bool:
 
 @contextlib.contextmanager
 def superlink(*, cwd: Path, env: Mapping[str, str] | None = None) -> Iterator[SuperLink]:
-    """A SuperLink in simulation mode for the block, then stopped with everything it started."""
+    """A SuperLink in simulation mode for the block, then stopped (module docstring, step 4)."""
     home = Path(tempfile.mkdtemp(prefix="fedpgen-flwr-"))
     port = free_port()
     full_env = {**flwr_home(home, superlink=f"127.0.0.1:{port}", ca=None, insecure=True), **(env or {})}

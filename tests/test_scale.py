@@ -21,7 +21,7 @@ from flwr.server.client_manager import SimpleClientManager
 from fedpgen.server.aggregation import RoundFailedError
 from fedpgen.server.results import RunRecorder
 from fedpgen.server.strategy import SharedDeltaStrategy
-from fedpgen.simulate import federation_config, flower_env
+from fedpgen.simulate import federation_config, simulation_env
 from fedpgen.simulation_engine import add_messages_to_queue
 
 NAMES = ("w",)
@@ -131,8 +131,8 @@ def test_gpu_share_and_ray_address_reach_flowers_federation_config(make_cfg) -> 
     assert default == {"num-supernodes": 7, "client-resources-num-cpus": 1, "client-resources-num-gpus": 0.0,
                        "init-args-num-cpus": os.cpu_count()}
     assert gpu == {"num-supernodes": 7, "client-resources-num-cpus": 2, "client-resources-num-gpus": 0.25}
-    assert flower_env(cluster, None)["RAY_ADDRESS"] == "127.0.0.1:6379"
-    assert "RAY_ADDRESS" not in flower_env(make_cfg(), None)
+    assert simulation_env(cluster, None)["RAY_ADDRESS"] == "127.0.0.1:6379"
+    assert "RAY_ADDRESS" not in simulation_env(make_cfg(), None)
     with pytest.raises(ValueError, match="client-gpus"):
         make_cfg(client_gpus=-1.0)
     with pytest.raises(ValueError, match="client-cpus.*whole number"):
