@@ -42,7 +42,7 @@ from fedpgen.shared.adapters import set_arrays, set_tensors
 from fedpgen.shared.data.user_folder import read_profile
 from fedpgen.shared.presets import PERSONAL, SHARED
 from fedpgen.shared.tasks.cache import MARKER
-from fedpgen.shared.tasks.text import profile_prefix
+from fedpgen.shared.tasks.text import context_budget, profile_prefix
 from fedpgen.shared.tasks.text_tokenizer import BYTE_TOKENIZER_FILE, load_tokenizer
 
 FORMAT = 1
@@ -208,8 +208,15 @@ class _CausalLMParts:
             tok = load_tokenizer(d.base_path)
             prefix, _ = profile_prefix(tok, profile, d.cfg.seq_len)
             byte_level = (Path(d.base_path) / BYTE_TOKENIZER_FILE).is_file()
-            return {"tokenizer": "bytes" if byte_level else "transformers", "prompt-prefix-ids": prefix,
-                    "pad-token-id": tok.pad_id, "sampling": {**TEXT_SAMPLING, "do_sample": True}}
+            out = {"tokenizer": "bytes" if byte_level else "transformers", "prompt-prefix-ids": prefix,
+                   "pad-token-id": tok.pad_id, "sampling": {**TEXT_SAMPLING, "do_sample": True}}
+            if d.cfg.retrieval_k:  # the user's documents stay on the device: the export never holds them
+                out["retrieval"] = {"k": d.cfg.retrieval_k, "context-tokens": context_budget(d.cfg.seq_len,
+                                                                                             d.cfg.retrieval_k),
+                                    "note": "trained with the user's most similar other documents between the "
+                                            "prefix and the text; this export holds none: prompts get the "
+                                            "profile prefix only (fedpgen generate retrieves on the device)"}
+            return out
         from fedpgen.shared.tasks.behavior import TOP_K
 
         layout = d.task._layout(d.base_path)

@@ -18,7 +18,7 @@ from fedpgen.server import checkpoint
 from fedpgen.server.results import read_config
 from fedpgen.shared.adapters import active, set_arrays, set_tensors
 from fedpgen.shared.config import RunConfig
-from fedpgen.shared.data.user_folder import read_profile
+from fedpgen.shared.data.user_folder import read_documents, read_profile
 from fedpgen.shared.population import ensure_population
 
 VARIANTS = ("personal", "shared", "base")  # shared+personal (the product), shared-only, the base model
@@ -84,7 +84,8 @@ def generate(run_dir: Path, user: str, prompt: str, *, variant: str = "personal"
     d, user_dir = loaded.device, loaded.user_dir
     torch.manual_seed(seed)
     kwargs = {"dest": out or Path(run_dir) / "generated" / user / variant, "n": count, "seed": seed,
-              "profile": read_profile(user_dir)[0], "bindings": d.data.bindings, "subject": subject}
+              "profile": read_profile(user_dir)[0], "bindings": d.data.bindings, "subject": subject,
+              "history": read_documents(user_dir)[0] if loaded.cfg.retrieval_k else []}
     if variant == "base":
         with d.model.disable_adapter():
             return d.task.generate(d.model, d.base_path, prompt, **kwargs)

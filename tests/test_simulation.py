@@ -12,20 +12,20 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from conftest import TASK_CASES, server_received
 from flwr.common import bytes_to_ndarray, serde
-from flwr.proto.recorddict_pb2 import RecordDict as ProtoRecordDict
 from flwr.common.secure_aggregation.secaggplus_constants import RECORD_KEY_CONFIGS, Key
 from flwr.compat.common import recorddict_compat as compat
+from flwr.proto.recorddict_pb2 import RecordDict as ProtoRecordDict
 
-from conftest import TASK_CASES, server_received
 from fedpgen.generate import generate
-from fedpgen.simulate import simulate
 from fedpgen.server.results import read_jsonl
 from fedpgen.shared.model import build_model
 from fedpgen.shared.privacy.ledger import PrivacyLedger
-from fedpgen.shared.tasks import NoUsableDataError
 from fedpgen.shared.store import DeviceStore
+from fedpgen.shared.tasks import NoUsableDataError
 from fedpgen.shared.wire import FIT_METRICS, eval_metrics
+from fedpgen.simulate import simulate
 
 pytestmark = pytest.mark.slow
 
@@ -51,8 +51,9 @@ def make_users(root: Path) -> dict[str, list[str]]:
 def test_nothing_personal_reaches_the_server_and_a_run_resumes(make_cfg, tmp_path: Path) -> None:
     # Prepare
     docs = make_users(tmp_path / "users")
-    # σ given directly with a generous budget, so that the second invocation may add a round
-    privacy = {"dp": "sigma", "dp_noise_multiplier": 1.0, "dp_epsilon": 1000.0}
+    # σ given directly with a generous budget, so that the second invocation may add a round;
+    # retrieval over each user's own documents on: what it reads must not reach the wire either
+    privacy = {"dp": "sigma", "dp_noise_multiplier": 1.0, "dp_epsilon": 1000.0, "retrieval_k": 2}
     cfg = make_cfg(data="dir", data_dir=str(tmp_path / "users"), num_server_rounds=1, min_fit_clients=3,
                    wire_transcript=True, **privacy)
     built = build_model(cfg)

@@ -6,6 +6,11 @@ user's profile line, cut to a quarter of the record (``profile_prefix``; generat
 with the same prefix). The split is done on the device, deterministically per user:
 held-out first, then validation for early stopping of the personal part; held-out records
 are never trained on.
+
+With ``retrieval-k = K > 0`` a record also holds, after the profile, the first tokens of
+the user's K most similar other documents (``shared/tasks/retrieval.py``; a quarter of the
+record): they condition the model and are never scored, and only training text is ever
+retrieved. Generation retrieves the same way from the user's documents, by the prompt.
 """
 
 from __future__ import annotations
@@ -24,6 +29,7 @@ from fedpgen.shared.data import shakespeare, synthetic_text
 from fedpgen.shared.data.safe_read import UserBudget
 from fedpgen.shared.data.user_folder import read_documents, read_profile, write_user
 from fedpgen.shared.tasks.base import NoUsableDataError, Task, UserData
+from fedpgen.shared.tasks.retrieval import History, context_ids
 from fedpgen.shared.tasks.text_base import ensure_base
 from fedpgen.shared.tasks.text_tokenizer import Tokenizer, load_tokenizer
 
@@ -33,6 +39,15 @@ if TYPE_CHECKING:
 _MIN_RECORD_TOKENS = 8
 EVAL_BATCH = 64
 PROFILE_SHARE = 4  # the profile prefix takes at most 1/PROFILE_SHARE of a record's tokens
+RETRIEVAL_SHARE = 4  # with retrieval-k > 0, the retrieved context takes 1/RETRIEVAL_SHARE of a record
+# A retrieved token is stored in a record as its id + CONTEXT_OFFSET: the model reads it as its id,
+# the loss never scores it (the record stays one row of ids; no tokenizer has 2^30 tokens).
+CONTEXT_OFFSET = 1 << 30
+
+
+def context_budget(seq_len: int, k: int) -> int:
+    """Tokens of a record reserved for retrieved context: 0 without retrieval."""
+    return seq_len // RETRIEVAL_SHARE if k > 0 else 0
 
 
 def split_records(records: torch.Tensor, *, key: str, heldout: float, val: float) -> tuple[torch.Tensor, ...]:
@@ -49,6 +64,7 @@ def split_records(records: torch.Tensor, *, key: str, heldout: float, val: float
 class TextTask(Task, task="text"):
     pad_id = -1  # set by load_base from the checkpoint's tokenizer
     seq_len = 0  # set by read_user: generation cuts the profile prefix as the records did
+    retrieval_k = 0  # set by read_user: generation retrieves from the user's history as the records did
 
     def base_model_path(self, cfg: RunConfig) -> Path:
         if cfg.base_model:
@@ -80,30 +96,62 @@ class TextTask(Task, task="text"):
         texts, doc_skipped = read_documents(user_dir, budget=budget)
         counts = Counter(skipped) + Counter(doc_skipped)
         tok = load_tokenizer(base_path)
-        self.seq_len = cfg.seq_len
+        self.seq_len, self.retrieval_k = cfg.seq_len, cfg.retrieval_k
         prefix, cut = profile_prefix(tok, profile, cfg.seq_len)
         if cut:
             counts["truncated-profile"] += 1
-        text_len = cfg.seq_len - len(prefix)  # >= 3/4 of the record: the prefix is cut to fit
-        windows: list[list[int]] = []
-        for text in texts:
-            ids = tok.encode(text)
-            for start in range(0, len(ids), text_len):
-                chunk = prefix + ids[start : start + text_len]
-                if len(chunk) - len(prefix) >= _MIN_RECORD_TOKENS:
-                    windows.append(chunk + [tok.pad_id] * (cfg.seq_len - len(chunk)))
-        if len(windows) < 3:
-            raise NoUsableDataError(f"user {user_dir.name}: {len(windows)} usable records (need >= 3); "
+        budget = context_budget(cfg.seq_len, cfg.retrieval_k)
+        text_len = cfg.seq_len - len(prefix) - budget  # >= 1/2 of the record: prefix and context are cut to fit
+        docs = [tok.encode(text) for text in texts]
+        chunks = [(d, start) for d, ids in enumerate(docs) for start in range(0, len(ids), text_len)
+                  if len(ids[start : start + text_len]) >= _MIN_RECORD_TOKENS]
+        if len(chunks) < 3:
+            raise NoUsableDataError(f"user {user_dir.name}: {len(chunks)} usable records (need >= 3); "
                                     f"skipped {dict(counts) or 'nothing'}")
-        records = torch.tensor(windows, dtype=torch.long)
-        train, val, held = split_records(records, key=user_dir.name, heldout=cfg.heldout_fraction,
-                                         val=cfg.val_fraction)
+        # The split is of chunk indices (the same per-user shuffle as of the records themselves):
+        # the retrieval pool is then built from training chunks only, so held-out text is never context.
+        train_i, val_i, held_i = split_records(torch.arange(len(chunks)), key=user_dir.name,
+                                               heldout=cfg.heldout_fraction, val=cfg.val_fraction)
+        contexts = self._contexts(tok, docs, chunks, torch.cat([train_i, val_i]).tolist(), text_len=text_len,
+                                  budget=budget, k=cfg.retrieval_k)
+
+        def record(i: int) -> list[int]:
+            d, start = chunks[i]
+            ids = prefix + [t + CONTEXT_OFFSET for t in contexts[i]] + docs[d][start : start + text_len]
+            return ids + [tok.pad_id] * (cfg.seq_len - len(ids))
+
+        train, val, held = (torch.tensor([record(i) for i in part.tolist()], dtype=torch.long).view(-1, cfg.seq_len)
+                            for part in (train_i, val_i, held_i))
         return UserData(train=train, val=val, heldout=held, skipped=dict(counts))
 
+    @staticmethod
+    def _contexts(tok: Tokenizer, docs: list[list[int]], chunks: list[tuple[int, int]], pool: list[int], *,
+                  text_len: int, budget: int, k: int) -> list[list[int]]:
+        """Per chunk, the retrieved context's token ids ([] without retrieval).
+
+        The pool is the text of the chunks in ``pool`` (training and validation ones), per
+        document; a chunk's query is the text before it in its own document (what the user
+        had written so far), and its own document is never retrieved."""
+        if k <= 0:
+            return [[] for _ in chunks]
+        pooled: list[list[int]] = [[] for _ in docs]
+        for i in sorted(pool, key=lambda i: chunks[i]):
+            d, start = chunks[i]
+            pooled[d] += docs[d][start : start + text_len]
+        history = History([tok.decode(ids) for ids in pooled])
+        sep = tok.encode("\n")
+        out = []
+        for d, start in chunks:
+            chosen = history.top_k(tok.decode(docs[d][:start]), k, exclude=d)
+            out.append(context_ids([pooled[j] for j in chosen], budget=budget, sep=sep))
+        return out
+
     def _token_losses(self, model: torch.nn.Module, batch: torch.Tensor) -> tuple[torch.Tensor, ...]:
-        logits = model(input_ids=batch).logits[:, :-1]
-        targets = batch[:, 1:]
-        mask = (targets != self.pad_id).float()
+        stored = batch[:, 1:]
+        mask = ((stored != self.pad_id) & (stored < CONTEXT_OFFSET)).float()  # retrieved context: not scored
+        ids = torch.where(batch >= CONTEXT_OFFSET, batch - CONTEXT_OFFSET, batch)
+        logits = model(input_ids=ids).logits[:, :-1]
+        targets = ids[:, 1:]
         nll = F.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), targets.reshape(-1),
                               reduction="none").view_as(mask)
         return nll * mask, mask, logits
@@ -119,7 +167,8 @@ class TextTask(Task, task="text"):
         for start in range(0, records.shape[0], EVAL_BATCH):
             batch = records[start : start + EVAL_BATCH]
             nll, mask, logits = self._token_losses(model, batch)
-            correct += float(((logits.argmax(-1) == batch[:, 1:]).float() * mask).sum())
+            targets = torch.where(batch >= CONTEXT_OFFSET, batch - CONTEXT_OFFSET, batch)[:, 1:]
+            correct += float(((logits.argmax(-1) == targets).float() * mask).sum())
             total_nll += float(nll.sum())
             total_tokens += float(mask.sum())
         return {"ppl": math.exp(total_nll / max(total_tokens, 1.0)), "acc": correct / max(total_tokens, 1.0)}
@@ -135,7 +184,15 @@ class TextTask(Task, task="text"):
         if seq_len <= 0:
             raise ValueError("text generation needs the run's seq-len (read the user first, or pass seq_len)")
         prefix, _ = profile_prefix(tok, kwargs.get("profile") or {}, seq_len)  # tokenized apart, as in the records
-        ids = torch.tensor([prefix + tok.encode(prompt)], dtype=torch.long, device=next(model.parameters()).device)
+        k = int(kwargs.get("retrieval_k", self.retrieval_k))
+        history = list(kwargs.get("history") or [])  # the user's documents, read on the device
+        context = []
+        if k > 0 and history:
+            docs = [tok.encode(text) for text in history]
+            chosen = History(history).top_k(prompt, k)
+            context = context_ids([docs[j] for j in chosen], budget=context_budget(seq_len, k), sep=tok.encode("\n"))
+        ids = torch.tensor([prefix + context + tok.encode(prompt)], dtype=torch.long,
+                           device=next(model.parameters()).device)
         out = model.generate(input_ids=ids, max_new_tokens=int(kwargs.get("max_new_tokens", 64)),
                              do_sample=True, top_k=int(kwargs.get("top_k", 20)), pad_token_id=tok.pad_id)
         return tok.decode(out[0, ids.shape[1]:].tolist())
