@@ -12,6 +12,7 @@ table and exits non-zero when the run failed (docs/flwr-run.md).
 from __future__ import annotations
 
 import json
+import multiprocessing
 import os
 import re
 import secrets
@@ -19,21 +20,22 @@ import sys
 import tempfile
 import threading
 from collections import deque
+from collections.abc import Callable
+from multiprocessing.connection import Connection
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import tomli_w
-from flwr.clientapp.typing import Mod
-from ray import cloudpickle
 from rich.console import Console
 
-from fedpgen.client.app import SIMULATION_MODS_ENV
-from fedpgen.server import standalone
 from fedpgen.server.progress import EVENTS_FILE, replay
 from fedpgen.server.summary import render_summary
 from fedpgen.shared.config import RunConfig
 from fedpgen.shared.locking import SHARE_ENV, exclusive
 from fedpgen.superlink import RunOutcome, app_folder, superlink
+
+if TYPE_CHECKING:
+    from flwr.clientapp.typing import Mod
 
 LOG_FILE = "flower.log"  # the run's whole log stream, in the run folder
 _LEVEL = re.compile(r"^(?:\x1b\[[0-9;]*m)?(WARNING|ERROR|CRITICAL)\b")  # the simulation process's own warnings
@@ -67,9 +69,62 @@ def simulation_env(cfg: RunConfig, mods_file: Path | None) -> dict[str, str]:
     if cfg.ray_address:
         env["RAY_ADDRESS"] = cfg.ray_address
     if mods_file is not None:  # the mods' classes are imported by reference there: this process's path
+        from fedpgen.client.app import SIMULATION_MODS_ENV  # tests only: torch is loaded already
+
         env[SIMULATION_MODS_ENV] = str(mods_file)
         env["PYTHONPATH"] = os.pathsep.join(p for p in sys.path if p)
     return env
+
+
+def _prepare_in_child(cfg: dict[str, Any], fresh: bool, share: str, conn: Connection) -> None:
+    """Runs in a spawned process: ``standalone.prepare``, its lines and its outcome sent over ``conn``."""
+    os.environ[SHARE_ENV] = share  # the run folder's lock, shared with this process too
+    try:
+        from fedpgen.server import standalone
+
+        prepared, users = standalone.prepare(RunConfig.from_mapping(cfg), fresh=fresh,
+                                             say=lambda text: conn.send(("say", text)))
+        conn.send(("done", prepared.to_toml_dict(), [str(u) for u in users]))
+    except BaseException as exc:  # noqa: BLE001 - every failure goes back to the launcher, which raises it
+        try:
+            conn.send(("error", exc))
+        except Exception:  # noqa: BLE001 - an exception that does not pickle
+            conn.send(("error", RuntimeError(f"{type(exc).__name__}: {exc}")))
+    finally:
+        conn.close()
+
+
+def prepare(cfg: RunConfig, *, fresh: bool, share: str, say: Callable[[str], None]) -> tuple[RunConfig, list[Path]]:
+    """``standalone.prepare`` (population, pre-trained base, run folder): here when torch is
+    loaded in this process already (tests, a notebook), else in a spawned process that ends
+    before the run starts, so this launcher waits through the run without torch and the base
+    model in memory (about 470 MiB of the process tree's peak, docs/scale.md)."""
+    if "torch" in sys.modules:
+        from fedpgen.server import standalone
+
+        return standalone.prepare(cfg, fresh=fresh, say=say)
+    context = multiprocessing.get_context("spawn")
+    ours, theirs = context.Pipe(duplex=False)
+    child = context.Process(target=_prepare_in_child, args=(cfg.to_toml_dict(), fresh, share, theirs),
+                            name="fedpgen-prepare")
+    child.start()
+    theirs.close()
+    try:
+        while True:
+            try:
+                message = ours.recv()
+            except EOFError:
+                child.join()
+                raise RuntimeError(f"preparing the run failed: its process ended with exit code {child.exitcode} "
+                                   "and no reply") from None
+            if message[0] == "say":
+                say(message[1])
+            elif message[0] == "error":
+                raise message[1]
+            else:
+                return RunConfig.from_mapping(message[1]), [Path(u) for u in message[2]]
+    finally:
+        child.join()
 
 
 def simulate(cfg: RunConfig, *, fresh: bool = False, console: Console | None = None,
@@ -85,13 +140,15 @@ def simulate(cfg: RunConfig, *, fresh: bool = False, console: Console | None = N
     share = secrets.token_hex(16)  # the ServerApp, in Flower's simulation process, may use the folder too
     with exclusive(run_dir, what="run folder", share_with=share), \
             tempfile.TemporaryDirectory(prefix="fedpgen-run-") as tmp, app_folder() as app:
-        cfg, users = standalone.prepare(cfg, fresh=fresh, say=console.print)  # a second run stops at once, above
+        cfg, users = prepare(cfg, fresh=fresh, share=share, say=console.print)  # a second run stops at once, above
         federation = federation_config(cfg, len(users))
         run_config = Path(tmp) / "run-config.toml"
         run_config.write_text(tomli_w.dumps(cfg.to_toml_dict()))
         mods_file = None
         if any(client_mods):
             mods_file = Path(tmp) / "client-mods.pkl"
+            from ray import cloudpickle
+
             mods_file.write_bytes(cloudpickle.dumps(tuple(client_mods)))
         tail: deque[str] = deque(maxlen=60)
 

@@ -197,3 +197,35 @@ def test_the_behavior_population_is_written_one_user_at_a_time(make_cfg, tmp_pat
     assert sorted(p.name for p in written) == sorted(expected)
     first = sorted(expected)[0]
     assert json.loads((dest / first / "profile.json").read_text()) == expected[first][1]
+
+
+def test_the_launcher_prepares_in_a_child_and_waits_through_the_run_without_torch(make_cfg, tmp_path: Path) -> None:
+    """``fedpgen simulate``'s process holds no torch and no base model while the run goes on
+    (470 MiB of the process tree's peak RSS): the population and the base are built in a
+    spawned process that has ended; its lines and its errors reach the launcher."""
+    good = make_cfg(num_users=2)
+    bad = make_cfg(data="dir", data_dir=str(tmp_path / "nowhere"))
+    script = (
+        "import json, sys\n"
+        "from fedpgen.shared.config import RunConfig\n"
+        "from fedpgen.simulate import prepare\n"
+        "said = []\n"
+        f"cfg, users = prepare(RunConfig.from_mapping({good.to_toml_dict()!r}), fresh=True, share='s', "
+        "say=said.append)\n"
+        "out = {'torch': 'torch' in sys.modules, 'users': [u.name for u in users], 'said': said,\n"
+        "       'min_available': cfg.min_available_clients}\n"
+        "try:\n"
+        f"    prepare(RunConfig.from_mapping({bad.to_toml_dict()!r}), fresh=True, share='s', say=said.append)\n"
+        "except FileNotFoundError as exc:\n"
+        "    out['error'] = str(exc)\n"
+        "out['torch_after_error'] = 'torch' in sys.modules\n"
+        "print(json.dumps(out))\n")
+    # Execute
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=600)
+    # Assert
+    assert done.returncode == 0, done.stderr[-3000:]
+    out = json.loads(done.stdout.strip().splitlines()[-1])
+    assert out["torch"] is False and out["torch_after_error"] is False
+    assert len(out["users"]) == 2 and out["min_available"] == 2, "the prepared config comes back"
+    assert any("2 users" in line for line in out["said"]) and any("base model:" in line for line in out["said"])
+    assert "nowhere" in out.get("error", ""), "the child's error is raised in the launcher, with its type"
