@@ -92,6 +92,8 @@ class RunConfig:
     lora_rank: int
     lora_alpha: int
     personal_rank: int
+    retrieval_k: int
+    prior_images: int
     server_optimizer: str
     server_lr: float
     seed: int
@@ -161,6 +163,14 @@ class RunConfig:
         need(self.lora_rank >= 1, "lora-rank", "must be >= 1")
         need(self.lora_alpha >= 1, "lora-alpha", "must be >= 1")
         need(self.personal_rank >= 1, "personal-rank", "must be >= 1")
+        need(self.retrieval_k >= 0, "retrieval-k", "must be >= 0 (0 = off)")
+        need(self.retrieval_k == 0 or self.task == "text", "retrieval-k",
+             "retrieval over the user's history is built for the text task only (0 = off)")
+        need(self.prior_images >= 0, "prior-images", "must be >= 0 (0 = off)")
+        need(self.prior_images == 0 or self.task == "image", "prior-images",
+             "prior preservation is built for the image task only (0 = off)")
+        need(self.retrieval_k == 0 or self.seq_len >= 32, "seq-len",
+             "retrieval-k > 0 needs seq-len >= 32 (a quarter of each record holds the retrieved context)")
         need(self.server_optimizer in {"fedavg", "fedadam"}, "server-optimizer", "valid: fedavg, fedadam")
         need(self.server_lr > 0.0, "server-lr", "must be > 0")
         need(bool(self.run_dir), "run-dir", "must not be empty")

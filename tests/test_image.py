@@ -17,11 +17,20 @@ from fedpgen.shared.data import procedural_faces as faces
 from fedpgen.shared.data.photos import read_photos, write_photos
 from fedpgen.shared.population import ensure_population
 from fedpgen.shared.tasks import NoUsableDataError
-from fedpgen.shared.tasks.image import LABEL_WIDTH, PIXELS, SAMPLES, ImageTask, edit_hair_token, pack, subject_slots, unpack
+from fedpgen.shared.tasks.image import (
+    LABEL_WIDTH,
+    PIXELS,
+    SAMPLES,
+    ImageTask,
+    edit_hair_token,
+    pack,
+    subject_slots,
+    unpack,
+)
 from fedpgen.shared.tasks.image_base import to_tensor
 from fedpgen.shared.tasks.image_model import HEADS, attribute_tokens
-from fedpgen.shared.wire import VARIANTS
 from fedpgen.shared.training import mean_loss
+from fedpgen.shared.wire import VARIANTS
 
 IMAGE = {"task": "image", "min_records": 12, "heldout_fraction": 0.25, "val_fraction": 0.0, "local_steps": 2,
          "personal_max_steps": 2}
@@ -286,3 +295,68 @@ def test_a_local_diffusers_unet_checkpoint_trains_and_a_latent_one_is_refused(ma
         Device(make_cfg(base_model=str(tmp_path / "latent"), **IMAGE), user_dir=user, state_dir=tmp_path / "s2")
     with pytest.raises(FileNotFoundError, match="no diffusers UNet"):
         Device(make_cfg(base_model=str(tmp_path / "nowhere"), **IMAGE), user_dir=user, state_dir=tmp_path / "s3")
+
+
+def test_prior_preservation_trains_the_personal_part_on_generated_faces_only(make_cfg, monkeypatch) -> None:
+    """DreamBooth's prior preservation: faces sampled by the frozen base for "a person" with the
+    user's attributes (every hair colour) train the personal part beside the user's photos; no
+    private phase sees them, and nothing of the user's photos is in them."""
+    import fedpgen.client.device as device_module
+    from fedpgen.shared.adapters import active
+    from fedpgen.shared.presets import PERSONAL, SHARED
+    from fedpgen.shared.tasks import image as image_task
+    from fedpgen.shared.tasks.image_model import ATTR_VOCAB, CLASS_SLOT
+
+    cfg = make_cfg(**IMAGE, prior_images=5, num_users=2)
+    users = ensure_population(cfg)
+    a = Device(cfg, user_dir=users[0], state_dir=Path(cfg.run_dir) / "a", client_index=0)
+    # Prepare: a second user with the first one's profile but other photos
+    twin = Path(cfg.run_dir).parent / "twin"
+    write_photos(twin / "faces", [np.full((faces.SIZE, faces.SIZE, 3), 200 - 5 * i, np.uint8) for i in range(12)])
+    (twin / "profile.json").write_text((users[0] / "profile.json").read_text())
+    b = Device(cfg, user_dir=twin, state_dir=Path(cfg.run_dir) / "b", client_index=1)
+    # Execute
+    prior = a.prior_records()
+    # Assert: 5 records of the class token, hair cycling over the colours, the user's other attributes
+    x, slot, attrs = unpack(prior)
+    own = unpack(a.data.train)[2][0]
+    hair = [i + 1 for i, v in enumerate(ATTR_VOCAB) if v.startswith("hair=")]
+    assert prior.shape == (5, PIXELS + 1 + 3) and set(slot.tolist()) == {CLASS_SLOT}
+    assert attrs[:, 0].tolist() == (hair * 5)[:5] and torch.equal(attrs[:, 1:], own[1:].expand(5, -1))
+    assert torch.equal(prior, b.prior_records()), "a function of the base and the attributes, not of the photos"
+    assert x.min() >= -1 and x.max() <= 1 and x.std() > 0.05
+    photos = unpack(torch.cat([a.data.train, a.data.heldout]))[0]
+    assert min(float((p - q).abs().mean()) for p in x for q in photos) > 0.01, "a user's photo among the priors"
+    # The class token is the frozen base's, whatever the personal part did to the slot token
+    bumped = 0
+    with active(a.model, [SHARED, PERSONAL], ()), torch.no_grad():
+        for name, p in a.model.named_parameters():
+            if "slot_proj.lora_B" in name:
+                p.add_(0.5)
+                bumped += 1
+        base_token = a.model.base_model.model.slot_proj.base_layer.weight[:, 0]
+        ctx = a.model.base_model.model.context(attrs[:2], torch.tensor([CLASS_SLOT, 0]))
+    assert bumped, "no LoRA on slot_proj: the personal part would not touch the slot token"
+    assert torch.equal(ctx[0, -1], base_token) and not torch.allclose(ctx[1, -1], base_token)
+    # Which records each phase trains on: the private phase the user's, the personal phase both
+    seen: list[tuple[bool, int]] = []
+    real_train = device_module.train
+
+    def spy(model, params, records, **kw):  # type: ignore[no-untyped-def]
+        seen.append((kw["privacy"].private, records.shape[0]))
+        return real_train(model, params, records, **kw)
+
+    monkeypatch.setattr(device_module, "train", spy)
+    a.fit(a.init_send, server_round=1)
+    n = a.data.num_train
+    assert seen == [(True, n), (False, n + 5)]
+    assert image_task.PRIOR_SEED  # fixed seeds: the same priors every round
+
+
+def test_prior_images_are_validated() -> None:
+    from fedpgen.shared.config import RunConfig
+
+    with pytest.raises(ValueError, match="'prior-images'.*image task only"):
+        RunConfig.from_mapping({"prior-images": 4})
+    with pytest.raises(ValueError, match="'prior-images'.*>= 0"):
+        RunConfig.from_mapping({"prior-images": -1, "task": "image", "data": "synthetic"})

@@ -41,15 +41,30 @@ from fedpgen.shared.data.photos import read_photos, write_photos
 from fedpgen.shared.data.safe_read import UserBudget
 from fedpgen.shared.data.user_folder import read_profile
 from fedpgen.shared.tasks.base import NoUsableDataError, Task, UserData
-from fedpgen.shared.tasks.image_base import (cached_encoder_quality, ensure_encoder, ensure_unet, load_encoder, scheduler,
-                                     to_tensor)
-from fedpgen.shared.tasks.image_model import ATTR_KEYS, ATTR_VOCAB, HEADS, NUM_SLOTS, FaceUNet, attribute_tokens
+from fedpgen.shared.tasks.image_base import (
+    cached_encoder_quality,
+    ensure_encoder,
+    ensure_unet,
+    load_encoder,
+    scheduler,
+    to_tensor,
+)
+from fedpgen.shared.tasks.image_model import (
+    ATTR_KEYS,
+    ATTR_VOCAB,
+    CLASS_SLOT,
+    HEADS,
+    NUM_SLOTS,
+    FaceUNet,
+    attribute_tokens,
+)
 
 if TYPE_CHECKING:
     from fedpgen.shared.config import RunConfig
 
 PIXELS = 3 * faces.SIZE * faces.SIZE
 SAMPLES, SAMPLE_STEPS, REF_CHOICES = 8, 25, 10
+PRIOR_SEED = 7_000  # prior-preservation samples: fixed seeds, the same for every user with the same attributes
 CELL, LABEL_WIDTH = 64, 104  # report grid: pixels per sample, width of the row labels
 ROW_LABELS = {"base": "base", "shared": "shared only", "personal": "shared+personal", "local": "local only"}
 USER_CAST = (1.12, 0.97, 0.85)  # a warm cast in every simulated user's photos: a population trait
@@ -147,6 +162,29 @@ class ImageTask(Task, task="image"):
         val = pack(face[n_train : n_train + n_val], 0, attrs) if n_val else torch.zeros(0, PIXELS + 1 + len(attrs))
         return UserData(train=torch.cat(train), val=val, heldout=pack(face[n_train + n_val :], 0, attrs),
                         skipped=skipped, bindings={"subject-slots": slots})
+
+    def prior_records(self, model: torch.nn.Module, data: UserData, cfg: RunConfig) -> torch.Tensor | None:
+        """``prior-images`` faces of "a person" with the user's attributes, hair cycling over every
+        colour, sampled by the frozen base (adapters off, fixed seeds) and recorded for the class
+        token (``CLASS_SLOT``): DreamBooth's prior preservation. Nothing of the user's photos is in
+        them; the profile attributes (the prompt) are the only input from the device."""
+        if cfg.prior_images <= 0:
+            return None
+        _, slots, attrs = unpack(data.train)
+        own = attrs[slots == 0][0] if bool((slots == 0).any()) else torch.zeros(len(ATTR_KEYS), dtype=torch.long)
+        hair = [i + 1 for i, v in enumerate(ATTR_VOCAB) if v.startswith("hair=")]
+        rows = []
+        with model.disable_adapter():
+            for i, token in enumerate(hair):
+                n = cfg.prior_images // len(hair) + (i < cfg.prior_images % len(hair))
+                if n:
+                    asked = own.clone()
+                    asked[0] = token
+                    images = self.sample(model, asked, slot=0, n=n, seed=PRIOR_SEED + i).float().cpu()
+                    rows.append(torch.cat([images.reshape(n, PIXELS),
+                                           torch.tensor([[float(CLASS_SLOT), *map(float, asked.tolist())]]).expand(n, -1)],
+                                          dim=1))
+        return torch.cat(rows)
 
     # -- loss, sampling, metrics ------------------------------------------------------------
     def per_record_loss(self, model: torch.nn.Module, batch: torch.Tensor) -> torch.Tensor:

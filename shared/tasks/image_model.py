@@ -23,6 +23,7 @@ from fedpgen.shared.data.procedural_faces import HAIR, SIZE
 
 CONTEXT_DIM = 32
 NUM_SLOTS = 4
+CLASS_SLOT = -1  # a record of "a person", not of the user: the class token, never a slot's (prior preservation)
 ATTR_VOCAB = ([f"hair={h}" for h in HAIR] + ["glasses=yes", "glasses=no", "beard=yes", "beard=no"])
 ATTR_KEYS = ("hair", "glasses", "beard")  # one token each, in this order; 0 = not given
 HEADS = {"hair": list(HAIR), "glasses": ["yes", "no"], "beard": ["yes", "no"]}
@@ -48,8 +49,21 @@ class FaceUNet(nn.Module):
         self.attr_embed = nn.Embedding(len(ATTR_VOCAB) + 1, dim)  # padding_idx=None: token 0 is a learned "none"
         self.slot_proj = nn.Linear(NUM_SLOTS, dim, bias=False)
 
+    def class_token(self) -> torch.Tensor:
+        """The frozen base's slot-0 token, whatever the adapters do to ``slot_proj``: every slot
+        starts as the average public identity, "a person" (DreamBooth's class noun)."""
+        layer = getattr(self.slot_proj, "base_layer", self.slot_proj)  # under PEFT: the frozen weight
+        return layer.weight[:, 0]
+
     def context(self, attrs: torch.Tensor, slot: torch.Tensor, identity: torch.Tensor | None = None) -> torch.Tensor:
-        token = identity if identity is not None else self.slot_proj(F.one_hot(slot, NUM_SLOTS).float())
+        """Attribute tokens, then the subject token: ``identity``, else slot ``slot``'s, else for
+        ``slot == CLASS_SLOT`` the class token (prior-preservation records)."""
+        if identity is not None:
+            token = identity
+        else:
+            token = self.slot_proj(F.one_hot(slot.clamp_min(0), NUM_SLOTS).float())
+            if bool((slot == CLASS_SLOT).any()):
+                token = torch.where((slot == CLASS_SLOT)[:, None], self.class_token().to(token.dtype), token)
         return torch.cat([self.attr_embed(attrs), token.unsqueeze(1)], dim=1)
 
     def forward(self, noisy: torch.Tensor, timesteps: torch.Tensor, attrs: torch.Tensor, slot: torch.Tensor,
