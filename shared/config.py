@@ -169,6 +169,10 @@ class RunConfig:
         need(self.prior_images >= 0, "prior-images", "must be >= 0 (0 = off)")
         need(self.prior_images == 0 or self.task == "image", "prior-images",
              "prior preservation is built for the image task only (0 = off)")
+        need(self.retrieval_k == 0 or not self.record_dp, "retrieval-k",
+             "does not combine with record-level DP (dp = 'off' needed): a document retrieved as context moves "
+             "the gradient of every record that retrieves it, so DP-SGD's per-record bound would not hold; "
+             "protect the whole user instead with user-dp = 'distributed' or 'central' (docs/architecture.md)")
         need(self.retrieval_k == 0 or self.seq_len >= 32, "seq-len",
              "retrieval-k > 0 needs seq-len >= 32 (a quarter of each record holds the retrieved context)")
         need(self.server_optimizer in {"fedavg", "fedadam"}, "server-optimizer", "valid: fedavg, fedadam")

@@ -47,7 +47,7 @@ def _users(root: Path) -> Path:
 
 
 def _read(make_cfg, tmp_path: Path, k: int):  # type: ignore[no-untyped-def]
-    cfg = make_cfg(data="dir", data_dir=str(_users(tmp_path / f"users{k}")), retrieval_k=k, seq_len=64)
+    cfg = make_cfg(data="dir", data_dir=str(_users(tmp_path / f"users{k}")), retrieval_k=k, seq_len=64, dp="off")
     d = device(cfg)
     return d.task, d.data, cfg
 
@@ -121,7 +121,7 @@ def test_retrieval_changes_nothing_on_the_wire(make_cfg, tmp_path: Path) -> None
     shapes, dtypes) and the same metric keys; the context stays in the device's records."""
     sent = {}
     for k in (0, 2):
-        cfg = make_cfg(data="dir", data_dir=str(_users(tmp_path / f"u{k}")), retrieval_k=k, seq_len=64,
+        cfg = make_cfg(data="dir", data_dir=str(_users(tmp_path / f"u{k}")), retrieval_k=k, seq_len=64, dp="off",
                        run_dir=str(tmp_path / f"run{k}"))
         d = device(cfg)
         delta, n, metrics = d.fit(d.init_send, server_round=1)
@@ -136,7 +136,14 @@ def test_retrieval_k_is_validated() -> None:
     with pytest.raises(ValueError, match="'retrieval-k'.*text task only"):
         RunConfig.from_mapping({"retrieval-k": 2, "task": "behavior", "data": "synthetic"})
     with pytest.raises(ValueError, match="'seq-len'.*retrieval-k"):
-        RunConfig.from_mapping({"retrieval-k": 2, "seq-len": 16})
+        RunConfig.from_mapping({"retrieval-k": 2, "seq-len": 16, "dp": "off"})
+    # A record holding other records' text breaks record-level DP: refused, not silently weakened
+    for record_dp in ({}, {"dp": "sigma", "dp-noise-multiplier": 0.5}):
+        with pytest.raises(ValueError, match="'retrieval-k'.*record-level DP.*user-dp"):
+            RunConfig.from_mapping({"retrieval-k": 2, **record_dp})
+    # User-level DP bounds the device's whole delta, whatever its records read as context
+    cfg = RunConfig.from_mapping({"retrieval-k": 2, "dp": "off", "user-dp": "distributed"})
+    assert (cfg.retrieval_k, cfg.record_dp, cfg.user_dp) == (2, False, "distributed")
 
 
 def test_generation_retrieves_from_the_users_documents_by_the_prompt(make_cfg, tmp_path: Path) -> None:

@@ -51,9 +51,8 @@ def make_users(root: Path) -> dict[str, list[str]]:
 def test_nothing_personal_reaches_the_server_and_a_run_resumes(make_cfg, tmp_path: Path) -> None:
     # Prepare
     docs = make_users(tmp_path / "users")
-    # σ given directly with a generous budget, so that the second invocation may add a round;
-    # retrieval over each user's own documents on: what it reads must not reach the wire either
-    privacy = {"dp": "sigma", "dp_noise_multiplier": 1.0, "dp_epsilon": 1000.0, "retrieval_k": 2}
+    # σ given directly with a generous budget, so that the second invocation may add a round
+    privacy = {"dp": "sigma", "dp_noise_multiplier": 1.0, "dp_epsilon": 1000.0}
     cfg = make_cfg(data="dir", data_dir=str(tmp_path / "users"), num_server_rounds=1, min_fit_clients=3,
                    wire_transcript=True, **privacy)
     built = build_model(cfg)

@@ -73,8 +73,12 @@ TARGETS = {"shared": ["to_q", "to_k", "to_v", "to_out.0"], "mlp": ["slot_proj", 
 
 
 def pack(photos: list[np.ndarray], slot: int, attrs: list[int]) -> torch.Tensor:
-    x = to_tensor(photos).reshape(len(photos), PIXELS)
-    extra = torch.tensor([[float(slot), *map(float, attrs)]]).expand(len(photos), -1)
+    return _records(to_tensor(photos).reshape(len(photos), PIXELS), slot, attrs)
+
+
+def _records(x: torch.Tensor, slot: int, attrs: list[int]) -> torch.Tensor:
+    """Rows of pixels ``x`` ([n, PIXELS] in [-1, 1]), then the slot, then the attribute tokens."""
+    extra = torch.tensor([[float(slot), *map(float, attrs)]]).expand(x.shape[0], -1)
     return torch.cat([x, extra], dim=1)
 
 
@@ -181,9 +185,7 @@ class ImageTask(Task, task="image"):
                     asked = own.clone()
                     asked[0] = token
                     images = self.sample(model, asked, slot=0, n=n, seed=PRIOR_SEED + i).float().cpu()
-                    rows.append(torch.cat([images.reshape(n, PIXELS),
-                                           torch.tensor([[float(CLASS_SLOT), *map(float, asked.tolist())]]).expand(n, -1)],
-                                          dim=1))
+                    rows.append(_records(images.reshape(n, PIXELS), CLASS_SLOT, asked.tolist()))
         return torch.cat(rows)
 
     # -- loss, sampling, metrics ------------------------------------------------------------
