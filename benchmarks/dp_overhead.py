@@ -2,7 +2,10 @@
 
 Step time and peak memory of the shared adapter's training with Opacus (hooks, Poisson
 sampling, clip + noise) against the same loop without DP, measured side by side in one
-run: timings interleave the two modes in repeated blocks (alternating which goes first);
+run, in three modes: no DP; DP as devices run it (per-sample gradients captured by
+``OutputGradHooks``, shared/privacy/per_sample.py); and the same DP-SGD with Opacus' own
+``GradSampleHooks`` (full backward hooks), the way FedPGen ran before. Timings interleave
+the modes in repeated blocks (reversing their order every other block);
 peak memory is measured in a fresh subprocess per mode (peak RSS above the process'
 baseline after model load).
 
@@ -26,6 +29,7 @@ import subprocess
 import sys
 import threading
 import time
+import warnings
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -45,17 +49,25 @@ def _setup():  # type: ignore[no-untyped-def]
     return cfg, built, records
 
 
-def _run(cfg, built, records, *, dp: bool, steps: int) -> dict[str, float]:  # type: ignore[no-untyped-def]
-    """One training phase of ``steps`` steps: wall and CPU seconds per step, and the records drawn."""
+MODES = {"plain": "no DP", "dp": "DP (FedPGen)", "opacus": "DP (Opacus' hooks)"}
+
+
+def _run(cfg, built, records, *, mode: str, steps: int) -> dict[str, float]:  # type: ignore[no-untyped-def]
+    """One training phase of ``steps`` steps: wall and CPU seconds per step, and the records drawn.
+
+    ``mode``: plain (no DP), dp (FedPGen's DP-SGD as devices run it: ``OutputGradHooks``) or
+    opacus (the same DP-SGD with Opacus' own ``GradSampleHooks``, i.e. full backward hooks)."""
     import torch
+    from opacus.grad_sample.grad_sample_module import GradSampleHooks
 
     from fedpgen.shared.adapters import active
     from fedpgen.shared.privacy.mechanism import DPSession, NoPrivacy, RecordDP
     from fedpgen.shared.training import train
 
+    dp = mode != "plain"
     privacy = RecordDP(noise_multiplier=1.0, clip=1.0, accountant="prv", history=[]) if dp else NoPrivacy()
     drawn = [0]
-    original = DPSession.next_batch
+    original, hooks_class = DPSession.next_batch, DPSession.hooks_class
 
     def counted(self):  # type: ignore[no-untyped-def]
         batch = original(self)
@@ -63,14 +75,17 @@ def _run(cfg, built, records, *, dp: bool, steps: int) -> dict[str, float]:  # t
         return batch
 
     DPSession.next_batch = counted  # type: ignore[method-assign]
+    if mode == "opacus":
+        DPSession.hooks_class = GradSampleHooks
     try:
-        with active(built.model, ["shared"], built.sets.shared_trainable) as params:
+        with active(built.model, ["shared"], built.sets.shared_trainable) as params, warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message="Full backward hook is firing")  # LoRA inputs need no grad
             wall, cpu = time.perf_counter(), time.process_time()
             train(built.model, params, records, task=built.task, steps=steps, batch_size=cfg.batch_size, lr=1e-3,
                   gen=torch.Generator().manual_seed(0), privacy=privacy)
             wall, cpu = time.perf_counter() - wall, time.process_time() - cpu
     finally:
-        DPSession.next_batch = original  # type: ignore[method-assign]
+        DPSession.next_batch, DPSession.hooks_class = original, hooks_class  # type: ignore[method-assign]
     records_drawn = drawn[0] if dp else steps * min(cfg.batch_size, records.shape[0])
     return {"wall": wall / steps, "cpu": cpu / steps, "cpu per batch": cpu / records_drawn * cfg.batch_size}
 
@@ -95,7 +110,7 @@ def _session_cost(cfg, built, records, *, repeats: int) -> float:  # type: ignor
     return statistics.median(times)
 
 
-def memory(dp: bool, steps: int) -> None:
+def memory(mode: str, steps: int) -> None:
     """Peak RSS while training, above the RSS right before it (model loaded), sampled every 2 ms."""
     import psutil
 
@@ -112,7 +127,7 @@ def memory(dp: bool, steps: int) -> None:
 
     thread = threading.Thread(target=sample, daemon=True)
     thread.start()
-    _run(cfg, built, records, dp=dp, steps=steps)
+    _run(cfg, built, records, mode=mode, steps=steps)
     done.set()
     thread.join()
     print(json.dumps({"peak_kib": (peak[0] - base) / 1024}))
@@ -122,45 +137,45 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--steps", type=int, default=20)
     parser.add_argument("--repeats", type=int, default=8)
-    parser.add_argument("--memory", choices=["dp", "plain"], help=argparse.SUPPRESS)
+    parser.add_argument("--memory", choices=list(MODES), help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.memory:
-        memory(args.memory == "dp", args.steps)
+        memory(args.memory, args.steps)
         return
     from rich.console import Console
     from rich.table import Table
 
     cfg, built, records = _setup()
-    _run(cfg, built, records, dp=False, steps=5)  # warm-up both paths
-    _run(cfg, built, records, dp=True, steps=5)
-    times: dict[bool, list[dict[str, float]]] = {False: [], True: []}
+    for mode in MODES:  # warm-up every path
+        _run(cfg, built, records, mode=mode, steps=5)
+    times: dict[str, list[dict[str, float]]] = {mode: [] for mode in MODES}
     for repeat in range(args.repeats):
-        for dp in ((False, True) if repeat % 2 == 0 else (True, False)):
-            times[dp].append(_run(cfg, built, records, dp=dp, steps=args.steps))
+        for mode in (list(MODES) if repeat % 2 == 0 else list(MODES)[::-1]):
+            times[mode].append(_run(cfg, built, records, mode=mode, steps=args.steps))
     session = _session_cost(cfg, built, records, repeats=5)
     mem = {}
-    for mode in ("plain", "dp"):
+    for mode in MODES:
         out = subprocess.run([sys.executable, __file__, "--memory", mode, "--steps", "10"], capture_output=True,
                              text=True, check=True).stdout
         mem[mode] = json.loads(out.strip().splitlines()[-1])["peak_kib"]
 
-    def med(dp: bool, key: str) -> float:
-        return statistics.median(t[key] for t in times[dp])
+    def med(mode: str, key: str) -> float:
+        return statistics.median(t[key] for t in times[mode])
 
     trainable = sum(p.numel() for n, p in built.model.named_parameters() if n in built.sets.shared_trainable)
     table = Table(title=f"DP-SGD overhead, text task, shared adapter ({trainable} trainable parameters), "
                         f"batch {cfg.batch_size} x {cfg.seq_len}, 1 thread")
-    for col in ("", "no DP", "DP (Opacus hooks)", "ratio"):
+    for col in ("", *MODES.values(), "ratio", "ratio (Opacus' hooks)"):
         table.add_column(col, justify="right")
     for key, label in (("wall", "wall time per step"), ("cpu", "CPU time per step"),
                        ("cpu per batch", "CPU time per expected batch (same records)")):
-        plain, dp = med(False, key), med(True, key)
-        table.add_row(f"{label} (ms, median of {args.repeats} blocks)", f"{plain * 1e3:.1f}", f"{dp * 1e3:.1f}",
-                      f"{dp / plain:.2f}x")
-    table.add_row("opening + closing a DP session (ms of CPU, once per phase)", "", f"{session * 1e3:.1f}", "")
-    table.add_row("peak RSS while training, above the loaded model (MiB)", f"{mem['plain'] / 1024:.1f}", f"{mem['dp'] / 1024:.1f}",
-                  f"{mem['dp'] / max(mem['plain'], 1):.2f}x")
-    Console(width=120).print(table)
+        got = {mode: med(mode, key) for mode in MODES}
+        table.add_row(f"{label} (ms, median of {args.repeats} blocks)", *(f"{v * 1e3:.1f}" for v in got.values()),
+                      f"{got['dp'] / got['plain']:.2f}x", f"{got['opacus'] / got['plain']:.2f}x")
+    table.add_row("opening + closing a DP session (ms of CPU, once per phase)", "", f"{session * 1e3:.1f}", "", "", "")
+    table.add_row("peak RSS while training, above the loaded model (MiB)", *(f"{mem[m] / 1024:.1f}" for m in MODES),
+                  f"{mem['dp'] / max(mem['plain'], 1):.2f}x", f"{mem['opacus'] / max(mem['plain'], 1):.2f}x")
+    Console(width=160).print(table)
     Console().print("DP batches are Poisson-sampled (expected size = batch size); target (issue 14): <= 1.15x.")
 
 

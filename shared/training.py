@@ -90,10 +90,10 @@ def train(model: torch.nn.Module, params: list[torch.nn.Parameter], records: tor
     losses = []
     try:
         for step in range(1, steps + 1):
-            model.train()
             losses.append(session.step(loss_fn, session.next_batch()))  # .item() inside: a sync point, cheap on CPU
             if early_stop and (step % eval_every == 0 or step == steps):
                 val_loss = mean_loss(model, val, task=task, dtype=dtype)
+                model.train()  # mean_loss left it in eval mode; train() walks every module, so only here
                 if val_loss < best[0]:
                     best = (val_loss, step, get_tensors(model, names))
     finally:

@@ -9,6 +9,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from opacus.grad_sample.grad_sample_module import GradSampleHooks
 from flwr.common import Code, FitRes, Parameters, Status, ndarrays_to_parameters
 from flwr.server.client_manager import SimpleClientManager
 
@@ -19,10 +20,23 @@ from fedpgen.shared.config import RunConfig
 from fedpgen.shared.presets import PRESETS
 from fedpgen.shared.privacy.accounting import epsilon, poisson_sample_rate
 from fedpgen.shared.privacy.mechanism import RecordDP
+from fedpgen.shared.privacy.per_sample import OutputGradHooks
 from fedpgen.shared.privacy.plan import BudgetExhaustedError
 from fedpgen.shared.wire import BUDGET_EXHAUSTED, keys_digest
 
-from conftest import Proxy, device
+from conftest import TASK_CASES, Proxy, device
+
+
+def _autograd_nodes(tensor: torch.Tensor, kind: str) -> int:
+    """How many nodes of the autograd graph behind ``tensor`` have ``kind`` in their name."""
+    seen, todo = set(), [tensor.grad_fn]
+    while todo:
+        node = todo.pop()
+        if node is None or node in seen:
+            continue
+        seen.add(node)
+        todo.extend(next_fn for next_fn, _ in node.next_functions)
+    return sum(kind in type(node).__name__ for node in seen)
 
 
 def test_per_sample_gradients_are_exact_and_clipped_to_c(make_cfg, task_case) -> None:
@@ -40,12 +54,17 @@ def test_per_sample_gradients_are_exact_and_clipped_to_c(make_cfg, task_case) ->
         d.model.train()
         session = mech.open(d.model, params, batch, batch_size=4, lr=1e-3, gen=torch.Generator())
         session.optimizer.zero_grad(set_to_none=True)
-        d.task.per_record_loss(d.model, batch).mean().backward()
+        loss = d.task.per_record_loss(d.model, batch).mean()
+        hook_nodes = _autograd_nodes(loss, "BackwardHookFunction")
+        loss.backward()
         per_sample = [p.grad_sample.detach().clone() for p in params]
         session.optimizer.step()
         grads = [p.grad.detach().clone() for p in params]
         session.close()
-    # Assert: Opacus' per-sample gradients equal the loop; each clipped one has norm <= C
+    # Assert: no full backward hook in the graph (its autograd nodes cost more than the per-sample
+    # gradients: shared/privacy/per_sample.py); Opacus' per-sample gradients equal the loop; each
+    # clipped one has norm <= C
+    assert hook_nodes == 0
     for j in range(len(params)):
         for i in range(4):
             torch.testing.assert_close(per_sample[j][i], reference[i][j], atol=1e-6, rtol=1e-4)
@@ -59,6 +78,38 @@ def test_per_sample_gradients_are_exact_and_clipped_to_c(make_cfg, task_case) ->
         expected = sum(factors[i] * reference[i][j] for i in range(4)) / 4
         torch.testing.assert_close(grads[j], expected, atol=1e-7, rtol=1e-4)
     assert mech.history == [(0.0, 1.0, 1)]
+
+
+@pytest.mark.parametrize("task", ["text", "behavior", "image"])
+def test_output_grad_hooks_give_opacus_hooks_modes_per_sample_gradients(make_cfg, task: str) -> None:
+    """The tensor-hook capture (``OutputGradHooks``) against Opacus' own ``GradSampleHooks`` (full
+    backward hooks) on the same batch and the same random draws, every task's shared layers,
+    the image UNet's attention LoRA included (its loss is stochastic, so no per-record loop)."""
+    # Prepare
+    overrides = {**TASK_CASES.get(task, {})} if task != "image" else {
+        "task": "image", "min_records": 12, "heldout_fraction": 0.25, "val_fraction": 0.0}
+    d = device(make_cfg(**overrides))
+    batch = d.data.train[:4]
+    got = {}
+    with active(d.model, ["shared"], d.sets.shared_trainable) as params:
+        with torch.no_grad():  # LoRA starts with B = 0, hence zero gradients for A: move every weight
+            for p in params:
+                p.add_(torch.randn(p.shape, generator=torch.Generator().manual_seed(p.numel())) * 0.05)
+        d.model.train()
+        for hooks_class in (GradSampleHooks, OutputGradHooks):
+            # Execute
+            hooks = hooks_class(d.model, batch_first=True, loss_reduction="mean")
+            torch.manual_seed(7)
+            d.task.per_record_loss(d.model, batch).mean().backward()
+            got[hooks_class] = [p.grad_sample.detach().clone() for p in params]
+            hooks.cleanup()
+            for p in params:
+                p.grad = None
+    # Assert: one per-sample gradient per record and parameter, equal in both
+    assert len(got[OutputGradHooks]) == len(params) > 0
+    for ours, opacus in zip(got[OutputGradHooks], got[GradSampleHooks], strict=True):
+        assert ours.shape[0] == 4 and float(opacus.abs().max()) > 0
+        torch.testing.assert_close(ours, opacus, atol=1e-7, rtol=1e-5)
 
 
 def test_a_dp_round_changes_only_what_it_trains(make_cfg) -> None:

@@ -21,9 +21,11 @@ from collections.abc import Callable
 
 import torch
 from opacus import PrivacyEngine
+from opacus.grad_sample.grad_sample_module import GradSampleHooks
 from torch.utils.data import DataLoader, TensorDataset
 
 from fedpgen.shared.privacy.accounting import History, compose
+from fedpgen.shared.privacy.per_sample import OutputGradHooks
 
 
 def micro_batches(batch: torch.Tensor, size: int) -> list[torch.Tensor]:
@@ -78,7 +80,12 @@ class NoPrivacy:
 
 
 class DPSession:
-    """Opacus DP-SGD: Poisson sampling, per-sample gradients by hooks, clip + noise in DPOptimizer."""
+    """Opacus DP-SGD: Poisson sampling, per-sample gradients by hooks (``OutputGradHooks``), clip + noise in
+    DPOptimizer."""
+
+    # How per-sample gradients are captured; benchmarks/dp_overhead.py swaps in Opacus' own
+    # ``GradSampleHooks`` (full backward hooks) to measure both side by side.
+    hooks_class: type[GradSampleHooks] = OutputGradHooks
 
     def __init__(self, owner: RecordDP, model: torch.nn.Module, params: list[torch.nn.Parameter],
                  records: torch.Tensor, *, batch_size: int, lr: float, micro_batch: int = 0) -> None:
@@ -91,10 +98,19 @@ class DPSession:
         with warnings.catch_warnings():
             warnings.filterwarnings("ignore", message=".*[Ss]ecure RNG.*")  # stated in the audit, see docs/privacy.md
             self.engine = PrivacyEngine(accountant=owner.accountant, secure_mode=False)
-            self.hooks, self.optimizer, self.loader = self.engine.make_private(
+            # Opacus' DPOptimizer, Poisson loader and accountant hook; its model side attaches
+            # nothing ("no_op"): the per-sample gradients come from hooks_class, Opacus' hooks
+            # mode without full backward hooks (shared/privacy/per_sample.py, why).
+            self._attrs, self.optimizer, self.loader = self.engine.make_private(
                 module=model, optimizer=optimizer, data_loader=loader, noise_multiplier=owner.noise_multiplier,
-                max_grad_norm=owner.clip, poisson_sampling=True, grad_sample_mode="hooks", wrap_model=False,
+                max_grad_norm=owner.clip, poisson_sampling=True, grad_sample_mode="no_op", wrap_model=False,
                 noise_generator=noise)
+        try:
+            self.hooks = self.hooks_class(model, batch_first=True, loss_reduction="mean")
+        except BaseException:
+            self._attrs.cleanup()
+            raise
+        self.hooks.forbid_grad_accumulation()  # Poisson sampling: one backward pass per step (as make_private does)
         self._it = iter(self.loader)
 
     def next_batch(self) -> torch.Tensor:
@@ -121,9 +137,7 @@ class DPSession:
             chunks = micro_batches(batch, self.micro_batch)
             for i, chunk in enumerate(chunks):
                 loss = loss_fn(chunk).mean()
-                with warnings.catch_warnings():  # LoRA layers' inputs need no grad: expected, harmless
-                    warnings.filterwarnings("ignore", message="Full backward hook is firing")
-                    loss.backward()
+                loss.backward()
                 loss_value += loss.item() * chunk.shape[0] / batch.shape[0]
                 if i < len(chunks) - 1:
                     self.optimizer.signal_skip_step(do_skip=True)
@@ -134,6 +148,7 @@ class DPSession:
 
     def close(self) -> None:
         self.hooks.cleanup()  # one model object serves many phases and rounds
+        self._attrs.cleanup()
         # What Opacus' own accountant hook counted (every optimizer step, empty batches included).
         for sigma, sample_rate, steps in self.engine.accountant.history:
             self.owner.record(sigma=sigma, sample_rate=sample_rate, steps=steps)
