@@ -45,25 +45,41 @@ def du(path: Path) -> int:
     return int(out.split()[0]) if out else 0
 
 
-def peak_rss_sampler() -> tuple[list[int], threading.Event]:
+def process_label(p) -> str:  # type: ignore[no-untyped-def]
+    """A short name for a process of the run's tree: what it runs, not its arguments."""
+    cmd = p.cmdline()
+    words = [w for w in cmd[1:3] if not w.startswith("-")] if cmd and "python" in Path(cmd[0]).name else cmd[:1]
+    name = " ".join(Path(w).name for w in words[:1]) or p.name()
+    return "ray worker" if p.name().startswith("ray::") else (name if p.pid != os.getpid() else "launcher")
+
+
+def peak_rss_sampler() -> tuple[list[int], threading.Event, dict[str, float]]:
+    """Peak RSS of this process and all its descendants, every 0.5 s; and, at that peak, MiB per kind
+    of process (``process_label``)."""
     import psutil
 
-    peak, stop = [0], threading.Event()
+    peak, stop, at_peak = [0], threading.Event(), {}
 
     def sample() -> None:
         me = psutil.Process()
         while not stop.is_set():
-            total = 0
+            total, parts = 0, {}
             for p in [me, *me.children(recursive=True)]:
                 try:
-                    total += p.memory_info().rss
+                    rss = p.memory_info().rss
+                    label = process_label(p)
                 except psutil.Error:
-                    pass
-            peak[0] = max(peak[0], total)
+                    continue
+                total += rss
+                parts[label] = parts.get(label, 0.0) + rss / 2**20
+            if total > peak[0]:
+                peak[0] = total
+                at_peak.clear()
+                at_peak.update({k: round(v) for k, v in sorted(parts.items(), key=lambda kv: -kv[1])})
             time.sleep(0.5)
 
     threading.Thread(target=sample, daemon=True).start()
-    return peak, stop
+    return peak, stop, at_peak
 
 
 def workload(task: str) -> dict[str, object]:
@@ -99,6 +115,23 @@ def run_plain(registered: int, sampled: int, work: Path, out: Path, task: str) -
                                / r2["clients"]}))
 
 
+def build_population(registered: int, work: Path, task: str) -> None:
+    """Inner mode: write the synthetic population of ``registered`` users once (its time and disk)."""
+    sys.path.insert(0, str(ROOT))
+    from fedpgen.shared.config import RunConfig
+    from fedpgen.shared.population import ensure_population
+
+    users = population_dir(work, task, registered)
+    cfg = RunConfig.from_mapping({**workload(task), "num-users": registered, "run-dir": str(work / "build")})
+    started = time.perf_counter()
+    ensure_population(cfg)
+    build = {"build s": time.perf_counter() - started}
+    shutil.rmtree(users, ignore_errors=True)
+    (work / "build" / "users").rename(users)
+    build["users GiB"] = du(users) / 2**30
+    (work / f"build-{users.name}.json").write_text(json.dumps(build))
+
+
 def run_one(registered: int, sampled: int, work: Path, out: Path, dp: str, task: str) -> None:
     """Inner mode: one simulation in this process (a fresh Ray), peak RSS sampled from a thread."""
     from rich.console import Console
@@ -107,29 +140,24 @@ def run_one(registered: int, sampled: int, work: Path, out: Path, dp: str, task:
     from fedpgen.simulate import simulate
     from fedpgen.server.results import read_jsonl
     from fedpgen.shared.config import RunConfig
-    from fedpgen.shared.model import build_model
-    from fedpgen.shared.population import ensure_population
 
     users = population_dir(work, task, registered)
     cfg = RunConfig.from_mapping({**workload(task), "num-users": registered, "fraction-fit": sampled / registered,
                                   "min-fit-clients": sampled, "eval-fraction": min(1.0, 4 / registered), "dp": dp,
                                   "run-dir": str(work / "run")})
-    build = {}
     if not (users / "population.json").is_file():  # the population once per size; later settings reuse it
-        started = time.perf_counter()
-        ensure_population(RunConfig.from_mapping({**cfg.to_toml_dict(), "run-dir": str(work / "build")}))
-        build = {"build s": time.perf_counter() - started}
-        shutil.rmtree(users, ignore_errors=True)
-        (work / "build" / "users").rename(users)
-        build["users GiB"] = du(users) / 2**30
-        (work / f"build-{users.name}.json").write_text(json.dumps(build))
+        # Built in a process of its own: this one is the launcher, whose memory the run's peak includes
+        subprocess.run([sys.executable, __file__, "--build", str(registered), "--task", task, "--work", str(work)],
+                       check=True)
     build = json.loads((work / f"build-{users.name}.json").read_text())
     shutil.rmtree(work / "run", ignore_errors=True)
     (work / "run").mkdir()
     (work / "run" / "users").symlink_to(users)
-    peak, stop = peak_rss_sampler()
+    peak, stop, at_peak = peak_rss_sampler()
     simulate(cfg, fresh=True, console=Console(file=open(os.devnull, "w")))
     stop.set()
+    from fedpgen.shared.model import build_model
+
     rounds = [r for r in read_jsonl(work / "run" / "rounds.jsonl") if "seconds" in r]
     clients = read_jsonl(work / "run" / "client_rounds.jsonl")
     model = build_model(cfg).model
@@ -147,7 +175,8 @@ def run_one(registered: int, sampled: int, work: Path, out: Path, dp: str, task:
     r1, r2 = of_round(1), of_round(2)
     result = {"round 1 devices": r1["clients"], "round 2 devices": r2["clients"], "round 1 s": r1["seconds"],
               "round 2 s": r2["seconds"], "updates/s": r2["updates/s"], "compute share": r2["share"],
-              "overhead core-s/update": r2["overhead"], "peak RSS GiB": peak[0] / 2**30, **build,
+              "overhead core-s/update": r2["overhead"], "peak RSS GiB": peak[0] / 2**30,
+              "peak RSS MiB by process": at_peak, **build,
               "states GiB": du(work / "run" / "devices") / 2**30, "KiB up/device": r2["KiB up"],
               "model KiB": sum(p.numel() * p.element_size() for p in model.parameters()) / 1024}
     out.write_text(json.dumps(result))
@@ -167,7 +196,11 @@ def main() -> None:
                              "side by side: the plain-Flower ratio")
     parser.add_argument("--inner", nargs=3, help=argparse.SUPPRESS)
     parser.add_argument("--inner-plain", action="store_true", help=argparse.SUPPRESS)
+    parser.add_argument("--build", type=int, help=argparse.SUPPRESS)
     args = parser.parse_args()
+    if args.build:
+        build_population(args.build, args.work, args.task)
+        return
     if args.inner:
         registered, sampled, out = args.inner
         if args.inner_plain:
@@ -207,6 +240,9 @@ def main() -> None:
             table.add_row(str(registered), str(sampled), label,
                           *(f"{r[c]:.3f}" if isinstance(r.get(c), float) else str(r.get(c, "")) for c in cols))
             Console(width=220).print(table)
+            if r.get("peak RSS MiB by process"):
+                ratios.append(f"{setting} {label}: at the peak, MiB by process: "
+                              + ", ".join(f"{k} {v}" for k, v in r["peak RSS MiB by process"].items()))
         if args.plain:
             fed, plain = found["on, dp=off"], found["plain Flower, dp=off"]
             ratios.append(f"{setting}: FedPGen (dp off, SecAgg+ off) round 2 / plain Flower round 2 = "
