@@ -2,16 +2,25 @@
 
 from __future__ import annotations
 
-from flwr.app import Context
-from flwr.server import Grid
-from flwr.serverapp import ServerApp
-from flwr.superlink.grid.inmemory_grid import InMemoryGrid
+import sys
 
-from fedpgen.server.federation import run_server
-from fedpgen.server.metrics_log import require_backend
-from fedpgen.server.progress import ensure_log_handler
-from fedpgen.server.standalone import run_under_flwr
-from fedpgen.shared.config import RunConfig
+if "flwr.server.superlink.fleet.vce.vce_api" in sys.modules:  # Flower's Simulation Engine is loading this app:
+    # first, before the engine (started right after this module's thread) registers its virtual
+    # nodes; fedpgen/simulation_engine.py says why and what happens if it is too late
+    from fedpgen.simulation_engine import install_shared_run_config
+
+    install_shared_run_config()
+
+from flwr.app import Context  # noqa: E402 (after the registry is installed: these imports take time)
+from flwr.server import Grid  # noqa: E402
+from flwr.serverapp import ServerApp  # noqa: E402
+from flwr.superlink.grid.inmemory_grid import InMemoryGrid  # noqa: E402
+
+from fedpgen.server.federation import run_server  # noqa: E402
+from fedpgen.server.metrics_log import require_backend  # noqa: E402
+from fedpgen.server.progress import ensure_log_handler  # noqa: E402
+from fedpgen.server.standalone import run_under_flwr  # noqa: E402
+from fedpgen.shared.config import RunConfig  # noqa: E402
 
 
 def build_app() -> ServerApp:

@@ -9,6 +9,8 @@ import subprocess
 import sys
 import threading
 import time
+import tracemalloc
+from dataclasses import replace
 from pathlib import Path
 from queue import Queue
 from types import SimpleNamespace
@@ -22,7 +24,7 @@ from fedpgen.server.aggregation import RoundFailedError
 from fedpgen.server.results import RunRecorder
 from fedpgen.server.strategy import SharedDeltaStrategy
 from fedpgen.simulate import federation_config, simulation_env
-from fedpgen.simulation_engine import add_messages_to_queue
+from fedpgen.simulation_engine import add_messages_to_queue, register_node_info_stores
 
 NAMES = ("w",)
 
@@ -119,6 +121,66 @@ def test_the_clientapp_installs_the_poll_in_flowers_simulation_process_only() ->
            for name, before in (("simulation", "import flwr.simulation.app\n"), ("device", ""))}
     # Assert
     assert got == {"simulation": "True", "device": "False"}
+
+
+def _registered(register, nodes: int, run, app_dir: str) -> tuple[dict, float]:  # type: ignore[no-untyped-def]
+    """The node stores ``register`` builds for ``nodes`` nodes, and the bytes it kept per node."""
+    tracemalloc.start()
+    try:
+        stores = register({node: i for i, node in enumerate(range(1, nodes + 1))}, run, app_dir=app_dir)
+        kept = tracemalloc.get_traced_memory()[0]
+    finally:
+        tracemalloc.stop()
+    return stores, kept / nodes
+
+
+def test_the_node_registry_holds_one_run_config_for_all_nodes_as_flower_would_fuse_it() -> None:
+    # Prepare: a run with overrides, registered by Flower's own registry and by FedPGen's
+    from flwr.server.superlink.fleet.vce import vce_api
+    from flwr.supercore.run import Run
+
+    flower = vce_api._register_node_info_stores
+    if flower is register_node_info_stores:  # installed by an earlier import in this process
+        pytest.skip("Flower's registry was replaced in this process")
+    root = str(Path(__file__).resolve().parents[1])
+    run = replace(Run.create_empty(run_id=42), override_config={"num-users": 123, "task": "behavior"})
+    # Execute
+    theirs, their_bytes = _registered(flower, 400, run, root)
+    ours, our_bytes = _registered(register_node_info_stores, 400, run, root)
+    # Assert: the same stores (node config, run config as Flower fuses it), one config dict shared
+    assert theirs.keys() == ours.keys()
+    for node in ours:
+        mine, flowers = ours[node].retrieve_context(42), theirs[node].retrieve_context(42)
+        assert (mine.run_id, mine.node_id, mine.node_config) == (flowers.run_id, flowers.node_id, flowers.node_config)
+        assert mine.run_config == flowers.run_config
+        assert mine.run_config["num-users"] == 123 and mine.run_config["task"] == "behavior"
+    assert len({id(store.retrieve_context(42).run_config) for store in list(ours.values())[1:]}) == 1
+    assert our_bytes < their_bytes / 3, (our_bytes, their_bytes)
+    # A worker's returned Context (its own copy of the config) replaces the node's, as in Flower;
+    # a changed run config is still refused by Flower's check
+    store = ours[7]
+    returned = store.retrieve_context(42)
+    returned = type(returned)(run_id=42, node_id=7, node_config=returned.node_config, state=returned.state,
+                              run_config=dict(returned.run_config))
+    store.update_context(42, returned)
+    assert store.retrieve_context(42) is returned
+    returned.run_config["task"] = "image"
+    with pytest.raises(ValueError, match="cannot be"):
+        store.update_context(42, returned)
+    assert ours[8].retrieve_context(42).run_config["task"] == "behavior"
+
+
+def test_the_serverapp_installs_the_registry_in_flowers_simulation_process_only() -> None:
+    # Flower's simulation process imports the ServerApp in a thread it starts just before the engine
+    # registers its nodes; the SuperLink's ServerApp process in a deployment never loads the engine
+    check = ("import sys\n{before}import fedpgen.server.app\n"
+             "from flwr.server.superlink.fleet.vce import vce_api\n"
+             "from fedpgen.simulation_engine import register_node_info_stores\n"
+             "print(vce_api._register_node_info_stores is register_node_info_stores)")
+    got = {name: subprocess.run([sys.executable, "-c", check.format(before=before)], capture_output=True,
+                                text=True, check=True).stdout.strip()
+           for name, before in (("simulation", "import flwr.simulation.app\n"), ("deployment", ""))}
+    assert got == {"simulation": "True", "deployment": "False"}
 
 
 def test_gpu_share_and_ray_address_reach_flowers_federation_config(make_cfg) -> None:
