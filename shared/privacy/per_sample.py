@@ -4,7 +4,7 @@ Opacus' ``GradSampleHooks`` captures each trainable layer's input in a forward h
 gradient of its output in ``register_full_backward_hook``. A full backward hook wraps the
 module's inputs and outputs in ``BackwardHookFunction`` autograd nodes on every call, forward
 and backward, and moves every hooked module off PyTorch's fast call path. For a LoRA adapter
-(16 small matrices in the text task) that bookkeeping was a third of DP-SGD's extra step time
+(16 small matrices in the text task) that bookkeeping was about a quarter of DP-SGD's extra step time
 (docs/scale.md, "DP-SGD's own cost": 1.23x a plain step with it, 1.17x without).
 
 ``OutputGradHooks`` registers the backward half on the layer's output tensor instead
