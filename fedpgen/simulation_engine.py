@@ -99,6 +99,9 @@ def register_node_info_stores(nodes_mapping: Mapping[int, int], run: Any,
     return stores
 
 
+FLOWER_REGISTER_NODE_INFO_STORES = vce_api._register_node_info_stores  # noqa: SLF001 (Flower's, kept for comparison)
+
+
 def install_shared_run_config() -> None:
     """From now on, this process's Simulation Engine registers its nodes with one shared run config."""
     vce_api._register_node_info_stores = register_node_info_stores  # noqa: SLF001 (Flower's module function)
