@@ -47,10 +47,15 @@ def du(path: Path) -> int:
 
 def process_label(p) -> str:  # type: ignore[no-untyped-def]
     """A short name for a process of the run's tree: what it runs, not its arguments."""
+    if p.pid == os.getpid():
+        return "launcher"
+    if p.name().startswith("ray::"):
+        return "ray worker"
     cmd = p.cmdline()
-    words = [w for w in cmd[1:3] if not w.startswith("-")] if cmd and "python" in Path(cmd[0]).name else cmd[:1]
-    name = " ".join(Path(w).name for w in words[:1]) or p.name()
-    return "ray worker" if p.name().startswith("ray::") else (name if p.pid != os.getpid() else "launcher")
+    if cmd and "python" in Path(cmd[0]).name:  # a Python script: the script, not the interpreter
+        cmd = [w for w in cmd[1:] if not w.startswith("-")]
+    name = Path(cmd[0]).name if cmd else ""
+    return name if name and " " not in name else p.name()  # python -c CODE: the process' name
 
 
 def peak_rss_sampler() -> tuple[list[int], threading.Event, dict[str, float]]:

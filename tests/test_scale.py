@@ -108,19 +108,24 @@ def test_the_message_poll_asks_only_for_nodes_that_have_messages() -> None:
     assert set(state.asked) == {7, 99_999, 512}
 
 
-def test_the_clientapp_installs_the_poll_in_flowers_simulation_process_only() -> None:
-    # Flower's simulation process (flwr-simulation: flwr.simulation.app) loads the ClientApp before
-    # its engine starts polling; a deployed device's ClientApp process never loads the engine.
-    check = ("import sys\n{before}import fedpgen.client.app\n"
+def _replaced_by_importing(app_module: str, flower_name: str, ours: str) -> dict[str, bool]:
+    """Whether importing ``app_module`` replaced ``vce_api.<flower_name>`` with FedPGen's ``ours``, in a
+    fresh process that runs Flower's engine (flwr-simulation: ``flwr.simulation.app``) and in one
+    that does not (a deployment's ClientApp or ServerApp process)."""
+    check = (f"{{before}}import {app_module}\n"
              "from flwr.server.superlink.fleet.vce import vce_api\n"
-             "from fedpgen.simulation_engine import add_messages_to_queue\n"
-             "print(vce_api.add_messages_to_queue is add_messages_to_queue)")
-    # Execute
-    got = {name: subprocess.run([sys.executable, "-c", check.format(before=before)], capture_output=True,
-                                text=True, check=True).stdout.strip()
-           for name, before in (("simulation", "import flwr.simulation.app\n"), ("device", ""))}
-    # Assert
-    assert got == {"simulation": "True", "device": "False"}
+             f"from fedpgen.simulation_engine import {ours}\n"
+             f"print(vce_api.{flower_name} is {ours})")
+    return {name: subprocess.run([sys.executable, "-c", check.format(before=before)], capture_output=True,
+                                 text=True, check=True).stdout.strip() == "True"
+            for name, before in (("engine", "import flwr.simulation.app\n"), ("deployment", ""))}
+
+
+def test_the_clientapp_installs_the_poll_in_flowers_simulation_process_only() -> None:
+    # Flower's simulation process loads the ClientApp before its engine starts polling; a deployed
+    # device's ClientApp process never loads the engine.
+    assert _replaced_by_importing("fedpgen.client.app", "add_messages_to_queue", "add_messages_to_queue") \
+        == {"engine": True, "deployment": False}
 
 
 def _registered(register, nodes: int, run, app_dir: str) -> tuple[dict, float]:  # type: ignore[no-untyped-def]
@@ -172,14 +177,8 @@ def test_the_node_registry_holds_one_run_config_for_all_nodes_as_flower_would_fu
 def test_the_serverapp_installs_the_registry_in_flowers_simulation_process_only() -> None:
     # Flower's simulation process imports the ServerApp in a thread it starts just before the engine
     # registers its nodes; the SuperLink's ServerApp process in a deployment never loads the engine
-    check = ("import sys\n{before}import fedpgen.server.app\n"
-             "from flwr.server.superlink.fleet.vce import vce_api\n"
-             "from fedpgen.simulation_engine import register_node_info_stores\n"
-             "print(vce_api._register_node_info_stores is register_node_info_stores)")
-    got = {name: subprocess.run([sys.executable, "-c", check.format(before=before)], capture_output=True,
-                                text=True, check=True).stdout.strip()
-           for name, before in (("simulation", "import flwr.simulation.app\n"), ("deployment", ""))}
-    assert got == {"simulation": "True", "deployment": "False"}
+    assert _replaced_by_importing("fedpgen.server.app", "_register_node_info_stores", "register_node_info_stores") \
+        == {"engine": True, "deployment": False}
 
 
 def test_gpu_share_and_ray_address_reach_flowers_federation_config(make_cfg) -> None:

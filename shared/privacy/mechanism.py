@@ -99,16 +99,17 @@ class DPSession:
             warnings.filterwarnings("ignore", message=".*[Ss]ecure RNG.*")  # stated in the audit, see docs/privacy.md
             self.engine = PrivacyEngine(accountant=owner.accountant, secure_mode=False)
             # Opacus' DPOptimizer, Poisson loader and accountant hook; its model side attaches
-            # nothing ("no_op"): the per-sample gradients come from hooks_class, Opacus' hooks
-            # mode without full backward hooks (shared/privacy/per_sample.py, why).
-            self._attrs, self.optimizer, self.loader = self.engine.make_private(
+            # nothing ("no_op": it only sets and removes the parameters' grad_sample attributes):
+            # the per-sample gradients come from hooks_class, Opacus' hooks mode without full
+            # backward hooks (shared/privacy/per_sample.py, why).
+            self._noop_hooks, self.optimizer, self.loader = self.engine.make_private(
                 module=model, optimizer=optimizer, data_loader=loader, noise_multiplier=owner.noise_multiplier,
                 max_grad_norm=owner.clip, poisson_sampling=True, grad_sample_mode="no_op", wrap_model=False,
                 noise_generator=noise)
         try:
             self.hooks = self.hooks_class(model, batch_first=True, loss_reduction="mean")
         except BaseException:
-            self._attrs.cleanup()
+            self._noop_hooks.cleanup()
             raise
         self.hooks.forbid_grad_accumulation()  # Poisson sampling: one backward pass per step (as make_private does)
         self._it = iter(self.loader)
@@ -148,7 +149,7 @@ class DPSession:
 
     def close(self) -> None:
         self.hooks.cleanup()  # one model object serves many phases and rounds
-        self._attrs.cleanup()
+        self._noop_hooks.cleanup()
         # What Opacus' own accountant hook counted (every optimizer step, empty batches included).
         for sigma, sample_rate, steps in self.engine.accountant.history:
             self.owner.record(sigma=sigma, sample_rate=sample_rate, steps=steps)
