@@ -119,6 +119,51 @@ class _CheckedReplies:
         return kept
 
 
+def keep_threshold_shares(replies: list[Message], threshold: int) -> int:
+    """Drop, from the unmask stage's replies, every share of a device beyond the first
+    ``threshold``; return how many were dropped.
+
+    Flower's unmask stage hands every share it collected of a device, up to k, to
+    ``combine_shares`` (Lagrange interpolation at 0, pycryptodome, pure Python, about k² work),
+    while Shamir needs exactly ``threshold`` shares of the degree-(threshold - 1) polynomial:
+    any ``threshold`` honest shares give the same secret, and a device with fewer is left as
+    it was (Flower then halts the round, loudly here). At k = 31, threshold 19 this is most of
+    the server's unmasking time (docs/scale.md). The order of ``replies`` decides which shares
+    are kept."""
+    kept: dict[int, int] = {}
+    dropped = 0
+    for msg in replies:
+        if msg.has_error():
+            continue
+        record = msg.content.config_records[RECORD_KEY_CONFIGS]
+        nids, shares = list(record[Key.NODE_ID_LIST]), list(record[Key.SHARE_LIST])  # type: ignore[arg-type]
+        keep = [kept.setdefault(int(n), 0) < threshold for n in nids]
+        for n, k in zip(nids, keep, strict=True):
+            kept[int(n)] += k
+        if not all(keep):
+            dropped += keep.count(False)
+            record[Key.NODE_ID_LIST] = [n for n, k in zip(nids, keep, strict=True) if k]  # type: ignore[assignment]
+            record[Key.SHARE_LIST] = [b for b, k in zip(shares, keep, strict=True) if k]  # type: ignore[assignment]
+    return dropped
+
+
+class _ThresholdShares:
+    """``grid`` whose unmask-stage replies carry at most ``threshold`` shares per device
+    (:func:`keep_threshold_shares`)."""
+
+    def __init__(self, grid: Grid, threshold: int) -> None:
+        self._grid, self._threshold = grid, threshold
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._grid, name)
+
+    def send_and_receive(self, messages: Iterable[Message], *, timeout: float | None = None) -> list[Message]:
+        replies = self._grid.send_and_receive(messages, timeout=timeout)
+        dropped = keep_threshold_shares(replies, self._threshold)
+        log.debug("SecAgg+ unmask: %d surplus shares left out of the reconstruction", dropped)
+        return replies
+
+
 class _SecAggPlus(SecAggPlusWorkflow):
     """Flower's workflow with one upstream fix: dropouts before key sharing completes.
 
@@ -127,6 +172,9 @@ class _SecAggPlus(SecAggPlusWorkflow):
     that device that it never received, raises, and the whole round halts. Such a device
     holds no mask in anyone's vector: it is removed from the sampled set and from every
     neighbourhood once key sharing is over.
+
+    And one cost fix: the unmask stage reconstructs each device's secret from ``threshold``
+    shares, not from all it collected (:func:`keep_threshold_shares`).
     """
 
     def __init__(self, strategy: SharedDeltaStrategy, *, max_shares: int, **kwargs: float | int) -> None:
@@ -168,6 +216,9 @@ class _SecAggPlus(SecAggPlusWorkflow):
 
         checked = _CheckedReplies(grid, check, strategy.reject_before_sum)
         return super().collect_masked_vectors_stage(checked, context, state)  # type: ignore[arg-type]
+
+    def unmask_stage(self, grid: Grid, context: Context, state: WorkflowState) -> bool:  # type: ignore[override]
+        return super().unmask_stage(_ThresholdShares(grid, state.threshold), context, state)  # type: ignore[arg-type]
 
     def share_keys_stage(self, grid: Grid, context: Context, state: WorkflowState) -> bool:  # type: ignore[override]
         ok = super().share_keys_stage(grid, context, state)  # type: ignore[arg-type]

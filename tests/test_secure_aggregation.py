@@ -118,6 +118,47 @@ def test_config_rejects_even_shares_and_a_threshold_above_the_shares() -> None:
         RunConfig.from_mapping({"secagg-max-shares": 5, "secagg-threshold": 5})
 
 
+def test_the_server_reconstructs_each_secret_from_threshold_shares_and_gets_it() -> None:
+    import os
+    import time
+
+    from flwr.app import ConfigRecord, Error, Metadata, RecordDict
+    from flwr.common.secure_aggregation.crypto.shamir import combine_shares, create_shares
+
+    from fedpgen.server.secure_aggregation import keep_threshold_shares
+
+    # Prepare: 4 devices' secrets, each split into k = 5 shares with threshold 3 (Flower's own
+    # sharing); neighbour j returns share j of every device, except that nobody returns device
+    # 3's shares but neighbours 0 and 1 (too few: Flower must still see and refuse that).
+    secrets = {owner: os.urandom(32) for owner in range(4)}
+    split = {owner: create_shares(secret, 3, 5) for owner, secret in secrets.items()}
+    replies = []
+    for j in range(5):
+        owners = [o for o in secrets if o != 3 or j < 2]
+        record = ConfigRecord({Key.NODE_ID_LIST: owners, Key.SHARE_LIST: [split[o][j] for o in owners]})
+        meta = Metadata(run_id=1, message_id=f"m{j}", src_node_id=10 + j, dst_node_id=1, reply_to_message_id="q",
+                        group_id="1", created_at=time.time(), ttl=60.0, message_type="train")
+        replies.append(Message(content=RecordDict({RECORD_KEY_CONFIGS: record}), metadata=meta))
+    replies.insert(2, Message(error=Error(code=0, reason="dropped"), metadata=meta))  # a dropout: skipped
+    # Execute
+    dropped = keep_threshold_shares(replies, threshold=3)
+    # Assert: exactly 3 shares of each device are left (2 of device 3), and they give its secret
+    collected: dict[int, list[bytes]] = {o: [] for o in secrets}
+    for msg in (m for m in replies if not m.has_error()):
+        record = msg.content.config_records[RECORD_KEY_CONFIGS]
+        for owner, share in zip(record[Key.NODE_ID_LIST], record[Key.SHARE_LIST], strict=True):
+            collected[owner].append(share)
+    assert {o: len(v) for o, v in collected.items()} == {0: 3, 1: 3, 2: 3, 3: 2}
+    assert dropped == 3 * 2
+    for owner in (0, 1, 2):
+        assert combine_shares(collected[owner]) == secrets[owner]
+        assert combine_shares(split[owner]) == secrets[owner]  # all 5: what Flower combined before
+    try:  # fewer than the threshold: not the secret (Shamir's guarantee, not a choice of ours)
+        assert combine_shares(collected[3]) != secrets[3]
+    except ValueError:
+        pass
+
+
 @pytest.mark.parametrize(("num_shares", "cohort", "cap", "expected"), [
     (0.1, 1000, 31, 31),      # the default fraction at 1,000 devices: 101 shares, capped
     (0.1, 100, 31, 0.1),      # 11 shares: under the cap, Flower derives them as before
