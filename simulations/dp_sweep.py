@@ -1,29 +1,77 @@
-"""Privacy/utility sweep for the text task: personalized held-out perplexity at ε ∈ {1, 3, 8, ∞}.
+"""Privacy/utility sweep for any task: the same run at ε ∈ {1, 8, ∞} side by side.
 
 Each point is a full ``fedpgen simulate`` with the same overrides except the privacy
-setting (∞ = dp off). Prints a table and writes ``<out>/dp_sweep.png``.
+setting; ∞ is the run without DP (NOT PRIVATE). Two units of protection:
 
-    python simulations/dp_sweep.py                         # 24 users, the default run (about 25 min on 2 cores)
-    python simulations/dp_sweep.py --set num-users=8 --set num-server-rounds=3   # smaller
+- ``--unit record`` (default): DP-SGD on every device, ``dp-epsilon = ε`` per user for
+  one record (a document, an event window, a photo).
+- ``--unit user``: user-level DP-FedAvg (``dp = off``, ``user-dp`` distributed unless the
+  config names central): ``user-noise-multiplier`` z is calibrated so that the run's
+  rounds at the cohort's sampling rate q = n / N spend ε per user
+  (``fedpgen.shared.privacy.user_level.calibrate_user_noise``); the server reports the ε
+  it actually spent, which the table prints.
+
+Prints one table (base / shared-only / shared+personal / local-only medians of the task's
+primary metric, how many users shared+personal beats shared-only and local-only for, ε,
+wall time) and writes ``<out>/dp_sweep.json``, ``dp_sweep.md`` and ``dp_sweep.png``.
+
+    python simulations/dp_sweep.py                                   # text, 24 roles (about 25 min on 2 cores)
+    python simulations/dp_sweep.py --config simulations/image.toml   # faces, 10 users (about 25 min)
+    python simulations/dp_sweep.py --config simulations/behavior_cohort.toml --unit user
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import math
 import statistics
 import sys
+import time
 from pathlib import Path
+from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-EPSILONS = (1.0, 3.0, 8.0, float("inf"))
+EPSILONS = (1.0, 8.0, math.inf)
+VARIANTS = (("base", "base"), ("shared", "shared-only"), ("personal", "shared+personal"), ("local", "local-only"))
+
+
+def privacy_overrides(base: dict[str, Any], eps: float, unit: str) -> dict[str, Any]:
+    """The run-config keys that set one sweep point's privacy; everything else stays ``base``."""
+    from fedpgen.shared.config import RunConfig
+    from fedpgen.shared.privacy.user_level import calibrate_user_noise, cohort_sample_rate
+
+    if math.isinf(eps):
+        return {"dp": "off", "user-dp": "off"}
+    if unit == "record":
+        return {"dp": "epsilon", "dp-epsilon": eps, "user-dp": "off"}
+    cfg = RunConfig.from_mapping(base)
+    mode = cfg.user_dp if cfg.user_dp != "off" else "distributed"
+    q = cohort_sample_rate(population=cfg.num_users, fraction=cfg.fraction_fit, min_clients=cfg.min_fit_clients)
+    z = calibrate_user_noise(target_epsilon=eps, sample_rate=q, rounds=cfg.num_server_rounds, delta=cfg.dp_delta,
+                             accountant=cfg.dp_accountant)
+    return {"dp": "off", "user-dp": mode, "user-noise-multiplier": z}
+
+
+def spent_epsilon(run_dir: Path, summary: dict[str, Any], unit: str) -> float:
+    """What the run reports: the median device's record-level ε, or the server's user-level ε."""
+    from fedpgen.server.results import read_jsonl
+
+    if unit == "user":
+        rows = [r for r in read_jsonl(run_dir / "rounds.jsonl") if "user-epsilon" in r]
+        return float(rows[-1]["user-epsilon"]) if rows else math.inf
+    spent = list(summary["epsilon-by-client"].values())
+    return statistics.median(spent) if spent else math.inf
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--config", type=Path, help="override file, e.g. simulations/image.toml")
     parser.add_argument("--set", dest="sets", action="append", default=[], help="key=value override")
-    parser.add_argument("--out", type=Path, default=Path("runs/dp_sweep"))
+    parser.add_argument("--unit", choices=("record", "user"), default="record", help="what ε protects")
+    parser.add_argument("--epsilons", type=float, nargs="+", default=list(EPSILONS), help="inf = no DP")
+    parser.add_argument("--out", type=Path, help="default runs/dp_sweep/<config>-<unit>")
     args = parser.parse_args()
 
     import matplotlib
@@ -33,41 +81,60 @@ def main() -> None:
     from rich.console import Console
     from rich.table import Table
 
+    from fedpgen.shared.config import RunConfig, load_override_file
     from fedpgen.simulate import simulate
-    from fedpgen.shared.config import RunConfig
 
-    base = dict(s.split("=", 1) for s in args.sets)
+    base: dict[str, Any] = dict(load_override_file(args.config)) if args.config else {}
+    base.update(s.split("=", 1) for s in args.sets)
+    out = args.out or Path("runs/dp_sweep") / f"{args.config.stem if args.config else 'text'}-{args.unit}"
     rows = []
-    quiet = Console(file=open("/dev/null", "w"))
-    for eps in EPSILONS:
-        privacy = {"dp": "off"} if eps == float("inf") else {"dp": "epsilon", "dp-epsilon": eps}
-        cfg = RunConfig.from_mapping({**base, **privacy, "run-dir": str(args.out / f"eps-{eps:g}")})
+    quiet = Console(file=open("/dev/null", "w"))  # noqa: SIM115 - the runs' own tables are in their folders
+    for eps in args.epsilons:
+        privacy = privacy_overrides(base, eps, args.unit)
+        run_dir = out / f"eps-{eps:g}"
+        cfg = RunConfig.from_mapping({**base, **privacy, "run-dir": str(run_dir)})
+        print(f"ε = {eps:g} ({args.unit} level): {privacy} -> {run_dir}", flush=True)
+        started = time.perf_counter()
         summary = simulate(cfg, fresh=True, console=quiet)
-        spent = list(summary["epsilon-by-client"].values())
-        rows.append({"epsilon": eps, "spent-median": statistics.median(spent) if spent else float("inf"),
-                     **{f"{k}-ppl": v for k, v in summary["median-ppl"].items()},
-                     "personal-beats-shared": summary["personal-beats-shared"], "clients": summary["clients"]})
-    args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "dp_sweep.json").write_text(json.dumps(rows, indent=2))
-    table = Table(title="Median held-out perplexity vs record-level ε (per user, whole run)")
-    for col in ("ε target", "ε spent (median)", "base", "shared", "shared+personal", "local-only", "pers>shared"):
+        p = summary["primary-metric"]
+        rows.append({"epsilon": eps, "spent": spent_epsilon(run_dir, summary, args.unit), "unit": args.unit,
+                     "privacy": privacy, "metric": p, "higher-is-better": summary["higher-is-better"],
+                     "median": summary[f"median-{p}"], "clients": summary["clients"],
+                     "personal-beats-shared": summary["personal-beats-shared"],
+                     "personal-beats-local": summary["personal-beats-local"],
+                     "wall-seconds": time.perf_counter() - started, "run-dir": str(run_dir)})
+        print(f"  done in {rows[-1]['wall-seconds']:.0f} s: median {p} {rows[-1]['median']}", flush=True)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "dp_sweep.json").write_text(json.dumps(rows, indent=2))
+
+    metric = rows[0]["metric"]
+    direction = "higher" if rows[0]["higher-is-better"] else "lower"
+    head = ["ε target", "ε reported", *(label for _, label in VARIANTS), "pers > shared", "pers > local", "wall"]
+    table = Table(title=f"Median {metric} ({direction} is better) vs {args.unit}-level ε per user ({out})")
+    for col in head:
         table.add_column(col, justify="right")
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in rows:
-        table.add_row(f"{r['epsilon']:g}", f"{r['spent-median']:.2f}", f"{r['base-ppl']:.3f}",
-                      f"{r['shared-ppl']:.3f}", f"{r['personal-ppl']:.3f}", f"{r['local-ppl']:.3f}",
-                      f"{r['personal-beats-shared']}/{r['clients']}")
-    Console(width=140).print(table)
+        n = r["clients"]
+        local = "—" if r["personal-beats-local"] is None else f"{r['personal-beats-local']}/{n}"
+        cells = [f"{r['epsilon']:g}", f"{r['spent']:.2f}",
+                 *(f"{r['median'][v]:.3f}" if v in r["median"] else "—" for v, _ in VARIANTS),
+                 f"{r['personal-beats-shared']}/{n}", local, f"{r['wall-seconds'] / 60:.1f} min"]
+        table.add_row(*cells)
+        lines.append("| " + " | ".join(cells) + " |")
+    Console(width=160).print(table)
+    (out / "dp_sweep.md").write_text("\n".join(lines) + "\n")
+
     fig, ax = plt.subplots(figsize=(6, 4))
     labels = [f"{r['epsilon']:g}" for r in rows]
-    for key, label in (("shared-ppl", "shared only"), ("personal-ppl", "shared + personal"),
-                       ("local-ppl", "local only")):
-        ax.plot(labels, [r[key] for r in rows], marker="o", label=label)
-    ax.set(xlabel="record-level ε per user (∞ = no DP)", ylabel="median held-out perplexity",
-           title="Privacy / utility")
+    for key, label in VARIANTS:
+        if all(key in r["median"] for r in rows):
+            ax.plot(labels, [r["median"][key] for r in rows], marker="o", label=label)
+    ax.set(xlabel=f"{args.unit}-level ε per user (inf = no DP)", ylabel=f"median {metric}", title="Privacy / utility")
     ax.legend()
     fig.tight_layout()
-    fig.savefig(args.out / "dp_sweep.png", dpi=100)
-    print(f"wrote {args.out / 'dp_sweep.png'}")
+    fig.savefig(out / "dp_sweep.png", dpi=100)
+    print(f"wrote {out / 'dp_sweep.md'}, {out / 'dp_sweep.png'}")
 
 
 if __name__ == "__main__":

@@ -22,7 +22,8 @@ from flwr.server.client_manager import SimpleClientManager
 from fedpgen.server.results import RunRecorder, read_jsonl
 from fedpgen.server.strategy import SharedDeltaStrategy
 from fedpgen.shared.config import RunConfig
-from fedpgen.shared.privacy.user_level import add_noise_share, clip_delta, user_epsilon, user_level_mean
+from fedpgen.shared.privacy.user_level import (add_noise_share, calibrate_user_noise, clip_delta, cohort_sample_rate,
+                                               user_epsilon, user_level_mean)
 from fedpgen.shared.wire import keys_digest
 
 from conftest import Proxy, device, error_bound, secagg_mean
@@ -143,6 +144,28 @@ def test_each_rounds_user_epsilon_is_at_q_sampled_over_population_and_survives_a
         assert row["client-sample-rate"] == 0.2
         want = reference_epsilon(z=1.0, q=0.2, rounds=row["round"], delta=1e-5, accountant="prv")
         assert row["user-epsilon"] == pytest.approx(want, rel=0.02)
+
+
+@pytest.mark.parametrize(("target", "population", "fraction", "rounds"), [(8.0, 300, 0.1, 10), (1.0, 1000, 0.1, 10)])
+def test_calibrated_user_noise_spends_the_target_by_another_accountant(target: float, population: int,
+                                                                         fraction: float, rounds: int) -> None:
+    q = cohort_sample_rate(population=population, fraction=fraction, min_clients=2)
+    z = calibrate_user_noise(target_epsilon=target, sample_rate=q, rounds=rounds, delta=1e-5, accountant="prv")
+    spent = reference_epsilon(z=z, q=q, rounds=rounds, delta=1e-5, accountant="prv")
+    assert spent <= target * 1.02  # within the accountants' 2% (above)
+    assert spent >= target * 0.97  # not a needlessly large z: Opacus' search stops within 0.01 of the target
+    assert reference_epsilon(z=z * 0.95, q=q, rounds=rounds, delta=1e-5, accountant="prv") > target
+
+
+def test_cohort_sample_rate_is_what_the_strategy_samples(make_cfg, tmp_path: Path) -> None:
+    # 7 % of 30 devices, at least 2: the server samples ceil(2.1) = 3 -> q = 0.1
+    strategy = strategy_for(make_cfg, tmp_path, shapes=[(2,)], user_dp="central", fraction_fit=0.07,
+                            secure_aggregation=False)
+    proxies, _ = sample(strategy, 1, population=30)
+    assert len(proxies) / 30 == cohort_sample_rate(population=30, fraction=0.07, min_clients=2) == 0.1
+    assert cohort_sample_rate(population=30, fraction=0.01, min_clients=2) == 2 / 30  # min-fit-clients wins
+    with pytest.raises(ValueError, match="cannot be sampled"):
+        cohort_sample_rate(population=3, fraction=0.5, min_clients=5)
 
 
 def test_central_noise_has_std_z_s_over_n_around_the_clipped_mean(make_cfg, tmp_path: Path) -> None:

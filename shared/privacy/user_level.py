@@ -13,7 +13,7 @@ import math
 
 import numpy as np
 
-from fedpgen.shared.privacy.accounting import epsilon
+from fedpgen.shared.privacy.accounting import calibrate_sigma, epsilon
 
 
 def clip_delta(delta: list[np.ndarray], bound: float) -> list[np.ndarray]:
@@ -44,3 +44,24 @@ def user_level_mean(deltas: list[list[np.ndarray]], *, num_sampled: int, central
 def user_epsilon(*, noise_multiplier: float, sample_rate: float, rounds: int, delta: float, accountant: str) -> float:
     """ε of ``rounds`` DP-FedAvg rounds with client sampling ``sample_rate``."""
     return epsilon([(noise_multiplier, sample_rate, rounds)] if rounds else [], delta=delta, accountant=accountant)
+
+
+def cohort_sample_rate(*, population: int, fraction: float, min_clients: int) -> float:
+    """q = n / N for the cohort the server samples each round: n = max(min-fit-clients,
+    ⌈fraction-fit · N⌉) of N registered devices (``server/strategy.py``, ``configure_fit``)."""
+    if population < 1:
+        raise ValueError(f"population must be >= 1, got {population}")
+    n = max(min_clients, math.ceil(fraction * population))
+    if n > population:
+        raise ValueError(f"a cohort of {n} devices cannot be sampled from {population}")
+    return n / population
+
+
+def calibrate_user_noise(*, target_epsilon: float, sample_rate: float, rounds: int, delta: float,
+                         accountant: str) -> float:
+    """Smallest noise multiplier z whose ``rounds`` rounds at client sampling ``sample_rate``
+    spend at most ``target_epsilon`` per user (the accountant of :func:`user_epsilon`).
+    What to set as ``user-noise-multiplier`` for a user-level budget; the server still
+    accounts and reports the ε of the rounds it actually ran."""
+    return calibrate_sigma(target_epsilon=target_epsilon, delta=delta, sample_rate=sample_rate, steps=rounds,
+                           accountant=accountant)
