@@ -1,12 +1,13 @@
 """Secure aggregation cost: round time and bytes uploaded per device, with and without SecAgg+.
 
 For 10, 50 and 100 devices at the text task's shared-adapter size, measured in one run
-(both modes per size, back to back). Bytes are the serialized replies the server pulls
-from the link for the training round (all four SecAgg+ stages, or the one plain reply).
+(both modes per size, back to back). With ``--bytes``, also the bytes of the serialized
+replies each device sent in the training round (all four SecAgg+ stages, or the one plain
+reply), read from the server's wire transcript in a second, untimed run per mode.
 Training is kept short (2 DP-free local steps) so the protocol's own cost shows; the ratio
 with full local training is smaller. Prints a table; asserts nothing.
 
-    python benchmarks/secagg.py [--sizes 10 50 100] [--set secagg-num-shares=0.2]
+    python benchmarks/secagg.py [--sizes 10 50 100] [--set secagg-num-shares=0.2] [--bytes] [--keep DIR]
     python benchmarks/secagg.py --shamir 11 15 31 101   # Flower's secret sharing alone, per device
 
 ``--shamir``: the CPU cost of what SecAgg+ does per device and per round with Shamir's secret
@@ -22,6 +23,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import statistics
 import sys
@@ -33,36 +35,35 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 
-def run(users: int, secure: bool, out: Path, extra: dict[str, str]) -> dict[str, float]:
-    from flwr.common import serde
-    from flwr.superlink.grid.inmemory_grid import InMemoryGrid
+def run(users: int, secure: bool, out: Path, extra: dict[str, str], *, count_bytes: bool) -> dict[str, float]:
+    """One training round; its time, and with ``count_bytes`` the bytes each device sent in it
+    (from the server's wire transcript, which a second, untimed run records)."""
     from rich.console import Console
 
-    from fedpgen.simulate import simulate
     from fedpgen.server.results import read_jsonl
     from fedpgen.shared.config import RunConfig
+    from fedpgen.shared.wire_transcript import RUN_TRANSCRIPT_DIR, SERVER_STEM, UPLINK, read_transcript
+    from fedpgen.simulate import simulate
 
-    sent: dict[int, int] = defaultdict(int)
-    original = InMemoryGrid.pull_messages
-
-    def pull(self, message_ids):  # type: ignore[no-untyped-def]
-        messages = list(original(self, message_ids))
-        for msg in messages:
-            if msg.has_content() and msg.metadata.message_type == "train":
-                sent[msg.metadata.src_node_id] += len(serde.recorddict_to_proto(msg.content).SerializeToString())
-        return messages
-
-    InMemoryGrid.pull_messages = pull  # type: ignore[method-assign]
-    try:
+    def once(name: str, transcript: bool) -> RunConfig:
         cfg = RunConfig.from_mapping({
             "data": "synthetic", "num-users": users, "min-records": 30, "num-server-rounds": 1, "local-steps": 2,
             "personal-max-steps": 0, "dp": "off", "eval-fraction": min(1.0, 2 / users),
-            "secure-aggregation": secure, "run-dir": str(out / f"{users}-{secure}"), **extra})
-        simulate(cfg, fresh=True, console=Console(file=open(os.devnull, "w")))
-    finally:
-        InMemoryGrid.pull_messages = original  # type: ignore[method-assign]
-    rounds = read_jsonl(Path(cfg.run_dir) / "rounds.jsonl")
-    return {"seconds": rounds[0]["seconds"], "bytes": statistics.mean(sent.values())}
+            "secure-aggregation": secure, "wire-transcript": transcript,
+            "run-dir": str(out / f"{users}-{'secagg' if secure else 'plain'}{name}"), **extra})
+        simulate(cfg, fresh=True, console=Console(file=open(os.devnull, "w")))  # noqa: SIM115
+        return cfg
+
+    cfg = once("", False)
+    got = {"seconds": float(read_jsonl(Path(cfg.run_dir) / "rounds.jsonl")[0]["seconds"]), "bytes": math.nan}
+    if count_bytes:
+        cfg = once("-bytes", True)
+        sent: dict[int, int] = defaultdict(int)
+        for e in read_transcript(Path(cfg.run_dir) / RUN_TRANSCRIPT_DIR / f"{SERVER_STEM}.jsonl"):
+            if e.direction == UPLINK and e.message_type == "train" and e.error is None:
+                sent[e.src] += e.nbytes
+        got["bytes"] = statistics.mean(sent.values())
+    return got
 
 
 def shamir(neighbourhoods: list[int]) -> None:
@@ -104,6 +105,9 @@ def main() -> None:
     parser.add_argument("--sizes", type=int, nargs="*", default=[10, 50, 100])
     parser.add_argument("--set", dest="sets", action="append", default=[], help="key=value override")
     parser.add_argument("--shamir", type=int, nargs="*", help="only the secret-sharing cost for these share counts")
+    parser.add_argument("--bytes", action="store_true", help="also the bytes each device sends (a second, "
+                        "untimed run per mode, with the wire transcript)")
+    parser.add_argument("--keep", type=Path, help="keep the run folders here (flower.log times each SecAgg+ stage)")
     args = parser.parse_args()
     if args.shamir:
         shamir(args.shamir)
@@ -113,10 +117,11 @@ def main() -> None:
 
     extra = dict(s.split("=", 1) for s in args.sets)
     rows = []
-    with tempfile.TemporaryDirectory() as tmp:
+    with tempfile.TemporaryDirectory() as scratch:
+        tmp = args.keep or scratch
         for users in args.sizes:
-            plain = run(users, False, Path(tmp), extra)
-            secure = run(users, True, Path(tmp), extra)
+            plain = run(users, False, Path(tmp), extra, count_bytes=args.bytes)
+            secure = run(users, True, Path(tmp), extra, count_bytes=args.bytes)
             rows.append((users, plain, secure))
             print(json.dumps({"users": users, "plain": plain, "secure": secure}), flush=True)
     table = Table(title="SecAgg+ cost per training round (text task shared adapter, 2 local steps, no DP)")
@@ -124,8 +129,10 @@ def main() -> None:
                 "KiB up/device (SecAgg+)", "bytes ratio"):
         table.add_column(col, justify="right")
     for users, p, s in rows:
+        kib = ("—", "—", "—") if math.isnan(p["bytes"]) else (
+            f"{p['bytes'] / 1024:.1f}", f"{s['bytes'] / 1024:.1f}", f"{s['bytes'] / p['bytes']:.2f}x")
         table.add_row(str(users), f"{p['seconds']:.1f}", f"{s['seconds']:.1f}", f"{s['seconds'] / p['seconds']:.2f}x",
-                      f"{p['bytes'] / 1024:.1f}", f"{s['bytes'] / 1024:.1f}", f"{s['bytes'] / p['bytes']:.2f}x")
+                      *kib)
     Console(width=140).print(table)
 
 
