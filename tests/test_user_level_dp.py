@@ -168,6 +168,26 @@ def test_cohort_sample_rate_is_what_the_strategy_samples(make_cfg, tmp_path: Pat
         cohort_sample_rate(population=3, fraction=0.5, min_clients=5)
 
 
+def test_the_dp_sweep_sets_a_user_level_point_that_the_server_accounts_as_its_target() -> None:
+    import importlib.util
+
+    path = Path(__file__).resolve().parent.parent / "simulations" / "dp_sweep.py"
+    spec = importlib.util.spec_from_file_location("dp_sweep", path)
+    sweep = importlib.util.module_from_spec(spec)  # type: ignore[arg-type]
+    spec.loader.exec_module(sweep)  # type: ignore[union-attr]
+    base = {"task": "behavior", "data": "synthetic", "num-users": 300, "fraction-fit": 0.1, "min-fit-clients": 10,
+            "num-server-rounds": 10}
+    point = sweep.privacy_overrides(base, 8.0, "user")
+    assert point["dp"] == "off" and point["user-dp"] == "distributed"  # no DP-SGD: the unit is the user
+    cfg = RunConfig.from_mapping({**base, **point})
+    # What the server reports after the run's 10 rounds at q = 30 / 300 (strategy._record)
+    spent = user_epsilon(noise_multiplier=cfg.user_noise_multiplier, sample_rate=0.1, rounds=10,
+                         delta=cfg.dp_delta, accountant=cfg.dp_accountant)
+    assert 7.8 < spent <= 8.0 * 1.001
+    assert sweep.privacy_overrides(base, 8.0, "record") == {"dp": "epsilon", "dp-epsilon": 8.0, "user-dp": "off"}
+    assert sweep.privacy_overrides(base, math.inf, "user") == {"dp": "off", "user-dp": "off"}
+
+
 def test_central_noise_has_std_z_s_over_n_around_the_clipped_mean(make_cfg, tmp_path: Path) -> None:
     # Prepare: S = 1, z = 0.1, 5 of 10 devices sampled, 4 reply. Two deltas of norm 10 (clipped to
     # S by the server) and two of norm 0.25 (kept). z is small so that the clipped mean stands
