@@ -9,9 +9,10 @@ we raise instead; and ``num_shares`` is validated in the run config.
 
 A third is a cost trap: a fractional ``num_shares`` grows with the cohort; each device's
 Shamir sharing (pycryptodome, pure Python) costs about shares × threshold and the server's
-unmasking about shares² per device. At 1,000 devices the default fraction gives 101 shares:
-2.6 CPU seconds per device per round. A fraction is capped at ``secagg-max-shares``
-(``capped_shares``; docs/scale.md).
+unmasking about (shares combined)² per device. At 1,000 devices the default fraction gives 101
+shares: 2.6 CPU seconds per device per round. A fraction is capped at ``secagg-max-shares``
+(``capped_shares``), and the server combines ``threshold`` shares of each device, not all it
+collected (``keep_threshold_shares``; docs/scale.md).
 
 Known limit, stated in the audit: Flower derives the masks with numpy's ``RandomState``
 seeded from 32 bits of the shared secret, weaker than its key agreement.
