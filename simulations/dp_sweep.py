@@ -12,12 +12,15 @@ setting; ∞ is the run without DP (NOT PRIVATE). Two units of protection:
   it actually spent, which the table prints.
 
 Prints one table (base / shared-only / shared+personal / local-only medians of the task's
-primary metric, how many users shared+personal beats shared-only and local-only for, ε,
-wall time) and writes ``<out>/dp_sweep.json``, ``dp_sweep.md`` and ``dp_sweep.png``.
+primary metric; per user, shared+personal against shared-only and local-only as wins / ties /
+losses: a rate such as HR@10 ties often; ε; wall time) and writes ``<out>/dp_sweep.json``,
+``dp_sweep.md`` and ``dp_sweep.png``. ``--report DIR ...`` prints one table from sweeps
+already run (e.g. a record-level and a user-level sweep of the same cohort) without running.
 
-    python simulations/dp_sweep.py                                   # text, 24 roles (about 25 min on 2 cores)
+    python simulations/dp_sweep.py                                   # text, 20 roles (about 30 min on 2 cores)
     python simulations/dp_sweep.py --config simulations/image.toml   # faces, 10 users (about 25 min)
     python simulations/dp_sweep.py --config simulations/behavior_cohort.toml --unit user
+    python simulations/dp_sweep.py --report runs/dp_sweep/behavior-record runs/dp_sweep/behavior-user
 """
 
 from __future__ import annotations
@@ -65,6 +68,63 @@ def spent_epsilon(run_dir: Path, summary: dict[str, Any], unit: str) -> float:
     return statistics.median(spent) if spent else math.inf
 
 
+def head_to_head(run_dir: Path, metric: str, higher_is_better: bool, a: str, b: str) -> tuple[int, int, int]:
+    """Users for whom variant ``a`` is better than, equal to, worse than ``b`` (clients.csv)."""
+    from fedpgen.server.results import read_clients
+
+    sign = 1.0 if higher_is_better else -1.0
+    diffs = [sign * (float(c[f"{a}-{metric}"]) - float(c[f"{b}-{metric}"])) for c in read_clients(run_dir)
+             if f"{b}-{metric}" in c]
+    return sum(d > 0 for d in diffs), sum(d == 0 for d in diffs), sum(d < 0 for d in diffs)
+
+
+def render(rows: list[dict[str, Any]], title: str, out: Path | None) -> None:
+    """Print the table of ``rows``; with ``out``, also write it as Markdown and a plot there."""
+    from rich.console import Console
+    from rich.table import Table
+
+    metric = rows[0]["metric"]
+    higher = rows[0]["higher-is-better"]
+    head = ["unit", "ε target", "ε reported", *(label for _, label in VARIANTS), "pers vs shared (W/T/L)",
+            "pers vs local (W/T/L)", "wall"]
+    table = Table(title=f"Median {metric} ({'higher' if higher else 'lower'} is better) vs ε per user ({title})")
+    for col in head:
+        table.add_column(col, justify="right")
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for r in rows:
+        versus = []
+        for other in ("shared", "local"):
+            w, t, lost = head_to_head(Path(r["run-dir"]), metric, higher, "personal", other)
+            versus.append(f"{w}/{t}/{lost}" if w + t + lost else "—")
+        unit = "none" if math.isinf(r["epsilon"]) else r["unit"]
+        cells = [unit, f"{r['epsilon']:g}", f"{r['spent']:.2f}",
+                 *(f"{r['median'][v]:.3f}" if v in r["median"] else "—" for v, _ in VARIANTS),
+                 *versus, f"{r['wall-seconds'] / 60:.1f} min"]
+        table.add_row(*cells)
+        lines.append("| " + " | ".join(cells) + " |")
+    Console(width=170).print(table)
+    if out is None:
+        return
+    (out / "dp_sweep.md").write_text("\n".join(lines) + "\n")
+
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 4))
+    labels = [f"{r['epsilon']:g}" for r in rows]
+    for key, label in VARIANTS:
+        if all(key in r["median"] for r in rows):
+            ax.plot(labels, [r["median"][key] for r in rows], marker="o", label=label)
+    ax.set(xlabel=f"{rows[0]['unit']}-level ε per user (inf = no DP)", ylabel=f"median {metric}",
+           title="Privacy / utility")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(out / "dp_sweep.png", dpi=100)
+    print(f"wrote {out / 'dp_sweep.md'}, {out / 'dp_sweep.png'}")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--config", type=Path, help="override file, e.g. simulations/image.toml")
@@ -72,14 +132,14 @@ def main() -> None:
     parser.add_argument("--unit", choices=("record", "user"), default="record", help="what ε protects")
     parser.add_argument("--epsilons", type=float, nargs="+", default=list(EPSILONS), help="inf = no DP")
     parser.add_argument("--out", type=Path, help="default runs/dp_sweep/<config>-<unit>")
+    parser.add_argument("--report", type=Path, nargs="+", help="only print the table of these sweeps' folders")
     args = parser.parse_args()
+    if args.report:
+        rows = [row for folder in args.report for row in json.loads((folder / "dp_sweep.json").read_text())]
+        render(rows, ", ".join(map(str, args.report)), None)
+        return
 
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
     from rich.console import Console
-    from rich.table import Table
 
     from fedpgen.shared.config import RunConfig, load_override_file
     from fedpgen.simulate import simulate
@@ -107,34 +167,7 @@ def main() -> None:
     out.mkdir(parents=True, exist_ok=True)
     (out / "dp_sweep.json").write_text(json.dumps(rows, indent=2))
 
-    metric = rows[0]["metric"]
-    direction = "higher" if rows[0]["higher-is-better"] else "lower"
-    head = ["ε target", "ε reported", *(label for _, label in VARIANTS), "pers > shared", "pers > local", "wall"]
-    table = Table(title=f"Median {metric} ({direction} is better) vs {args.unit}-level ε per user ({out})")
-    for col in head:
-        table.add_column(col, justify="right")
-    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
-    for r in rows:
-        n = r["clients"]
-        local = "—" if r["personal-beats-local"] is None else f"{r['personal-beats-local']}/{n}"
-        cells = [f"{r['epsilon']:g}", f"{r['spent']:.2f}",
-                 *(f"{r['median'][v]:.3f}" if v in r["median"] else "—" for v, _ in VARIANTS),
-                 f"{r['personal-beats-shared']}/{n}", local, f"{r['wall-seconds'] / 60:.1f} min"]
-        table.add_row(*cells)
-        lines.append("| " + " | ".join(cells) + " |")
-    Console(width=160).print(table)
-    (out / "dp_sweep.md").write_text("\n".join(lines) + "\n")
-
-    fig, ax = plt.subplots(figsize=(6, 4))
-    labels = [f"{r['epsilon']:g}" for r in rows]
-    for key, label in VARIANTS:
-        if all(key in r["median"] for r in rows):
-            ax.plot(labels, [r["median"][key] for r in rows], marker="o", label=label)
-    ax.set(xlabel=f"{args.unit}-level ε per user (inf = no DP)", ylabel=f"median {metric}", title="Privacy / utility")
-    ax.legend()
-    fig.tight_layout()
-    fig.savefig(out / "dp_sweep.png", dpi=100)
-    print(f"wrote {out / 'dp_sweep.md'}, {out / 'dp_sweep.png'}")
+    render(rows, str(out), out)
 
 
 if __name__ == "__main__":
