@@ -136,7 +136,9 @@ def main() -> None:
     args = parser.parse_args()
     if args.report:
         rows = [row for folder in args.report for row in json.loads((folder / "dp_sweep.json").read_text())]
-        render(rows, ", ".join(map(str, args.report)), None)
+        if args.out:
+            args.out.mkdir(parents=True, exist_ok=True)
+        render(rows, ", ".join(map(str, args.report)), args.out)  # with --out: also its .md and .png
         return
 
     from rich.console import Console
