@@ -120,9 +120,9 @@ class _CheckedReplies:
         return kept
 
 
-def keep_threshold_shares(replies: list[Message], threshold: int) -> int:
-    """Drop, from the unmask stage's replies, every share of a device beyond the first
-    ``threshold``; return how many were dropped.
+def keep_threshold_shares(replies: list[Message], threshold: int) -> tuple[int, int]:
+    """Trim the unmask stage's replies, in place, to the first ``threshold`` distinct shares of
+    each device; return (surplus shares dropped, repeated shares dropped).
 
     Flower's unmask stage hands every share it collected of a device, up to k, to
     ``combine_shares`` (Lagrange interpolation at 0, pycryptodome, pure Python, about k² work),
@@ -130,22 +130,38 @@ def keep_threshold_shares(replies: list[Message], threshold: int) -> int:
     any ``threshold`` honest shares give the same secret, and a device with fewer is left as
     it was (Flower then halts the round, loudly here). At k = 31, threshold 19 this is most of
     the server's unmasking time (docs/scale.md). The order of ``replies`` decides which shares
-    are kept."""
-    kept: dict[int, int] = {}
-    dropped = 0
+    are kept. A share whose index (its first 4 bytes) was already kept for that device, or a
+    second share of one device in one reply, is dropped as repeated: an honest neighbour
+    returns one share of each device, and pycryptodome refuses a set with two shares at one
+    index ("Duplicate share"), which failed the round. A reply whose two lists differ in length is left for
+    Flower, which refuses it."""
+    kept: dict[int, set[bytes]] = {}  # device -> indices of the shares kept
+    surplus = repeated = 0
     for msg in replies:
         if msg.has_error():
             continue
         record = msg.content.config_records[RECORD_KEY_CONFIGS]
         nids, shares = list(record[Key.NODE_ID_LIST]), list(record[Key.SHARE_LIST])  # type: ignore[arg-type]
-        keep = [kept.setdefault(int(n), 0) < threshold for n in nids]
-        for n, k in zip(nids, keep, strict=True):
-            kept[int(n)] += k
+        if len(nids) != len(shares):
+            continue
+        keep, here = [], set()
+        for nid, share in zip(nids, shares, strict=True):
+            indices = kept.setdefault(int(nid), set())
+            index = bytes(share[:4])
+            if index in indices or int(nid) in here:
+                repeated += 1
+                keep.append(False)
+            elif len(indices) >= threshold:
+                surplus += 1
+                keep.append(False)
+            else:
+                indices.add(index)
+                here.add(int(nid))
+                keep.append(True)
         if not all(keep):
-            dropped += keep.count(False)
             record[Key.NODE_ID_LIST] = [n for n, k in zip(nids, keep, strict=True) if k]  # type: ignore[assignment]
             record[Key.SHARE_LIST] = [b for b, k in zip(shares, keep, strict=True) if k]  # type: ignore[assignment]
-    return dropped
+    return surplus, repeated
 
 
 class _ThresholdShares:
@@ -160,8 +176,11 @@ class _ThresholdShares:
 
     def send_and_receive(self, messages: Iterable[Message], *, timeout: float | None = None) -> list[Message]:
         replies = self._grid.send_and_receive(messages, timeout=timeout)
-        dropped = keep_threshold_shares(replies, self._threshold)
-        log.debug("SecAgg+ unmask: %d surplus shares left out of the reconstruction", dropped)
+        surplus, repeated = keep_threshold_shares(replies, self._threshold)
+        log.debug("SecAgg+ unmask: %d surplus shares left out of the reconstruction", surplus)
+        if repeated:
+            log.warning("SecAgg+ unmask: %d repeated key shares dropped (a neighbour returned a share index "
+                        "twice)", repeated)
         return replies
 
 
