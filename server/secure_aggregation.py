@@ -133,8 +133,8 @@ def keep_threshold_shares(replies: list[Message], threshold: int) -> tuple[int, 
     are kept. A share whose index (its first 4 bytes) was already kept for that device, or a
     second share of one device in one reply, is dropped as repeated: an honest neighbour
     returns one share of each device, and pycryptodome refuses a set with two shares at one
-    index ("Duplicate share"), which failed the round. A reply whose two lists differ in length is left for
-    Flower, which refuses it."""
+    index ("Duplicate share"), which failed the round. A reply whose two lists differ in
+    length is left for Flower, which refuses it."""
     kept: dict[int, set[bytes]] = {}  # device -> indices of the shares kept
     surplus = repeated = 0
     for msg in replies:
@@ -193,8 +193,8 @@ class _SecAggPlus(SecAggPlusWorkflow):
     holds no mask in anyone's vector: it is removed from the sampled set and from every
     neighbourhood once key sharing is over.
 
-    And one cost fix: the unmask stage reconstructs each device's secret from ``threshold``
-    shares, not from all it collected (:func:`keep_threshold_shares`).
+    And at the unmask stage each device's secret is reconstructed from ``threshold`` distinct
+    shares, not from all it collected, repeated ones dropped (:func:`keep_threshold_shares`).
     """
 
     def __init__(self, strategy: SharedDeltaStrategy, *, max_shares: int, **kwargs: float | int) -> None:
