@@ -21,7 +21,7 @@ seeded from 32 bits of the shared secret, weaker than its key agreement.
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
 import numpy as np
@@ -120,9 +120,10 @@ class _CheckedReplies:
         return kept
 
 
-def keep_threshold_shares(replies: list[Message], threshold: int) -> tuple[int, int]:
+def keep_threshold_shares(replies: list[Message], threshold: int,
+                          neighbours: Mapping[int, set[int]]) -> tuple[int, int]:
     """Trim the unmask stage's replies, in place, to the first ``threshold`` distinct shares of
-    each device; return (surplus shares dropped, repeated shares dropped).
+    each device; return (surplus shares dropped, hostile shares dropped).
 
     Flower's unmask stage hands every share it collected of a device, up to k, to
     ``combine_shares`` (Lagrange interpolation at 0, pycryptodome, pure Python, about k² work),
@@ -133,8 +134,11 @@ def keep_threshold_shares(replies: list[Message], threshold: int) -> tuple[int, 
     are kept. A share whose index (its first 4 bytes) was already kept for that device, or a
     second share of one device in one reply, is dropped as repeated: an honest neighbour
     returns one share of each device, and pycryptodome refuses a set with two shares at one
-    index ("Duplicate share"), which failed the round. A reply whose two lists differ in
-    length is left for Flower, which refuses it."""
+    index ("Duplicate share"), which failed the round. So is a share of a device that is not
+    the sender's neighbour (``neighbours``, Flower's ``nid_to_neighbours``: each device's
+    neighbourhood, itself included): no honest sender holds one, and an unknown device id made
+    Flower's unmasking fail the round. A reply whose two lists differ in length is left for
+    Flower, which refuses it."""
     kept: dict[int, set[bytes]] = {}  # device -> indices of the shares kept
     surplus = repeated = 0
     for msg in replies:
@@ -145,10 +149,11 @@ def keep_threshold_shares(replies: list[Message], threshold: int) -> tuple[int, 
         if len(nids) != len(shares):
             continue
         keep, here = [], set()
+        theirs = neighbours.get(msg.metadata.src_node_id, set())
         for nid, share in zip(nids, shares, strict=True):
             indices = kept.setdefault(int(nid), set())
             index = bytes(share[:4])
-            if index in indices or int(nid) in here:
+            if int(nid) not in theirs or index in indices or int(nid) in here:
                 repeated += 1
                 keep.append(False)
             elif len(indices) >= threshold:
@@ -168,19 +173,19 @@ class _ThresholdShares:
     """``grid`` whose unmask-stage replies carry at most ``threshold`` shares per device
     (:func:`keep_threshold_shares`)."""
 
-    def __init__(self, grid: Grid, threshold: int) -> None:
-        self._grid, self._threshold = grid, threshold
+    def __init__(self, grid: Grid, state: WorkflowState) -> None:
+        self._grid, self._state = grid, state
 
     def __getattr__(self, name: str) -> Any:
         return getattr(self._grid, name)
 
     def send_and_receive(self, messages: Iterable[Message], *, timeout: float | None = None) -> list[Message]:
         replies = self._grid.send_and_receive(messages, timeout=timeout)
-        surplus, repeated = keep_threshold_shares(replies, self._threshold)
+        surplus, hostile = keep_threshold_shares(replies, self._state.threshold, self._state.nid_to_neighbours)
         log.debug("SecAgg+ unmask: %d surplus shares left out of the reconstruction", surplus)
-        if repeated:
-            log.warning("SecAgg+ unmask: %d repeated key shares dropped (a neighbour returned a share index "
-                        "twice)", repeated)
+        if hostile:
+            log.warning("SecAgg+ unmask: %d key shares dropped: repeated, or of a device that is not the "
+                        "sender's neighbour", hostile)
         return replies
 
 
@@ -194,7 +199,8 @@ class _SecAggPlus(SecAggPlusWorkflow):
     neighbourhood once key sharing is over.
 
     And at the unmask stage each device's secret is reconstructed from ``threshold`` distinct
-    shares, not from all it collected, repeated ones dropped (:func:`keep_threshold_shares`).
+    shares, not from all it collected; repeated shares, and shares of devices that are not the
+    sender's neighbours, are dropped (:func:`keep_threshold_shares`).
     """
 
     def __init__(self, strategy: SharedDeltaStrategy, *, max_shares: int, **kwargs: float | int) -> None:
@@ -238,7 +244,7 @@ class _SecAggPlus(SecAggPlusWorkflow):
         return super().collect_masked_vectors_stage(checked, context, state)  # type: ignore[arg-type]
 
     def unmask_stage(self, grid: Grid, context: Context, state: WorkflowState) -> bool:  # type: ignore[override]
-        return super().unmask_stage(_ThresholdShares(grid, state.threshold), context, state)  # type: ignore[arg-type]
+        return super().unmask_stage(_ThresholdShares(grid, state), context, state)  # type: ignore[arg-type]
 
     def share_keys_stage(self, grid: Grid, context: Context, state: WorkflowState) -> bool:  # type: ignore[override]
         ok = super().share_keys_stage(grid, context, state)  # type: ignore[arg-type]

@@ -140,20 +140,28 @@ def test_the_server_reconstructs_each_secret_from_threshold_shares_and_gets_it()
                         group_id="1", created_at=time.time(), ttl=60.0, message_type="train")
         replies.append(Message(content=RecordDict({RECORD_KEY_CONFIGS: record}), metadata=meta))
     replies.insert(2, Message(error=Error(code=0, reason="dropped"), metadata=meta))  # a dropout: skipped
-    # A hostile neighbour, first in line, returns device 0's share 1 twice and a forged one at index 1
+    # A hostile neighbour (node 14), first in line, returns device 0's share 1 twice, a forged one at
+    # index 1, and shares of a device that is not its neighbour (5) and of one that does not exist (99);
+    # a node outside every neighbourhood (66) returns a forged share of device 1
     forged = split[0][1][:4] + os.urandom(len(split[0][1]) - 4)
-    record = ConfigRecord({Key.NODE_ID_LIST: [0, 0, 0], Key.SHARE_LIST: [split[0][1], split[0][1], forged]})
+    record = ConfigRecord({Key.NODE_ID_LIST: [0, 0, 0, 5, 99],
+                           Key.SHARE_LIST: [split[0][1], split[0][1], forged, forged, forged]})
     replies.insert(0, Message(content=RecordDict({RECORD_KEY_CONFIGS: record}), metadata=meta))
+    outsider = Metadata(run_id=1, message_id="x", src_node_id=66, dst_node_id=1, reply_to_message_id="q",
+                        group_id="1", created_at=time.time(), ttl=60.0, message_type="train")
+    record = ConfigRecord({Key.NODE_ID_LIST: [1], Key.SHARE_LIST: [split[1][0][:4] + os.urandom(len(split[1][0]) - 4)]})
+    replies.insert(0, Message(content=RecordDict({RECORD_KEY_CONFIGS: record}), metadata=outsider))
+    neighbours = {10 + j: {0, 1, 2, 3} for j in range(5)} | {5: {5}}
     # Execute
-    dropped, repeated = keep_threshold_shares(replies, threshold=3)
+    dropped, hostile = keep_threshold_shares(replies, threshold=3, neighbours=neighbours)
     # Assert: exactly 3 shares of each device are left (2 of device 3), and they give its secret
     collected: dict[int, list[bytes]] = {o: [] for o in secrets}
     for msg in (m for m in replies if not m.has_error()):
         record = msg.content.config_records[RECORD_KEY_CONFIGS]
         for owner, share in zip(record[Key.NODE_ID_LIST], record[Key.SHARE_LIST], strict=True):
-            collected[owner].append(share)
+            collected[owner].append(share)  # a share of 5 or 99 left in would fail here (no such key)
     assert {o: len(v) for o, v in collected.items()} == {0: 3, 1: 3, 2: 3, 3: 2}
-    assert (dropped, repeated) == (3 * 2, 3)  # the hostile reply's genuine first share is one of device 0's 3
+    assert (dropped, hostile) == (3 * 2, 3 + 2 + 1)  # node 14's genuine first share is one of device 0's 3
     for owner in (0, 1, 2):
         assert combine_shares(collected[owner]) == secrets[owner]
         assert combine_shares(split[owner]) == secrets[owner]  # all 5: what Flower combined before
