@@ -162,8 +162,6 @@ def main() -> None:
         rows.append({"epsilon": eps, "spent": spent_epsilon(run_dir, summary, args.unit), "unit": args.unit,
                      "privacy": privacy, "metric": p, "higher-is-better": summary["higher-is-better"],
                      "median": summary[f"median-{p}"], "clients": summary["clients"],
-                     "personal-beats-shared": summary["personal-beats-shared"],
-                     "personal-beats-local": summary["personal-beats-local"],
                      "wall-seconds": time.perf_counter() - started, "run-dir": str(run_dir)})
         print(f"  done in {rows[-1]['wall-seconds']:.0f} s: median {p} {rows[-1]['median']}", flush=True)
     out.mkdir(parents=True, exist_ok=True)
