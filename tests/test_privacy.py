@@ -112,6 +112,41 @@ def test_output_grad_hooks_give_opacus_hooks_modes_per_sample_gradients(make_cfg
         torch.testing.assert_close(ours, opacus, atol=1e-7, rtol=1e-5)
 
 
+def test_output_grad_hooks_sum_a_layer_used_twice_and_keep_each_record_apart() -> None:
+    """A layer called twice in one forward (tied weights) gets the sum of both calls' per-sample
+    gradients, as in Opacus' hooks mode and a per-record autograd loop; a second backward pass
+    without an optimizer step is refused under Poisson sampling."""
+    # Prepare
+    torch.manual_seed(0)
+    tied, head = torch.nn.Linear(5, 5), torch.nn.Linear(5, 1)
+    head.requires_grad_(False)
+    model = torch.nn.Sequential(tied, torch.nn.Tanh(), tied, head)
+    x = torch.randn(6, 5)
+    got = {}
+    for hooks_class in (GradSampleHooks, OutputGradHooks):
+        hooks = hooks_class(model, batch_first=True, loss_reduction="mean")
+        # Execute
+        model(x).pow(2).mean().backward()
+        got[hooks_class] = (tied.weight.grad_sample.clone(), tied.bias.grad_sample.clone())
+        hooks.cleanup()
+        tied.zero_grad(set_to_none=True)
+    reference = []
+    for i in range(6):
+        weight, bias = torch.autograd.grad(model(x[i : i + 1]).pow(2).sum(), (tied.weight, tied.bias))
+        reference.append((weight, bias))
+    # Assert
+    for k in range(2):
+        torch.testing.assert_close(got[OutputGradHooks][k], got[GradSampleHooks][k], atol=1e-7, rtol=1e-5)
+        torch.testing.assert_close(got[OutputGradHooks][k], torch.stack([r[k] for r in reference]),
+                                   atol=1e-6, rtol=1e-4)
+    hooks = OutputGradHooks(model, batch_first=True, loss_reduction="mean")
+    hooks.forbid_grad_accumulation()
+    model(x).pow(2).mean().backward()
+    with pytest.raises(ValueError, match="one backward pass per optimizer step"):
+        model(x).pow(2).mean().backward()
+    hooks.cleanup()
+
+
 def test_a_dp_round_changes_only_what_it_trains(make_cfg) -> None:
     d = device(make_cfg(local_steps=1, personal_max_steps=0))
     before = get_tensors(d.model, tuple(n for n, _ in d.model.named_parameters()))
