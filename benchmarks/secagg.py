@@ -13,7 +13,9 @@ with full local training is smaller. Prints a table; asserts nothing.
 ``--shamir``: the CPU cost of what SecAgg+ does per device and per round with Shamir's secret
 sharing (Flower's ``create_shares`` / ``combine_shares``, pycryptodome underneath), for
 neighbourhoods of k shares at the default threshold (0.6 k): each device splits two secrets
-(its pairwise private key and its self-mask seed) into k shares; the server combines one of
+(its pairwise private key and its self-mask seed) into k shares — the key as Flower's PEM
+(306 bytes, 20 chunks of 16) and as FedPGen shares it, its 48-byte scalar (4 chunks;
+``shared/secagg_keys.py``), side by side; the server combines one of
 them per device: Flower 1.42's unmask stage passes every share it collected, all k; FedPGen's
 passes threshold of them (``server/secure_aggregation.py``, ``keep_threshold_shares``), both
 columns side by side. Split grows about as k × threshold, combine as (shares combined)².
@@ -73,20 +75,25 @@ def shamir(neighbourhoods: list[int]) -> None:
     from rich.console import Console
     from rich.table import Table
 
-    secret_key = private_key_to_bytes(generate_key_pairs()[0])
+    from fedpgen.shared import secagg_keys
+
+    key = generate_key_pairs()[0]
+    pem, scalar = private_key_to_bytes(key), secagg_keys.private_key_to_bytes(key)
     table = Table(title="Shamir secret sharing in Flower's SecAgg+, CPU seconds per device per round")
-    for col in ("shares k", "threshold", "device: split both secrets", "server: combine one secret, all k shares",
-                "threshold shares", "ratio", "server, 1,000 devices: all k", "threshold"):
+    for col in ("shares k", "threshold", "device: split both secrets, sk1 as PEM", "sk1 as scalar", "ratio",
+                "server: combine one secret, all k shares", "threshold shares", "ratio",
+                "server, 1,000 devices: all k", "threshold"):
         table.add_column(col, justify="right")
     for k in neighbourhoods:
         t = max(2, round(0.6 * k))
-        split, combine, minimal = [], [], []
+        split_pem, split, combine, minimal = [], [], [], []
         for _ in range(3):
-            start = time.process_time()
-            create_shares(secret_key, t, k)
-            seed = os.urandom(32)
-            shares = create_shares(seed, t, k)
-            split.append(time.process_time() - start)
+            for secret_key, times in ((pem, split_pem), (scalar, split)):
+                start = time.process_time()
+                create_shares(secret_key, t, k)
+                seed = os.urandom(32)
+                shares = create_shares(seed, t, k)
+                times.append(time.process_time() - start)
             start = time.process_time()
             combine_shares(shares)  # what Flower's unmask stage does with the shares it collected
             combine.append(time.process_time() - start)
@@ -94,9 +101,10 @@ def shamir(neighbourhoods: list[int]) -> None:
             if combine_shares(shares[:t]) != seed:  # what FedPGen's does
                 raise RuntimeError("threshold shares did not give the secret")
             minimal.append(time.process_time() - start)
+        sp, sc = statistics.median(split_pem), statistics.median(split)
         c, m = statistics.median(combine), statistics.median(minimal)
-        table.add_row(str(k), str(t), f"{statistics.median(split):.3f}", f"{c:.3f}", f"{m:.3f}", f"{c / m:.2f}x",
-                      f"{c * 1000:.0f} s", f"{m * 1000:.0f} s")
+        table.add_row(str(k), str(t), f"{sp:.3f}", f"{sc:.3f}", f"{sp / sc:.2f}x", f"{c:.3f}", f"{m:.3f}",
+                      f"{c / m:.2f}x", f"{c * 1000:.0f} s", f"{m * 1000:.0f} s")
     Console(width=140).print(table)
 
 

@@ -12,6 +12,10 @@ from flwr.client.mod import secaggplus_mod
 from flwr.clientapp.typing import ClientAppCallable
 from flwr.common.secure_aggregation.secaggplus_constants import RECORD_KEY_CONFIGS
 
+from fedpgen.shared import secagg_keys
+
+secagg_keys.install_on_device()  # sk1 is Shamir-shared as its 48-byte scalar (shared/secagg_keys.py)
+
 
 def secagg_when_asked(msg: Message, ctxt: Context, call_next: ClientAppCallable) -> Message:
     """Route SecAgg+ protocol messages through ``secaggplus_mod``; pass everything else on."""

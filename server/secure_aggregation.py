@@ -35,10 +35,12 @@ from flwr.server.workflow.secure_aggregation.secaggplus_workflow import Workflow
 
 from fedpgen.server.strategy import RoundFailedError, SharedDeltaStrategy, refusals_in
 from fedpgen.server.bounds import check_weight
+from fedpgen.shared import secagg_keys
 from fedpgen.shared.config import RunConfig
 from fedpgen.shared.wire import FIT_SCHEMA, check_metrics
 
 log = logging.getLogger(__name__)
+secagg_keys.install_on_server()  # a dropped device's sk1 comes back as its scalar (shared/secagg_keys.py)
 
 
 def secagg_parameters(cfg: RunConfig) -> dict[str, float | int]:

@@ -118,6 +118,38 @@ def test_config_rejects_even_shares_and_a_threshold_above_the_shares() -> None:
         RunConfig.from_mapping({"secagg-max-shares": 5, "secagg-threshold": 5})
 
 
+def test_a_device_shamir_shares_its_private_key_as_the_48_byte_scalar_not_its_pem() -> None:
+    """Flower's mod shares sk1 in 16-byte chunks: the scalar takes 4 chunks, Flower's PEM 20.
+    The server rebuilds the same key from threshold shares (the same ECDH masks follow), takes a
+    stock Flower device's PEM too, and refuses anything else."""
+    import importlib
+
+    from flwr.common.secure_aggregation.crypto.shamir import combine_shares, create_shares
+    from flwr.supercore.primitives import asymmetric as flower_keys
+
+    import fedpgen.client.secure_aggregation  # noqa: F401  (installs the device side)
+    import fedpgen.server.secure_aggregation  # noqa: F401  (installs the server side)
+
+    # Prepare: the functions Flower's own device and server code now call
+    device = importlib.import_module("flwr.client.mod.secure_aggregation.secaggplus_mod")
+    server = importlib.import_module("flwr.server.workflow.secure_aggregation.secaggplus_workflow")
+    sk1, _ = flower_keys.generate_key_pairs()
+    _, neighbour_pk = flower_keys.generate_key_pairs()
+    # Execute
+    secret = device.private_key_to_bytes(sk1)
+    shares = create_shares(secret, 3, 5)
+    rebuilt = server.bytes_to_private_key(combine_shares([shares[4], shares[0], shares[2]]))
+    # Assert
+    assert len(secret) == 48 and len(shares[0]) == 4 + 4 * 16  # index + 4 chunks
+    assert len(create_shares(flower_keys.private_key_to_bytes(sk1), 3, 5)[0]) == 4 + 20 * 16  # Flower's PEM
+    assert rebuilt.private_numbers() == sk1.private_numbers()
+    assert (device.generate_shared_key(rebuilt, neighbour_pk) == device.generate_shared_key(sk1, neighbour_pk))
+    assert server.bytes_to_private_key(flower_keys.private_key_to_bytes(sk1)).private_numbers() == \
+        sk1.private_numbers()
+    with pytest.raises(ValueError, match="48 bytes"):
+        server.bytes_to_private_key(secret[:-1])
+
+
 def test_the_server_reconstructs_each_secret_from_threshold_shares_and_gets_it() -> None:
     import os
     import time
@@ -212,6 +244,8 @@ def test_secure_aggregate_equals_plain_weighted_fedavg_within_the_quantization_b
 
 
 @pytest.mark.parametrize(("stage", "dropped"), [(Stage.UNMASK, {1, 3}),
+                                               # after sharing keys: the server rebuilds its sk1
+                                               (Stage.COLLECT_MASKED_VECTORS, {1}),
                                                pytest.param(Stage.SHARE_KEYS, {2}, marks=pytest.mark.long)])
 def test_the_round_completes_with_the_survivors_aggregate(make_cfg, tmp_path: Path, stage: str,
                                                           dropped: set[int]) -> None:
