@@ -37,6 +37,7 @@ from fedpgen.client.device import REFUSING, Device, preflight, refusal_text
 from fedpgen.client.node import NodeSettings, node_settings
 from fedpgen.client.runtime import lease
 from fedpgen.client.secure_aggregation import secagg_when_asked
+from fedpgen.shared.accelerator import keep_freed_heap
 from fedpgen.shared.config import RunConfig
 from fedpgen.shared.tasks import TASKS
 from fedpgen.shared.wire_transcript import transcript_mod
@@ -119,6 +120,7 @@ def build_app(overrides: Mapping[str, Any] | None = None, mods: list[Mod] | None
     def client_fn(context: Context) -> Client:
         cfg = run_config(context, overrides)
         torch.set_num_threads(cfg.threads_per_client)
+        keep_freed_heap(cfg.cpu_heap_keep_mib)  # per message: cheap (0 leaves what the process has)
         return DeviceClient(cfg, node_settings(context.node_config, cfg))
 
     return ClientApp(client_fn=client_fn, mods=[transcript_mod(overrides), *(mods or []), refuse_at_setup(overrides),

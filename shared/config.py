@@ -25,7 +25,7 @@ PYPROJECT = Path(__file__).resolve().parent.parent / "pyproject.toml"
 
 # Keys that do not change what a checkpoint means: a run may resume with other values.
 _RESUMABLE_KEYS = frozenset({"num-server-rounds", "run-dir", "client-cpus", "client-gpus", "ray-address",
-                             "threads-per-client", "round-timeout", "min-available-clients",
+                             "threads-per-client", "cpu-heap-keep-mib", "round-timeout", "min-available-clients",
                              "wire-transcript", "evaluation", "metrics-log"})
 
 METRICS_LOGS = ("none", "tensorboard", "mlflow")  # metrics-log: where the server logs its per-round aggregates
@@ -119,6 +119,7 @@ class RunConfig:
     client_gpus: float
     ray_address: str
     threads_per_client: int
+    cpu_heap_keep_mib: int
     wire_transcript: bool
     metrics_log: str
 
@@ -184,6 +185,7 @@ class RunConfig:
         need(self.ray_address.strip() == self.ray_address and " " not in self.ray_address, "ray-address",
              "'auto', HOST:PORT of a Ray head, or empty")
         need(self.threads_per_client >= 1, "threads-per-client", "must be >= 1")
+        need(0 <= self.cpu_heap_keep_mib <= 4096, "cpu-heap-keep-mib", "MiB between 0 (glibc's defaults) and 4096")
         need(isinstance(self.wire_transcript, bool), "wire-transcript", "must be true or false")
         need(self.metrics_log in METRICS_LOGS, "metrics-log", f"valid: {', '.join(METRICS_LOGS)}")
         self._check_privacy()

@@ -4,6 +4,8 @@ the real CUDA path is checked by benchmarks/cuda_check.py where a GPU is availab
 
 from __future__ import annotations
 
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -82,3 +84,41 @@ def test_node_settings_are_validated(make_cfg, tmp_path: Path) -> None:
         node_settings({"data-dir": "x", "state-dir": "y", "micro-batch": -1}, cfg)
     with pytest.raises(ValueError, match="needs data-dir"):
         node_settings({}, cfg)
+
+
+_HEAP_PROBE = """
+import ctypes, sys
+from fedpgen.shared.accelerator import keep_freed_heap
+set_ = keep_freed_heap(int(sys.argv[1]))
+libc = ctypes.CDLL("libc.so.6")
+libc.malloc.restype, libc.malloc.argtypes = ctypes.c_void_p, [ctypes.c_size_t]
+libc.free.argtypes = [ctypes.c_void_p]
+def rss():
+    return int(open("/proc/self/statm").read().split()[1]) * 4096
+size = 24 << 20
+block = libc.malloc(size)
+ctypes.memset(block, 1, size)
+held = rss()
+libc.free(block)
+print(set_, held - rss())
+"""
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc's malloc")
+@pytest.mark.parametrize(("mib", "kept"), [(0, False), (64, True)])
+def test_a_device_process_keeps_freed_heap_when_configured(mib: int, kept: bool) -> None:
+    """cpu-heap-keep-mib: a 24 MiB block, freed, stays in the process (no page faults to get it
+    back at the next step) where glibc's defaults hand it back to the OS at once."""
+    out = subprocess.run([sys.executable, "-c", _HEAP_PROBE, str(mib)], capture_output=True, text=True, check=True)
+    set_, returned = out.stdout.split()
+    assert set_ == str(kept)
+    if kept:
+        assert int(returned) < 1 << 20
+    else:
+        assert int(returned) > 20 << 20
+
+
+def test_config_bounds_the_kept_heap(make_cfg) -> None:
+    for bad in (-1, 5000):
+        with pytest.raises(ValueError, match="cpu-heap-keep-mib"):
+            make_cfg(cpu_heap_keep_mib=bad)
