@@ -178,6 +178,12 @@ class RunConfig:
              "retrieval-k > 0 needs seq-len >= 32 (a quarter of each record holds the retrieved context)")
         need(self.server_optimizer in {"fedavg", "fedadam"}, "server-optimizer", "valid: fedavg, fedadam")
         need(self.server_lr > 0.0, "server-lr", "must be > 0")
+        self._check_runtime()
+        self._check_privacy()
+
+    def _check_runtime(self) -> None:
+        """Where and how the run executes: folders, simulation resources, processes, logs."""
+        need = self._need
         need(bool(self.run_dir), "run-dir", "must not be empty")
         need(self.client_cpus >= 1 and float(self.client_cpus).is_integer(), "client-cpus",
              "a whole number of CPUs >= 1 (Flower's federation config takes whole CPUs per virtual device)")
@@ -188,7 +194,6 @@ class RunConfig:
         need(0 <= self.cpu_heap_keep_mib <= 4096, "cpu-heap-keep-mib", "MiB between 0 (glibc's defaults) and 4096")
         need(isinstance(self.wire_transcript, bool), "wire-transcript", "must be true or false")
         need(self.metrics_log in METRICS_LOGS, "metrics-log", f"valid: {', '.join(METRICS_LOGS)}")
-        self._check_privacy()
 
     def _check_privacy(self) -> None:
         """Record-level DP, user-level DP and SecAgg+ settings."""
