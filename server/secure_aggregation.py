@@ -12,7 +12,8 @@ Shamir sharing (pycryptodome, pure Python) costs about shares × threshold and t
 unmasking about (shares combined)² per device. At 1,000 devices the default fraction gives 101
 shares: 2.6 CPU seconds per device per round. A fraction is capped at ``secagg-max-shares``
 (``capped_shares``), and the server combines ``threshold`` shares of each device, not all it
-collected (``keep_threshold_shares``; docs/scale.md).
+collected (``keep_threshold_shares``), in a pool of processes (``server/unmasking.py``), and
+devices share their private key as its 48-byte scalar (``shared/secagg_keys.py``; docs/scale.md).
 
 Known limit, stated in the audit: Flower derives the masks with numpy's ``RandomState``
 seeded from 32 bits of the shared secret, weaker than its key agreement.
@@ -20,6 +21,7 @@ seeded from 32 bits of the shared secret, weaker than its key agreement.
 
 from __future__ import annotations
 
+import importlib
 import logging
 from collections.abc import Callable, Iterable, Mapping
 from typing import Any
@@ -33,6 +35,7 @@ from flwr.server import Grid
 from flwr.server.workflow import SecAggPlusWorkflow
 from flwr.server.workflow.secure_aggregation.secaggplus_workflow import WorkflowState
 
+from fedpgen.server import unmasking
 from fedpgen.server.strategy import RoundFailedError, SharedDeltaStrategy, refusals_in
 from fedpgen.server.bounds import check_weight
 from fedpgen.shared import secagg_keys
@@ -40,6 +43,8 @@ from fedpgen.shared.config import RunConfig
 from fedpgen.shared.wire import FIT_SCHEMA, check_metrics
 
 log = logging.getLogger(__name__)
+# Flower's workflow module: its unmask stage calls this module's ``combine_shares`` by name
+_flower_workflow = importlib.import_module("flwr.server.workflow.secure_aggregation.secaggplus_workflow")
 secagg_keys.install_on_server()  # a dropped device's sk1 comes back as its scalar (shared/secagg_keys.py)
 
 
@@ -171,12 +176,30 @@ def keep_threshold_shares(replies: list[Message], threshold: int,
     return surplus, repeated
 
 
+def collected_shares(replies: list[Message], sampled: Iterable[int]) -> dict[int, list[bytes]]:
+    """The share list of each device, built from the unmask replies as Flower's unmask stage
+    builds it (reply order, errors skipped), for :func:`fedpgen.server.unmasking.combine_all`."""
+    collected: dict[int, list[bytes]] = {int(nid): [] for nid in sampled}
+    for msg in replies:
+        if msg.has_error():
+            continue
+        record = msg.content.config_records[RECORD_KEY_CONFIGS]
+        nids, shares = list(record[Key.NODE_ID_LIST]), list(record[Key.SHARE_LIST])  # type: ignore[arg-type]
+        if len(nids) != len(shares):
+            continue  # Flower refuses it
+        for nid, share in zip(nids, shares, strict=True):
+            collected.setdefault(int(nid), []).append(bytes(share))
+    return collected
+
+
 class _ThresholdShares:
     """``grid`` whose unmask-stage replies carry at most ``threshold`` shares per device
-    (:func:`keep_threshold_shares`)."""
+    (:func:`keep_threshold_shares`), and whose secrets are reconstructed in parallel as soon as
+    they arrive (``secrets``, :func:`fedpgen.server.unmasking.combine_all`)."""
 
     def __init__(self, grid: Grid, state: WorkflowState) -> None:
         self._grid, self._state = grid, state
+        self.secrets: dict[tuple[bytes, ...], bytes] = {}
 
     def __getattr__(self, name: str) -> Any:
         return getattr(self._grid, name)
@@ -188,6 +211,12 @@ class _ThresholdShares:
         if hostile:
             log.warning("SecAgg+ unmask: %d key shares dropped: repeated, or of a device that is not the "
                         "sender's neighbour", hostile)
+        lists = [shares for shares in collected_shares(replies, self._state.sampled_node_ids).values()
+                 if len(shares) >= self._state.threshold]
+        self.secrets = unmasking.combine_all(lists)
+        if self.secrets:
+            log.debug("SecAgg+ unmask: %d secrets reconstructed in %d processes", len(self.secrets),
+                      unmasking.workers())
         return replies
 
 
@@ -246,7 +275,19 @@ class _SecAggPlus(SecAggPlusWorkflow):
         return super().collect_masked_vectors_stage(checked, context, state)  # type: ignore[arg-type]
 
     def unmask_stage(self, grid: Grid, context: Context, state: WorkflowState) -> bool:  # type: ignore[override]
-        return super().unmask_stage(_ThresholdShares(grid, state), context, state)  # type: ignore[arg-type]
+        wrapped = _ThresholdShares(grid, state)
+        flower_combine = _flower_workflow.combine_shares
+
+        def combine(shares: list[bytes]) -> bytes:
+            # The secret reconstructed in parallel for exactly this list, else Flower's own call
+            secret = wrapped.secrets.pop(tuple(bytes(s) for s in shares), None)
+            return secret if secret is not None else flower_combine(shares)
+
+        _flower_workflow.combine_shares = combine  # type: ignore[attr-defined]
+        try:
+            return super().unmask_stage(wrapped, context, state)  # type: ignore[arg-type]
+        finally:
+            _flower_workflow.combine_shares = flower_combine  # type: ignore[attr-defined]
 
     def share_keys_stage(self, grid: Grid, context: Context, state: WorkflowState) -> bool:  # type: ignore[override]
         ok = super().share_keys_stage(grid, context, state)  # type: ignore[arg-type]

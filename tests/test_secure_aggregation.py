@@ -203,6 +203,58 @@ def test_the_server_reconstructs_each_secret_from_threshold_shares_and_gets_it()
         pass
 
 
+def test_the_server_reconstructs_many_secrets_in_parallel_processes_and_gets_each(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """At the unmask stage the secrets are rebuilt in a pool of processes (Flower's own
+    ``combine_shares``), keyed by the very share list Flower's loop then asks for; a list that
+    cannot be combined is left to Flower's loop, which fails on it as before."""
+    import os
+    import time
+
+    from flwr.app import ConfigRecord, Metadata, RecordDict
+    from flwr.common.secure_aggregation.crypto.shamir import create_shares
+    from flwr.server.workflow.secure_aggregation.secaggplus_workflow import WorkflowState
+
+    from fedpgen.server import unmasking
+    from fedpgen.server.secure_aggregation import _ThresholdShares, collected_shares
+
+    # Prepare: 70 devices, k = 5 shares, threshold 3; neighbour j returns share j of each device
+    secrets = {owner: os.urandom(32) for owner in range(70)}
+    split = {owner: create_shares(secret, 3, 5) for owner, secret in secrets.items()}
+    replies = []
+    for j in range(5):
+        record = ConfigRecord({Key.NODE_ID_LIST: list(secrets), Key.SHARE_LIST: [split[o][j] for o in secrets]})
+        meta = Metadata(run_id=1, message_id=f"m{j}", src_node_id=100 + j, dst_node_id=1,
+                        reply_to_message_id="q", group_id="1", created_at=time.time(), ttl=60.0,
+                        message_type="train")
+        replies.append(Message(content=RecordDict({RECORD_KEY_CONFIGS: record}), metadata=meta))
+
+    class Grid:
+        def send_and_receive(self, messages, *, timeout=None):  # noqa: ANN001, ANN202
+            return replies
+
+    state = WorkflowState()
+    state.sampled_node_ids, state.threshold = set(secrets), 3
+    state.nid_to_neighbours = {100 + j: set(secrets) for j in range(5)}
+    wrapped = _ThresholdShares(Grid(), state)
+    # Execute
+    wrapped.send_and_receive([])
+    # Assert: one secret per device, under the exact list Flower's loop builds (threshold shares)
+    lists = collected_shares(replies, state.sampled_node_ids)
+    assert all(len(shares) == 3 for shares in lists.values())
+    assert unmasking.workers() < 2 or wrapped.secrets == {tuple(lists[o]): secrets[o] for o in secrets}
+    assert unmasking.combine_all(list(lists.values()), processes=2) == {tuple(lists[o]): secrets[o] for o in secrets}
+    assert unmasking.combine_all(list(lists.values())[: unmasking.MIN_SECRETS - 1], processes=2) == {}
+    assert unmasking.combine_all(list(lists.values()), processes=1) == {}
+    assert unmasking._combine([lists[0][0], lists[0][0]]) is None  # pycryptodome refuses: Flower's loop will
+
+    def no_pool(*args, **kwargs):  # noqa: ANN002, ANN003, ANN202
+        raise OSError("no /dev/shm")
+
+    monkeypatch.setattr(unmasking, "ProcessPoolExecutor", no_pool)
+    assert unmasking.combine_all(list(lists.values()), processes=2) == {}  # Flower's loop does them all
+
+
 @pytest.mark.parametrize(("num_shares", "cohort", "cap", "expected"), [
     (0.1, 1000, 31, 31),      # the default fraction at 1,000 devices: 101 shares, capped
     (0.1, 100, 31, 0.1),      # 11 shares: under the cap, Flower derives them as before
