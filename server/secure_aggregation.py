@@ -23,11 +23,11 @@ from __future__ import annotations
 
 import importlib
 import logging
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from typing import Any
 
 import numpy as np
-from flwr.app import Context, Message, RecordDict
+from flwr.app import ConfigRecord, Context, Message, RecordDict
 from flwr.common import bytes_to_ndarray
 from flwr.compat.common import recorddict_compat as compat
 from flwr.common.secure_aggregation.secaggplus_constants import RECORD_KEY_CONFIGS, Key
@@ -127,6 +127,18 @@ class _CheckedReplies:
         return kept
 
 
+def _share_replies(replies: list[Message]) -> Iterator[tuple[Message, ConfigRecord, list, list]]:
+    """(reply, its record, owner ids, shares) of each unmask reply Flower reads: errors skipped,
+    and a reply whose two lists differ in length too (Flower refuses it)."""
+    for msg in replies:
+        if msg.has_error():
+            continue
+        record = msg.content.config_records[RECORD_KEY_CONFIGS]
+        nids, shares = list(record[Key.NODE_ID_LIST]), list(record[Key.SHARE_LIST])  # type: ignore[arg-type]
+        if len(nids) == len(shares):
+            yield msg, record, nids, shares
+
+
 def keep_threshold_shares(replies: list[Message], threshold: int,
                           neighbours: Mapping[int, set[int]]) -> tuple[int, int]:
     """Trim the unmask stage's replies, in place, to the first ``threshold`` distinct shares of
@@ -148,13 +160,7 @@ def keep_threshold_shares(replies: list[Message], threshold: int,
     Flower, which refuses it."""
     kept: dict[int, set[bytes]] = {}  # device -> indices of the shares kept
     surplus = repeated = 0
-    for msg in replies:
-        if msg.has_error():
-            continue
-        record = msg.content.config_records[RECORD_KEY_CONFIGS]
-        nids, shares = list(record[Key.NODE_ID_LIST]), list(record[Key.SHARE_LIST])  # type: ignore[arg-type]
-        if len(nids) != len(shares):
-            continue
+    for msg, record, nids, shares in _share_replies(replies):
         keep, here = [], set()
         theirs = neighbours.get(msg.metadata.src_node_id, set())
         for nid, share in zip(nids, shares, strict=True):
@@ -180,13 +186,7 @@ def collected_shares(replies: list[Message], sampled: Iterable[int]) -> dict[int
     """The share list of each device, built from the unmask replies as Flower's unmask stage
     builds it (reply order, errors skipped), for :func:`fedpgen.server.unmasking.combine_all`."""
     collected: dict[int, list[bytes]] = {int(nid): [] for nid in sampled}
-    for msg in replies:
-        if msg.has_error():
-            continue
-        record = msg.content.config_records[RECORD_KEY_CONFIGS]
-        nids, shares = list(record[Key.NODE_ID_LIST]), list(record[Key.SHARE_LIST])  # type: ignore[arg-type]
-        if len(nids) != len(shares):
-            continue  # Flower refuses it
+    for _, _, nids, shares in _share_replies(replies):
         for nid, share in zip(nids, shares, strict=True):
             collected.setdefault(int(nid), []).append(bytes(share))
     return collected
