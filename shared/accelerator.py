@@ -80,7 +80,7 @@ def keep_freed_heap(mib: int) -> bool:
     glibc returns the top of the heap to the OS as soon as more than a (dynamic) threshold is
     free there, and serves blocks above another threshold with fresh ``mmap`` calls: a
     training step whose tensors change shape every step (DP-SGD's Poisson-sampled batches)
-    then page-faults its memory in again at every step. Measured side by side: 4-9% of a
+    then page-faults its memory in again at every step. Measured side by side: 4-11% of a
     plain text-task step on Poisson-sized batches against fixed ones with glibc's defaults,
     none with 64 MiB kept (docs/scale.md, "DP-SGD's own cost"). Sets glibc's trim threshold to
     ``mib``, its top pad to a quarter of it and its mmap threshold to 32 MiB (the most its
