@@ -3,8 +3,9 @@
 Step time and peak memory of the shared adapter's training with Opacus (hooks, Poisson
 sampling, clip + noise) against the same loop without DP, measured side by side in one
 run, in four modes: no DP; no DP on batches of Poisson-sampled size (what DP's varying
-batch shapes cost by themselves: on a CPU, shapes that change every step are slower than a
-fixed one); DP as devices run it (per-sample gradients captured by ``OutputGradHooks``,
+batch shapes cost by themselves: with glibc's malloc defaults, tensors whose shapes change
+every step are page-faulted in again at every step, see ``--heap`` and docs/scale.md); DP as
+devices run it (per-sample gradients captured by ``OutputGradHooks``,
 shared/privacy/per_sample.py); and the same DP-SGD with Opacus' own ``GradSampleHooks``
 (full backward hooks), the way FedPGen ran before. Timings interleave
 the modes in repeated blocks (reversing their order every other block);
