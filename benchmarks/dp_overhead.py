@@ -42,10 +42,9 @@ def _setup():  # type: ignore[no-untyped-def]
     sys.path.insert(0, str(ROOT))
     import torch
 
+    from fedpgen.shared.accelerator import keep_freed_heap
     from fedpgen.shared.config import RunConfig
     from fedpgen.shared.model import build_model
-
-    from fedpgen.shared.accelerator import keep_freed_heap
 
     torch.set_num_threads(1)
     cfg = RunConfig.from_mapping({"data": "synthetic", **HEAP})

@@ -21,6 +21,7 @@ seeded from 32 bits of the shared secret, weaker than its key agreement.
 
 from __future__ import annotations
 
+import contextlib
 import importlib
 import logging
 from collections.abc import Callable, Iterable, Iterator, Mapping
@@ -213,11 +214,29 @@ class _ThresholdShares:
                         "sender's neighbour", hostile)
         lists = [shares for shares in collected_shares(replies, self._state.sampled_node_ids).values()
                  if len(shares) >= self._state.threshold]
-        self.secrets = unmasking.combine_all(lists)
+        self.secrets.update(unmasking.combine_all(lists))  # the dict reconstructed() reads
         if self.secrets:
             log.debug("SecAgg+ unmask: %d secrets reconstructed in %d processes", len(self.secrets),
                       unmasking.workers())
         return replies
+
+
+@contextlib.contextmanager
+def reconstructed(secrets: dict[tuple[bytes, ...], bytes]) -> Iterator[None]:
+    """Within it, Flower's unmask stage takes the secret of a share list from ``secrets`` (filled
+    in parallel by :class:`_ThresholdShares` once the replies are in; each used once) and
+    combines any other list itself, as always."""
+    flower_combine = _flower_workflow.combine_shares
+
+    def combine(shares: list[bytes]) -> bytes:
+        secret = secrets.pop(tuple(bytes(s) for s in shares), None)
+        return secret if secret is not None else flower_combine(shares)
+
+    _flower_workflow.combine_shares = combine  # type: ignore[attr-defined]
+    try:
+        yield
+    finally:
+        _flower_workflow.combine_shares = flower_combine  # type: ignore[attr-defined]
 
 
 class _SecAggPlus(SecAggPlusWorkflow):
@@ -276,18 +295,8 @@ class _SecAggPlus(SecAggPlusWorkflow):
 
     def unmask_stage(self, grid: Grid, context: Context, state: WorkflowState) -> bool:  # type: ignore[override]
         wrapped = _ThresholdShares(grid, state)
-        flower_combine = _flower_workflow.combine_shares
-
-        def combine(shares: list[bytes]) -> bytes:
-            # The secret reconstructed in parallel for exactly this list, else Flower's own call
-            secret = wrapped.secrets.pop(tuple(bytes(s) for s in shares), None)
-            return secret if secret is not None else flower_combine(shares)
-
-        _flower_workflow.combine_shares = combine  # type: ignore[attr-defined]
-        try:
+        with reconstructed(wrapped.secrets):
             return super().unmask_stage(wrapped, context, state)  # type: ignore[arg-type]
-        finally:
-            _flower_workflow.combine_shares = flower_combine  # type: ignore[attr-defined]
 
     def share_keys_stage(self, grid: Grid, context: Context, state: WorkflowState) -> bool:  # type: ignore[override]
         ok = super().share_keys_stage(grid, context, state)  # type: ignore[arg-type]

@@ -216,7 +216,7 @@ def test_the_server_reconstructs_many_secrets_in_parallel_processes_and_gets_eac
     from flwr.server.workflow.secure_aggregation.secaggplus_workflow import WorkflowState
 
     from fedpgen.server import unmasking
-    from fedpgen.server.secure_aggregation import _ThresholdShares, collected_shares
+    from fedpgen.server.secure_aggregation import _flower_workflow, _ThresholdShares, collected_shares, reconstructed
 
     # Prepare: 70 devices, k = 5 shares, threshold 3; neighbour j returns share j of each device
     secrets = {owner: os.urandom(32) for owner in range(70)}
@@ -237,12 +237,27 @@ def test_the_server_reconstructs_many_secrets_in_parallel_processes_and_gets_eac
     state.sampled_node_ids, state.threshold = set(secrets), 3
     state.nid_to_neighbours = {100 + j: set(secrets) for j in range(5)}
     wrapped = _ThresholdShares(Grid(), state)
-    # Execute
-    wrapped.send_and_receive([])
-    # Assert: one secret per device, under the exact list Flower's loop builds (threshold shares)
-    lists = collected_shares(replies, state.sampled_node_ids)
+    # Execute: as _SecAggPlus.unmask_stage does, Flower's loop runs inside reconstructed()
+    with reconstructed(wrapped.secrets):
+        wrapped.send_and_receive([])
+        lists = collected_shares(replies, state.sampled_node_ids)
+        pooled = dict(wrapped.secrets)
+        combined = {o: _flower_workflow.combine_shares(lists[o]) for o in secrets}
+    # Assert: one secret per device, under the exact list Flower's loop builds (threshold shares),
+    # each taken from the pool's results by Flower's loop (none left over)
     assert all(len(shares) == 3 for shares in lists.values())
-    assert unmasking.workers() < 2 or wrapped.secrets == {tuple(lists[o]): secrets[o] for o in secrets}
+    assert combined == secrets
+    assert unmasking.workers() < 2 or (pooled == {tuple(lists[o]): secrets[o] for o in secrets}
+                                       and not wrapped.secrets)
+    # Flower's unmask stage, inside reconstructed(), takes a known list's secret from there once
+    # (a marker proves it was not recomputed) and combines any other list itself; afterwards
+    # Flower's own function is back
+    flower = _flower_workflow.combine_shares
+    known = {tuple(lists[0]): b"from the pool"}
+    with reconstructed(known):
+        assert _flower_workflow.combine_shares(lists[0]) == b"from the pool" and not known
+        assert _flower_workflow.combine_shares(lists[1]) == secrets[1]
+    assert _flower_workflow.combine_shares is flower
     assert unmasking.combine_all(list(lists.values()), processes=2) == {tuple(lists[o]): secrets[o] for o in secrets}
     assert unmasking.combine_all(list(lists.values())[: unmasking.MIN_SECRETS - 1], processes=2) == {}
     assert unmasking.combine_all(list(lists.values()), processes=1) == {}
