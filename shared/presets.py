@@ -95,6 +95,11 @@ PRESETS: dict[str, Preset] = {
         # adapter is switched off while the shared one trains, then fitted without DP
         Preset(name="fedavg-lora", personal_targets="mlp", send=r"\.lora_[AB]\.shared\.",
                keep=r"\.lora_[AB]\.personal\.", frozen=r"$^", schedule=(SHARED_ALONE, PERSONAL_AFTER)),
+        # FedAvg-LoRA with a personal output head (FedPer's split): the shared LoRA on attention as
+        # above, the personal part a low-rank LoRA on the output head, fitted after without DP.
+        # A user's own favourites are a bias on the output (behavior: README, "Does federation pay off")
+        Preset(name="fedavg-lora-head", personal_targets="head", send=r"\.lora_[AB]\.shared\.",
+               keep=r"\.lora_[AB]\.personal\.", frozen=r"$^", schedule=(SHARED_ALONE, PERSONAL_AFTER)),
         # FFA-LoRA: shared A frozen at a common seeded init, only B trained and shared
         Preset(name="ffa-lora", personal_targets="mlp", send=r"\.lora_B\.shared\.",
                keep=r"\.lora_[AB]\.personal\.", frozen=r"\.lora_A\.shared\.",

@@ -12,7 +12,7 @@ from fedpgen.shared.adapters import active, get_tensors
 from fedpgen.shared.presets import PRESETS
 from fedpgen.shared.wire import FIT_METRICS, VARIANTS, eval_metrics
 
-from conftest import device
+from conftest import TASK_CASES, device
 
 
 @pytest.mark.parametrize("preset", sorted(PRESETS))
@@ -131,3 +131,21 @@ def test_text_generation_is_conditioned_like_training_on_the_profile(make_cfg) -
         torch.manual_seed(7)
         outs.append(d.task.generate(d.model, d.base_path, "The ", profile=profile, max_new_tokens=24))
     assert outs[0] == outs[2] and outs[0] != outs[1], "the same seed differs only by the profile prefix"
+
+
+def test_fedavg_lora_head_keeps_a_low_rank_output_head_on_the_device(make_cfg) -> None:
+    # Prepare: the behavior task, whose users' favourites are a bias on the output
+    # (no validation records: the personal phase trains its fixed steps, no early stopping)
+    behavior = {k.replace("-", "_"): v for k, v in TASK_CASES["behavior"].items()}
+    d = device(make_cfg(preset="fedavg-lora-head", **{**behavior, "val_fraction": 0.0}))
+    # Execute
+    delta, _, _ = d.fit(d.init_send, server_round=1)
+    stored = d.store.load_personal()
+    # Assert: the personal part is the output head's LoRA and only it; the shared one sits on attention
+    assert d.sets.keep and all(".lm_head.lora_" in k and ".personal." in k for k in d.sets.keep)
+    assert not any("lm_head" in k for k in d.sets.send)
+    assert all(re.search(r"self_attn\.\w+_proj\.lora_[AB]\.shared\.", k) for k in d.sets.send)
+    assert stored is not None and set(stored) == set(d.sets.keep)
+    moved = {k for k in stored if not torch.equal(stored[k], d.init_keep[k])}
+    assert any(".lora_B." in k for k in moved), "the personal head never trained"
+    assert any(np.abs(x).max() > 0 for x in delta)
