@@ -13,8 +13,9 @@ setting; ∞ is the run without DP (NOT PRIVATE). Two units of protection:
 
 Prints one table (base / shared-only / shared+personal / local-only medians of the task's
 primary metric; per user, shared+personal against shared-only and local-only as wins / ties /
-losses: a rate such as HR@10 ties often; ε; wall time) and writes ``<out>/dp_sweep.json``,
-``dp_sweep.md`` and ``dp_sweep.png``. ``--report DIR ...`` prints one table from sweeps
+losses: a rate such as HR@10 ties often, so against local-only also on the task's continuous
+metric where its primary ties (behavior: held-out NLL; faces: identity similarity); ε; wall
+time) and writes ``<out>/dp_sweep.json``, ``dp_sweep.md`` and ``dp_sweep.png``. ``--report DIR ...`` prints one table from sweeps
 already run (e.g. a record-level and a user-level sweep of the same cohort) without running.
 
     python simulations/dp_sweep.py                                   # text, 20 roles (about 30 min on 2 cores)
@@ -78,6 +79,13 @@ def head_to_head(run_dir: Path, metric: str, higher_is_better: bool, a: str, b: 
     return sum(d > 0 for d in diffs), sum(d == 0 for d in diffs), sum(d < 0 for d in diffs)
 
 
+def tie_free(run_dir: Path) -> tuple[str, bool] | None:
+    """The run's task's continuous metric for per-user comparisons, if its primary ties often."""
+    from fedpgen.shared.tasks.registry import task_info
+
+    return task_info(json.loads((run_dir / "config.json").read_text())["task"]).tie_free
+
+
 def render(rows: list[dict[str, Any]], title: str, out: Path | None) -> None:
     """Print the table of ``rows``; with ``out``, also write it as Markdown and a plot there."""
     from rich.console import Console
@@ -86,7 +94,7 @@ def render(rows: list[dict[str, Any]], title: str, out: Path | None) -> None:
     metric = rows[0]["metric"]
     higher = rows[0]["higher-is-better"]
     head = ["unit", "ε target", "ε reported", *(label for _, label in VARIANTS), "pers vs shared (W/T/L)",
-            "pers vs local (W/T/L)", "wall"]
+            "pers vs local (W/T/L)", "pers vs local, tie-free metric (W/T/L)", "wall"]
     table = Table(title=f"Median {metric} ({'higher' if higher else 'lower'} is better) vs ε per user ({title})")
     for col in head:
         table.add_column(col, justify="right")
@@ -96,6 +104,9 @@ def render(rows: list[dict[str, Any]], title: str, out: Path | None) -> None:
         for other in ("shared", "local"):
             w, t, lost = head_to_head(Path(r["run-dir"]), metric, higher, "personal", other)
             versus.append(f"{w}/{t}/{lost}" if w + t + lost else "—")
+        continuous = tie_free(Path(r["run-dir"]))
+        w, t, lost = head_to_head(Path(r["run-dir"]), *continuous, "personal", "local") if continuous else (0, 0, 0)
+        versus.append(f"{w}/{t}/{lost} ({continuous[0]})" if continuous and w + t + lost else "—")
         unit = "none" if math.isinf(r["epsilon"]) else r["unit"]
         cells = [unit, f"{r['epsilon']:g}", f"{r['spent']:.2f}",
                  *(f"{r['median'][v]:.3f}" if v in r["median"] else "—" for v, _ in VARIANTS),

@@ -76,27 +76,89 @@ def users(*, num_users: int, events_per_user: tuple[int, int], seed: int, world:
                            public=public))
 
 
+@dataclasses.dataclass(frozen=True)
+class Taste:
+    """A user's latent taste, drawn before any of their events: their cluster, genre mix and
+    favourites (item indices; a favourite may repeat)."""
+
+    cluster: int
+    mix: np.ndarray
+    favourites: tuple[int, ...]
+
+
+@dataclasses.dataclass(frozen=True)
+class Story:
+    """The generative story of one population, with what each user's events are drawn from:
+    ``genres`` per item, ``within`` (each item's share of its genre's popularity) and the
+    clusters' genre mixes."""
+
+    world: World
+    genres: np.ndarray
+    within: np.ndarray
+    tastes: np.ndarray
+    members: tuple[tuple[np.ndarray, np.ndarray], ...]  # per genre: its items, their within-genre shares
+
+    @classmethod
+    def of(cls, world: World, seed: int, *, public: bool = False) -> Story:
+        genres = _genres(world, seed)
+        pop = _popularity(world, seed, public=public)
+        members = []
+        for g in range(world.num_genres):
+            idx = np.flatnonzero(genres == g)
+            members.append((idx, pop[idx] / pop[idx].sum() if idx.size else idx.astype(float)))
+        within = np.zeros(world.num_items)
+        for idx, share in members:
+            within[idx] = share
+        return cls(world=world, genres=genres, within=within, tastes=_cluster_tastes(world, seed),
+                   members=tuple(members))
+
+    def pick(self, rng: np.random.Generator, g: int) -> int:
+        """One item of genre ``g``, drawn by popularity."""
+        items, share = self.members[g]
+        return int(rng.choice(items, p=share))
+
+    def draw_taste(self, rng: np.random.Generator) -> Taste:
+        w = self.world
+        cluster = int(rng.integers(w.num_clusters))
+        mix = 0.6 * self.tastes[cluster] + 0.4 * rng.dirichlet(np.full(w.num_genres, 0.5))
+        mix = np.where([items.size > 0 for items, _ in self.members], mix, 0.0)
+        mix /= mix.sum()
+        favourite_genres = rng.choice(w.num_genres, size=w.num_favourites, p=mix)
+        favourites = tuple(self.pick(rng, int(g)) for g in favourite_genres)
+        return Taste(cluster=cluster, mix=mix, favourites=favourites)
+
+    def next_item(self, taste: Taste, previous: int, *, within: np.ndarray | None = None) -> np.ndarray:
+        """P(next item | the previous one) over the catalog, as ``iter_users`` draws it: a
+        favourite with ``p_favourite``, the previous item's genre with ``stickiness``, else a
+        genre from the user's mix; within a genre by popularity (``within``: another
+        population's, e.g. the public one's, to ask what knowing it is worth)."""
+        w = self.world
+        within = self.within if within is None else within
+        fav = np.bincount(np.asarray(taste.favourites), minlength=w.num_items) * (w.p_favourite / len(taste.favourites))
+        genre = (self.genres == self.genres[previous]) * w.stickiness
+        mixed = taste.mix[self.genres] * (1.0 - w.p_favourite - w.stickiness)
+        return fav + within * (genre + mixed)
+
+
+def latent_tastes(*, num_users: int, seed: int, world: World = World(), public: bool = False) -> list[Taste]:
+    """Each user's taste as ``iter_users`` draws it (the same per-user random stream)."""
+    story = Story.of(world, seed, public=public)
+    return [story.draw_taste(np.random.default_rng([seed, 4, int(public), u])) for u in range(num_users)]
+
+
 def iter_users(*, num_users: int, events_per_user: tuple[int, int], seed: int, world: World = World(),
                public: bool = False) -> Iterator[tuple[str, tuple[list[dict], dict[str, str]]]]:
     """``users`` one user at a time (the same users): a population of 100,000 users with
     hundreds of events each is gigabytes as Python objects, one user is kilobytes."""
-    genres = _genres(world, seed)
-    pop = _popularity(world, seed, public=public)
-    by_genre = [np.flatnonzero(genres == g) for g in range(world.num_genres)]
-    within = [pop[idx] / pop[idx].sum() if idx.size else idx for idx in by_genre]
-    tastes = _cluster_tastes(world, seed)
+    story = Story.of(world, seed, public=public)
     prefix = "public" if public else "user"
     for u in range(num_users):
         rng = np.random.default_rng([seed, 4, int(public), u])
-        cluster = int(rng.integers(world.num_clusters))
-        mix = 0.6 * tastes[cluster] + 0.4 * rng.dirichlet(np.full(world.num_genres, 0.5))
-        mix = np.where([idx.size > 0 for idx in by_genre], mix, 0.0)
-        mix /= mix.sum()
-        favourite_genres = rng.choice(world.num_genres, size=world.num_favourites, p=mix)
-        favourites = [int(rng.choice(by_genre[g], p=within[g])) for g in favourite_genres]
+        taste = story.draw_taste(rng)
+        favourites = taste.favourites
         n = int(rng.integers(events_per_user[0], events_per_user[1] + 1))
         ts = 1_700_000_000 + int(rng.integers(0, 10**6))
-        genre = int(rng.choice(world.num_genres, p=mix))
+        genre = int(rng.choice(world.num_genres, p=taste.mix))
         events = []
         for _ in range(n):
             draw = rng.random()
@@ -104,15 +166,15 @@ def iter_users(*, num_users: int, events_per_user: tuple[int, int], seed: int, w
                 item = favourites[int(rng.integers(len(favourites)))]
             else:
                 if draw > world.p_favourite + world.stickiness:
-                    genre = int(rng.choice(world.num_genres, p=mix))
-                item = int(rng.choice(by_genre[genre], p=within[genre]))
-            genre = int(genres[item])
+                    genre = int(rng.choice(world.num_genres, p=taste.mix))
+                item = story.pick(rng, genre)
+            genre = int(story.genres[item])
             ts += int(rng.exponential(3600)) + 1
             event = {"item": item_id(item), "ts": ts, "event": EVENTS[int(rng.integers(len(EVENTS)))]}
             if event["event"] == "purchase":
                 event["rating"] = int(rng.integers(3, 6))
             events.append(event)
+        cluster = taste.cluster
         region = _REGIONS[cluster % len(_REGIONS)] if rng.random() < 0.7 else _REGIONS[int(rng.integers(8))]
         profile = {"region": region, "age": _AGES[int(rng.integers(len(_AGES)))]}
         yield f"{prefix}{u:04d}", (events, profile)
-

@@ -95,6 +95,14 @@ class Layout:
         return [ids, mask]
 
 
+def split_sizes(n: int, heldout_fraction: float, val_fraction: float) -> tuple[int, int, int]:
+    """(training, validation, held-out) events of a log of ``n``, in time order: the held-out
+    events are the last, at least one."""
+    n_held = max(1, round(n * heldout_fraction))
+    n_val = round((n - n_held) * val_fraction)
+    return n - n_held - n_val, n_val, n_held
+
+
 def load_layout(path: Path) -> Layout:
     file = path / LAYOUT_FILE
     if not file.is_file():
@@ -156,9 +164,7 @@ class BehaviorTask(Task, task="behavior"):
         profile, skipped = read_profile(Path(user_dir), budget=budget)
         items, log_skipped = read_log(Path(user_dir), index, budget=budget)
         skipped = dict(Counter(skipped) + Counter(log_skipped))
-        n_held = max(1, round(len(items) * cfg.heldout_fraction))
-        n_val = round((len(items) - n_held) * cfg.val_fraction)
-        n_train = len(items) - n_held - n_val
+        n_train, n_val, _ = split_sizes(len(items), cfg.heldout_fraction, cfg.val_fraction)
         if n_train < 2 * cfg.seq_len or len(items) < 4:
             raise NoUsableDataError(f"user {Path(user_dir).name}: {len(items)} usable events, {n_train} for "
                                     f"training (need >= {2 * cfg.seq_len}: two records of seq-len events); "

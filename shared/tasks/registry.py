@@ -39,6 +39,10 @@ class TaskInfo:
         The primary metric in words, e.g. ``"held-out perplexity"``.
     target
         ``"module:Class"`` of the ``Task`` that implements it.
+    tie_free
+        Where the primary metric is a coarse rate that ties often between two models of one
+        user (HR@10 over a few dozen events), a continuous metric of ``metric_names`` and its
+        direction, for per-user comparisons that a tie cannot hide; ``None`` if the primary is.
     """
 
     name: str
@@ -48,10 +52,13 @@ class TaskInfo:
     higher_is_better: bool
     primary_label: str
     target: str
+    tie_free: tuple[str, bool] | None = None
 
     def __post_init__(self) -> None:
         if self.primary not in self.metric_names:
             raise ValueError(f"task {self.name!r}: primary {self.primary!r} is not one of {self.metric_names}")
+        if self.tie_free is not None and self.tie_free[0] not in self.metric_names:
+            raise ValueError(f"task {self.name!r}: tie_free {self.tie_free[0]!r} is not one of {self.metric_names}")
         if "dir" in self.datasets:
             raise ValueError(f"task {self.name!r}: 'dir' is every task's data, not a built-in dataset")
         module, _, cls = self.target.partition(":")
@@ -75,10 +82,10 @@ _ENTRIES = (
              target="fedpgen.shared.tasks.text:TextTask"),
     TaskInfo(name="behavior", datasets=("synthetic",), metric_names=("hr10", "ndcg10", "cov10", "nll"),
              primary="hr10", higher_is_better=True, primary_label="held-out HR@10",
-             target="fedpgen.shared.tasks.behavior:BehaviorTask"),
+             target="fedpgen.shared.tasks.behavior:BehaviorTask", tie_free=("nll", False)),
     TaskInfo(name="image", datasets=("synthetic",), metric_names=("top1", "idsim", "align", "fd", "edit"),
              primary="top1", higher_is_better=True, primary_label="identification of generated samples (top-1 of 10)",
-             target="fedpgen.shared.tasks.image:ImageTask"),
+             target="fedpgen.shared.tasks.image:ImageTask", tie_free=("idsim", True)),
 )
 
 TASKS: Mapping[str, TaskInfo] = MappingProxyType({info.name: info for info in _ENTRIES})
