@@ -33,7 +33,8 @@ def attach_adapters(base: torch.nn.Module, *, preset: Preset, targets: dict[str,
     (FFA-LoRA relies on this: its frozen A is the common seeded init).
     """
     torch.manual_seed(seed)
-    shared = LoraConfig(r=rank, lora_alpha=alpha, lora_dropout=0.0, target_modules=targets["shared"])
+    covered = [m for group in preset.shared_targets for m in targets[group]]
+    shared = LoraConfig(r=rank, lora_alpha=alpha, lora_dropout=0.0, target_modules=covered)
     with warnings.catch_warnings():  # PEFT 0.21 reads a property transformers 5 deprecated: not ours to fix
         warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
         model = get_peft_model(base, shared, adapter_name="shared")
