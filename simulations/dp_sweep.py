@@ -15,8 +15,9 @@ Prints one table (base / shared-only / shared+personal / local-only medians of t
 primary metric; per user, shared+personal against shared-only and local-only as wins / ties /
 losses: a rate such as HR@10 ties often, so against local-only also on the task's continuous
 metric where its primary ties (behavior: held-out NLL; faces: identity similarity); ε; wall
-time) and writes ``<out>/dp_sweep.json``, ``dp_sweep.md`` and ``dp_sweep.png``. ``--report DIR ...`` prints one table from sweeps
-already run (e.g. a record-level and a user-level sweep of the same cohort) without running.
+time) and writes ``<out>/dp_sweep.json``, ``dp_sweep.md`` and ``dp_sweep.png``. ``--report
+DIR ...`` prints one table from sweeps already run (e.g. a record-level and a user-level
+sweep of the same cohort) without running.
 
     python simulations/dp_sweep.py                                   # text, 20 roles (about 30 min on 2 cores)
     python simulations/dp_sweep.py --config simulations/image.toml   # faces, 10 users (about 25 min)
