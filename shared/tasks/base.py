@@ -98,6 +98,10 @@ class Task(abc.ABC):
     def primary_label(self) -> str:
         return self.info.primary_label
 
+    @property
+    def tie_free(self) -> tuple[str, bool] | None:
+        return self.info.tie_free
+
     def lora_targets(self, model: torch.nn.Module) -> dict[str, list[str]]:
         """Module names for LoRA (keys ``shared``, ``mlp``, ``head``), by the model's architecture."""
         kind = getattr(getattr(model, "config", None), "model_type", "")
