@@ -99,9 +99,9 @@ PRESETS: dict[str, Preset] = {
         # FedAvg-LoRA over the output head too: the shared LoRA on attention and the output head,
         # the personal part a second low-rank LoRA on the output head, fitted after without DP.
         # What many users share (the items' popularity) and what one user re-consumes (favourites)
-        # are both biases on the output logits; a shift of the behavior model's 64-wide residual
-        # stream reaches only a 64-dimensional subspace of its 400 items' logits (measured: README,
-        # "Does federation pay off under DP").
+        # are both biases on the output logits; whatever attention does, the behavior model's
+        # logits stay in the span of its head's 64 columns (400 items): a LoRA on the head moves
+        # that span (measured: README, "Does federation pay off under DP").
         Preset(name="fedavg-lora-head", personal_targets="head", send=r"\.lora_[AB]\.shared\.",
                keep=r"\.lora_[AB]\.personal\.", frozen=r"$^", schedule=(SHARED_ALONE, PERSONAL_AFTER),
                shared_targets=("shared", "head")),

@@ -68,14 +68,8 @@ def counted(story: Story, train: np.ndarray, prior: np.ndarray, strength: float)
         within[items] = v / v.sum()
     expected = train.size * (1.0 - w.p_favourite) * mix[story.genres] * prior
     excess = np.clip(counts - expected - 2.0, 0.0, None)
-    fav = w.p_favourite * excess / max(excess.sum(), 1e-9)
-
-    def predict(previous: int) -> np.ndarray:
-        p = fav + within * (w.stickiness * (story.genres == story.genres[previous])
-                            + (1.0 - w.p_favourite - w.stickiness) * mix[story.genres])
-        return p / p.sum()
-
-    return predict
+    replayed = excess / max(excess.sum(), 1e-9)
+    return lambda previous: story.next_item_given(replayed, mix, previous, within=within)
 
 
 def score(predict: Predictor, items: np.ndarray, first: int) -> tuple[float, float]:
@@ -83,7 +77,7 @@ def score(predict: Predictor, items: np.ndarray, first: int) -> tuple[float, flo
     hits, nll = 0, 0.0
     for t in range(first, items.size):
         p = predict(int(items[t - 1]))
-        p = p / p.sum()
+        p = p / p.sum()  # a count model that found no favourite leaves that share unassigned
         hits += int(items[t] in np.argpartition(-p, TOP_K)[:TOP_K])
         nll -= float(np.log(p[items[t]]))
     n = items.size - first

@@ -18,10 +18,11 @@ from fedpgen.shared.tasks.behavior import split_sizes
 ROOT = Path(__file__).resolve().parent.parent
 
 
-def _ceiling_module():
-    spec = importlib.util.spec_from_file_location("behavior_ceiling", ROOT / "simulations" / "behavior_ceiling.py")
+def _simulation(name: str):
+    """A script of simulations/ as a module."""
+    spec = importlib.util.spec_from_file_location(name, ROOT / "simulations" / f"{name}.py")
     module = importlib.util.module_from_spec(spec)
-    sys.modules["behavior_ceiling"] = module
+    sys.modules[name] = module
     spec.loader.exec_module(module)
     return module
 
@@ -61,7 +62,7 @@ def test_latent_tastes_are_the_tastes_the_users_were_drawn_from() -> None:
 
 
 def test_the_ceiling_orders_what_each_estimator_knows() -> None:
-    ceiling = _ceiling_module()
+    ceiling = _simulation("behavior_ceiling")
     res = ceiling.estimates(num_users=24, events=(240, 360), seed=0, heldout_fraction=0.1, val_fraction=0.1)
     median_nll = {name: statistics.median(r[1] for r in rows) for name, rows in res.items()}
     median_hr = {name: statistics.median(r[0] for r in rows) for name, rows in res.items()}
@@ -79,9 +80,7 @@ def test_the_ceiling_orders_what_each_estimator_knows() -> None:
 
 def test_the_sweep_table_compares_users_on_the_tie_free_metric_too(tmp_path: Path) -> None:
     # Prepare: a behavior run where HR@10 ties for every user but the NLL tells them apart
-    spec = importlib.util.spec_from_file_location("dp_sweep", ROOT / "simulations" / "dp_sweep.py")
-    sweep = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(sweep)
+    sweep = _simulation("dp_sweep")
     run = tmp_path / "eps-8"
     run.mkdir()
     (run / "config.json").write_text('{"task": "behavior"}')

@@ -132,12 +132,17 @@ class Story:
         favourite with ``p_favourite``, the previous item's genre with ``stickiness``, else a
         genre from the user's mix; within a genre by popularity (``within``: another
         population's, e.g. the public one's, to ask what knowing it is worth)."""
+        replayed = np.bincount(np.asarray(taste.favourites), minlength=self.world.num_items) / len(taste.favourites)
+        return self.next_item_given(replayed, taste.mix, previous, within=within)
+
+    def next_item_given(self, replayed: np.ndarray, mix: np.ndarray, previous: int, *,
+                        within: np.ndarray | None = None) -> np.ndarray:
+        """The same story with any estimate of a taste: ``replayed``, which item a re-play picks
+        (a distribution over the catalog), and ``mix``, the genre mix."""
         w = self.world
         within = self.within if within is None else within
-        fav = np.bincount(np.asarray(taste.favourites), minlength=w.num_items) * (w.p_favourite / len(taste.favourites))
         genre = (self.genres == self.genres[previous]) * w.stickiness
-        mixed = taste.mix[self.genres] * (1.0 - w.p_favourite - w.stickiness)
-        return fav + within * (genre + mixed)
+        return w.p_favourite * replayed + within * (genre + mix[self.genres] * (1.0 - w.p_favourite - w.stickiness))
 
 
 def latent_tastes(*, num_users: int, seed: int, world: World = World(), public: bool = False) -> list[Taste]:
