@@ -34,13 +34,16 @@ def attach_adapters(base: torch.nn.Module, *, preset: Preset, targets: dict[str,
     """
     torch.manual_seed(seed)
     covered = [m for group in preset.shared_targets for m in targets[group]]
-    shared = LoraConfig(r=rank, lora_alpha=alpha, lora_dropout=0.0, target_modules=covered)
+    shared = LoraConfig(r=rank, lora_alpha=alpha, lora_dropout=0.0, target_modules=covered,
+                        lora_bias=preset.shared_bias)
     with warnings.catch_warnings():  # PEFT 0.21 reads a property transformers 5 deprecated: not ours to fix
         warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
+        # a bias on a layer without one cannot be merged into it; FedPGen never merges adapters
+        warnings.filterwarnings("ignore", message=".*lora_bias=True.*has no bias.*")
         model = get_peft_model(base, shared, adapter_name="shared")
     if preset.personal_targets:
         personal = LoraConfig(r=personal_rank, lora_alpha=alpha, lora_dropout=0.0,
-                              target_modules=targets[preset.personal_targets])
+                              target_modules=[m for group in preset.personal_targets for m in targets[group]])
         model.add_adapter("personal", personal)
     return model
 

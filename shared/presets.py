@@ -62,12 +62,13 @@ class Preset:
     """A personalization scheme expressed as name patterns and a schedule."""
 
     name: str
-    personal_targets: str  # "mlp" | "head" | "" (no personal adapter)
+    personal_targets: tuple[str, ...]  # the task's target groups of the personal adapter; () = none
     send: str
     keep: str
     frozen: str
     schedule: tuple[Phase, ...]
     shared_targets: tuple[str, ...] = ("shared",)  # the task's target groups the shared adapter covers
+    shared_bias: bool = False  # the shared LoRA's B carries a bias (PEFT's lora_bias): an additive output term
 
     def private_steps(self, cfg: object) -> int:
         """DP-SGD steps of one round under record-level DP: what the plan calibrates σ for."""
@@ -94,7 +95,7 @@ PRESETS: dict[str, Preset] = {
     for p in (
         # shared LoRA (A and B) on attention, personal LoRA on the MLP; pattern (a): the personal
         # adapter is switched off while the shared one trains, then fitted without DP
-        Preset(name="fedavg-lora", personal_targets="mlp", send=r"\.lora_[AB]\.shared\.",
+        Preset(name="fedavg-lora", personal_targets=("mlp",), send=r"\.lora_[AB]\.shared\.",
                keep=r"\.lora_[AB]\.personal\.", frozen=r"$^", schedule=(SHARED_ALONE, PERSONAL_AFTER)),
         # FedAvg-LoRA over the output head too: the shared LoRA on attention and the output head,
         # the personal part a second low-rank LoRA on the output head, fitted after without DP.
@@ -102,18 +103,36 @@ PRESETS: dict[str, Preset] = {
         # are both biases on the output logits; whatever attention does, the behavior model's
         # logits stay in the span of its head's 64 columns (400 items): a LoRA on the head moves
         # that span (measured: README, "Does federation pay off under DP").
-        Preset(name="fedavg-lora-head", personal_targets="head", send=r"\.lora_[AB]\.shared\.",
+        Preset(name="fedavg-lora-head", personal_targets=("head",), send=r"\.lora_[AB]\.shared\.",
                keep=r"\.lora_[AB]\.personal\.", frozen=r"$^", schedule=(SHARED_ALONE, PERSONAL_AFTER),
                shared_targets=("shared", "head")),
+        # The same shared LoRA, and a personal LoRA on every group (attention, MLP and the output
+        # head): the personal part can learn as much of the user as a local-only model trained
+        # from the base, on top of what the population shares (measured: README, "Does
+        # federation pay off under DP"). Pattern (a) as above: the personal part is off while
+        # the shared one trains, then fitted after without DP.
+        Preset(name="fedavg-lora-deep", personal_targets=("shared", "mlp", "head"), send=r"\.lora_[AB]\.shared\.",
+               keep=r"\.lora_[AB]\.personal\.", frozen=r"$^", schedule=(SHARED_ALONE, PERSONAL_AFTER),
+               shared_targets=("shared", "head")),
+        # The shared part is one vector: a bias on the output head's logits (the shared LoRA on
+        # the head with its A and B frozen at their seeded init, B = 0, so only the bias of B
+        # trains and is sent); the personal part a LoRA on every group, as above. What a
+        # population shares in the behavior story is the items' popularity, an additive term on
+        # the logits; under user-level DP the noise on the mean grows with the square root of
+        # the dimension sent, here the catalog's size instead of every attention LoRA.
+        Preset(name="fedavg-bias-deep", personal_targets=("shared", "mlp", "head"),
+               send=r"\.lora_B\.shared\.bias$", keep=r"\.lora_[AB]\.personal\.",
+               frozen=r"\.lora_[AB]\.shared\.weight$", schedule=(SHARED_ALONE, PERSONAL_AFTER),
+               shared_targets=("head",), shared_bias=True),
         # FFA-LoRA: shared A frozen at a common seeded init, only B trained and shared
-        Preset(name="ffa-lora", personal_targets="mlp", send=r"\.lora_B\.shared\.",
+        Preset(name="ffa-lora", personal_targets=("mlp",), send=r"\.lora_B\.shared\.",
                keep=r"\.lora_[AB]\.personal\.", frozen=r"\.lora_A\.shared\.",
                schedule=(SHARED_ALONE, PERSONAL_AFTER)),
         # FedSA-LoRA: A shared, B personal (the same LoRA), one DP optimizer over both (pattern b)
-        Preset(name="fedsa-lora", personal_targets="", send=r"\.lora_A\.shared\.", keep=r"\.lora_B\.shared\.",
+        Preset(name="fedsa-lora", personal_targets=(), send=r"\.lora_A\.shared\.", keep=r"\.lora_B\.shared\.",
                frozen=r"$^", schedule=(BOTH_JOINTLY,)),
         # FedRep: a personal low-rank output head first, then the shared body over it, both under DP
-        Preset(name="fedrep", personal_targets="head", send=r"\.lora_[AB]\.shared\.",
+        Preset(name="fedrep", personal_targets=("head",), send=r"\.lora_[AB]\.shared\.",
                keep=r"\.lora_[AB]\.personal\.", frozen=r"$^", schedule=(PERSONAL_FIRST, SHARED_OVER_PERSONAL)),
     )
 }

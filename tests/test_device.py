@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-from fedpgen.shared.adapters import active, get_tensors
+from fedpgen.shared.adapters import active, get_tensors, set_arrays
 from fedpgen.shared.presets import PRESETS
 from fedpgen.shared.wire import FIT_METRICS, VARIANTS, eval_metrics
 
@@ -152,3 +152,55 @@ def test_fedavg_lora_head_shares_and_keeps_a_low_rank_output_head(make_cfg) -> N
     moved = {k for k in stored if not torch.equal(stored[k], d.init_keep[k])}
     assert any(".lora_B." in k for k in moved), "the personal head never trained"
     assert any(np.abs(x).max() > 0 for x in delta)
+
+
+def test_fedavg_lora_deep_keeps_a_personal_lora_on_every_group_and_sends_what_the_head_preset_sends(
+        make_cfg, tmp_path) -> None:
+    # Prepare: one behavior user, without DP (both runs must be reproducible), under the preset
+    # with a personal LoRA on the head only and under the one with it on every group
+    behavior = {k.replace("-", "_"): v for k, v in TASK_CASES["behavior"].items()}
+    cfg = {**behavior, "val_fraction": 0.0, "dp": "off"}
+    head = device(make_cfg(preset="fedavg-lora-head", **cfg), state=tmp_path / "head")
+    deep = device(make_cfg(preset="fedavg-lora-deep", **cfg), state=tmp_path / "deep")
+    # Execute
+    head_delta, _, _ = head.fit(head.init_send, server_round=1)
+    deep_delta, _, _ = deep.fit(deep.init_send, server_round=1)
+    stored = deep.store.load_personal()
+    # Assert: the kept part is personal LoRA on attention, MLP and the output head; what is sent
+    # (names and values) is exactly what the head preset sends: the personal part is off while
+    # the shared one trains (pattern a), so a deeper personal part cannot reach the wire
+    assert all(".personal." in k for k in deep.sets.keep)
+    for module in ("self_attn.q_proj", "mlp.down_proj", "lm_head"):
+        assert any(f".{module}.lora_B.personal." in k for k in deep.sets.keep), module
+    assert deep.sets.send == head.sets.send
+    assert all(np.array_equal(a, b) for a, b in zip(deep_delta, head_delta, strict=True))
+    assert any(np.abs(x).max() > 0 for x in deep_delta)
+    moved = {k for k in stored if not torch.equal(stored[k], deep.init_keep[k])}
+    assert any(".mlp." in k for k in moved) and any(".lm_head." in k for k in moved), "the personal part never trained"
+
+
+def test_fedavg_bias_deep_sends_one_vector_that_is_added_to_the_logits(make_cfg) -> None:
+    # Prepare: one behavior user without DP, under the preset whose shared part is an output bias
+    behavior = {k.replace("-", "_"): v for k, v in TASK_CASES["behavior"].items()}
+    d = device(make_cfg(preset="fedavg-bias-deep", **{**behavior, "val_fraction": 0.0, "dp": "off"}))
+    weights = tuple(n for n, _ in d.model.named_parameters() if re.search(r"\.lora_[AB]\.shared\.weight$", n))
+    before = get_tensors(d.model, weights)
+    records = d.data.train[:4, 0]  # token ids (the second row of a record is its scoring mask)
+    # Execute
+    delta, _, _ = d.fit(d.init_send, server_round=1)
+    set_arrays(d.model, d.sets.send, [np.linspace(-1.0, 1.0, delta[0].size, dtype=np.float32)])
+    with torch.no_grad():
+        with d.model.disable_adapter():
+            base = d.model(input_ids=records).logits
+        with active(d.model, ["shared"], ()):
+            shared = d.model(input_ids=records).logits
+    # Assert: one vector leaves the device, a bias over the vocabulary; the shared LoRA's own
+    # weights never train (B stays zero), so the shared model is the base plus that bias, scaled
+    # as PEFT scales a LoRA (alpha / rank)
+    assert d.sets.send == ("base_model.model.lm_head.lora_B.shared.bias",)
+    assert delta[0].shape == (d.model.get_output_embeddings().base_layer.out_features,) and np.abs(delta[0]).max() > 0
+    assert all(torch.equal(before[n], t) for n, t in get_tensors(d.model, weights).items())
+    scale = d.cfg.lora_alpha / d.cfg.lora_rank
+    torch.testing.assert_close(shared - base, scale * torch.linspace(-1.0, 1.0, delta[0].size).expand_as(base),
+                               rtol=0, atol=1e-5)
+    assert all(".personal." in k for k in d.sets.keep) and any(".mlp." in k for k in d.sets.keep)
