@@ -30,11 +30,15 @@ def attach_adapters(base: torch.nn.Module, *, preset: Preset, targets: dict[str,
     """Wrap ``base`` with a ``shared`` and (if the preset has one) a ``personal`` LoRA adapter.
 
     Initialization is seeded, so the server and every device build identical adapters
-    (FFA-LoRA relies on this: its frozen A is the common seeded init).
+    (FFA-LoRA relies on this: its frozen A is the common seeded init; so does `fedavg-bias-deep`,
+    whose frozen shared A and B are never sent).
     """
     torch.manual_seed(seed)
-    covered = [m for group in preset.shared_targets for m in targets[group]]
-    shared = LoraConfig(r=rank, lora_alpha=alpha, lora_dropout=0.0, target_modules=covered,
+
+    def modules(groups: tuple[str, ...]) -> list[str]:  # the task's module names of the preset's groups
+        return [m for group in groups for m in targets[group]]
+
+    shared = LoraConfig(r=rank, lora_alpha=alpha, lora_dropout=0.0, target_modules=modules(preset.shared_targets),
                         lora_bias=preset.shared_bias)
     with warnings.catch_warnings():  # PEFT 0.21 reads a property transformers 5 deprecated: not ours to fix
         warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
@@ -43,7 +47,7 @@ def attach_adapters(base: torch.nn.Module, *, preset: Preset, targets: dict[str,
         model = get_peft_model(base, shared, adapter_name="shared")
     if preset.personal_targets:
         personal = LoraConfig(r=personal_rank, lora_alpha=alpha, lora_dropout=0.0,
-                              target_modules=[m for group in preset.personal_targets for m in targets[group]])
+                              target_modules=modules(preset.personal_targets))
         model.add_adapter("personal", personal)
     return model
 

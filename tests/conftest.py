@@ -37,10 +37,15 @@ TASK_CASES = {
 }
 
 
+def task_kwargs(name: str) -> dict[str, Any]:
+    """TASK_CASES[name] as keyword overrides for ``make_cfg``."""
+    return {k.replace("-", "_"): v for k, v in TASK_CASES[name].items()}
+
+
 @pytest.fixture(params=sorted(TASK_CASES))
 def task_case(request: pytest.FixtureRequest) -> dict[str, Any]:
     """Overrides selecting one task (parametrizes a test over every registered task)."""
-    return {k.replace("-", "_"): v for k, v in TASK_CASES[request.param].items()}
+    return task_kwargs(request.param)
 
 
 @pytest.fixture

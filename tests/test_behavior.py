@@ -19,9 +19,9 @@ from fedpgen.shared.model import build_model
 from fedpgen.shared.tasks import NoUsableDataError, get_task
 from fedpgen.shared.tasks.behavior import LAYOUT_FILE, BehaviorTask, Layout
 
-from conftest import TASK_CASES
+from conftest import task_kwargs
 
-BEHAVIOR = {k.replace("-", "_"): v for k, v in TASK_CASES["behavior"].items()}
+BEHAVIOR = task_kwargs("behavior")
 
 
 def write_lines(user: Path, lines: list[str]) -> None:

@@ -12,7 +12,7 @@ from fedpgen.shared.adapters import active, get_tensors, set_arrays
 from fedpgen.shared.presets import PRESETS
 from fedpgen.shared.wire import FIT_METRICS, VARIANTS, eval_metrics
 
-from conftest import TASK_CASES, device
+from conftest import device, task_kwargs
 
 
 @pytest.mark.parametrize("preset", sorted(PRESETS))
@@ -136,7 +136,7 @@ def test_text_generation_is_conditioned_like_training_on_the_profile(make_cfg) -
 def test_fedavg_lora_head_shares_and_keeps_a_low_rank_output_head(make_cfg) -> None:
     # Prepare: the behavior task, whose users' favourites are a bias on the output
     # (no validation records: the personal phase trains its fixed steps, no early stopping)
-    behavior = {k.replace("-", "_"): v for k, v in TASK_CASES["behavior"].items()}
+    behavior = task_kwargs("behavior")
     d = device(make_cfg(preset="fedavg-lora-head", **{**behavior, "val_fraction": 0.0}))
     # Execute
     delta, _, _ = d.fit(d.init_send, server_round=1)
@@ -158,7 +158,7 @@ def test_fedavg_lora_deep_keeps_a_personal_lora_on_every_group_and_sends_what_th
         make_cfg, tmp_path) -> None:
     # Prepare: one behavior user, without DP (both runs must be reproducible), under the preset
     # with a personal LoRA on the head only and under the one with it on every group
-    behavior = {k.replace("-", "_"): v for k, v in TASK_CASES["behavior"].items()}
+    behavior = task_kwargs("behavior")
     cfg = {**behavior, "val_fraction": 0.0, "dp": "off"}
     head = device(make_cfg(preset="fedavg-lora-head", **cfg), state=tmp_path / "head")
     deep = device(make_cfg(preset="fedavg-lora-deep", **cfg), state=tmp_path / "deep")
@@ -181,7 +181,7 @@ def test_fedavg_lora_deep_keeps_a_personal_lora_on_every_group_and_sends_what_th
 
 def test_fedavg_bias_deep_sends_one_vector_that_is_added_to_the_logits(make_cfg) -> None:
     # Prepare: one behavior user without DP, under the preset whose shared part is an output bias
-    behavior = {k.replace("-", "_"): v for k, v in TASK_CASES["behavior"].items()}
+    behavior = task_kwargs("behavior")
     d = device(make_cfg(preset="fedavg-bias-deep", **{**behavior, "val_fraction": 0.0, "dp": "off"}))
     weights = tuple(n for n, _ in d.model.named_parameters() if re.search(r"\.lora_[AB]\.shared\.weight$", n))
     before = get_tensors(d.model, weights)

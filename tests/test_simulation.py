@@ -12,7 +12,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import TASK_CASES, server_received
+from conftest import server_received, task_kwargs
 from flwr.common import bytes_to_ndarray, serde
 from flwr.common.secure_aggregation.secaggplus_constants import RECORD_KEY_CONFIGS, Key
 from flwr.compat.common import recorddict_compat as compat
@@ -110,7 +110,7 @@ def test_nothing_personal_reaches_the_server_and_a_run_resumes(make_cfg, tmp_pat
 
 @pytest.mark.long  # CI: the text canary above; the behavior reader's bad lines: test_behavior.py, test_bad_input.py
 def test_behavior_sequences_never_reach_the_server_and_bad_logs_are_reported(make_cfg, tmp_path: Path) -> None:
-    task_case = {k.replace("-", "_"): v for k, v in TASK_CASES["behavior"].items()}
+    task_case = task_kwargs("behavior")
     # Prepare: three users, each re-playing a unique 12-item sequence; one more with an empty log
     cfg = make_cfg(data="dir", data_dir=str(tmp_path / "users"), num_server_rounds=1, min_fit_clients=3,
                    dp="sigma", dp_noise_multiplier=1.0, dp_epsilon=1000.0, wire_transcript=True, **task_case)
