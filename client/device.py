@@ -141,7 +141,7 @@ class Device:
             records = records if prior is None else torch.cat([records, prior])
         with active(self.model, list(phase.adapters), names) as params:
             return train(self.model, params, records, task=self.task, steps=phase.num_steps(cfg),
-                         batch_size=cfg.batch_size, lr=phase.learning_rate(cfg), gen=gen, privacy=mechanism,
+                         batch_size=phase.batch_size(cfg), lr=phase.learning_rate(cfg), gen=gen, privacy=mechanism,
                          val=val, names=names, eval_every=cfg.personal_eval_every, micro_batch=self.micro_batch,
                          dtype=self.dtype)
 

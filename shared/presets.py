@@ -26,7 +26,9 @@ class Phase:
     the optimizer updates (``shared``, ``personal`` or both); ``steps`` and ``lr``: the
     run-config keys giving its step count and learning rate; ``private``: it runs under
     the record-level mechanism when the run is private (its steps are planned and
-    accounted); ``early_stopping``: without DP, validate and keep the best state.
+    accounted); ``early_stopping``: without DP, validate and keep the best state;
+    ``batch``: the key giving its records per step — ``batch-size`` for a private phase,
+    whose sampling rate the DP plan calibrates σ for.
     """
 
     adapters: tuple[str, ...]
@@ -35,9 +37,19 @@ class Phase:
     lr: str
     private: bool
     early_stopping: bool = False
+    batch: str = "batch-size"
+
+    def __post_init__(self) -> None:
+        if self.private and self.batch != "batch-size":
+            raise ValueError(f"a private phase draws batch-size records per step (the DP plan's sampling rate), "
+                             f"not {self.batch}")
 
     def num_steps(self, cfg: object) -> int:
         return int(getattr(cfg, self.steps.replace("-", "_")))
+
+    def batch_size(self, cfg: object) -> int:
+        """Records per step; ``personal-batch-size = 0`` means the run's ``batch-size``."""
+        return int(getattr(cfg, self.batch.replace("-", "_"))) or int(getattr(cfg, "batch_size"))
 
     def learning_rate(self, cfg: object) -> float:
         return float(getattr(cfg, self.lr.replace("-", "_")))
@@ -50,7 +62,7 @@ SHARED_OVER_PERSONAL = Phase(adapters=(SHARED, PERSONAL), trains=(SHARED,), step
 BOTH_JOINTLY = Phase(adapters=(SHARED, PERSONAL), trains=(SHARED, PERSONAL), steps="local-steps", lr="lr",
                      private=True)
 PERSONAL_AFTER = Phase(adapters=(SHARED, PERSONAL), trains=(PERSONAL,), steps="personal-max-steps",
-                       lr="personal-lr", private=False, early_stopping=True)
+                       lr="personal-lr", private=False, early_stopping=True, batch="personal-batch-size")
 PERSONAL_FIRST = Phase(adapters=(SHARED, PERSONAL), trains=(PERSONAL,), steps="personal-max-steps",
                        lr="personal-lr", private=True, early_stopping=True)
 # Fitting the personal part to a final shared base (never private: nothing of it is sent)

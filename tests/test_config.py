@@ -21,6 +21,7 @@ from fedpgen.shared.config import RunConfig
         ({"server-optimizer": "sgd"}, "'server-optimizer'"),
         ({"data": "dir"}, "'data-dir'"),
         ({"local-steps": "many"}, "'local-steps'"),
+        ({"personal-batch-size": -1}, "'personal-batch-size'"),
         ({"no-such-key": 1}, "'no-such-key'"),
     ],
 )

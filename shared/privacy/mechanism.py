@@ -43,7 +43,9 @@ def secret_generator(device: torch.device | str = "cpu") -> torch.Generator:
 
 
 class PlainSession:
-    """Uniform random batches of fixed size and AdamW: not private."""
+    """Uniform random batches of fixed size and AdamW: not private. A batch size of at least
+    the number of records takes every record once per step (full batch, no sampling: the
+    step does not depend on the generator)."""
 
     def __init__(self, params: list[torch.nn.Parameter], records: torch.Tensor, *, batch_size: int, lr: float,
                  gen: torch.Generator, micro_batch: int = 0) -> None:
@@ -52,7 +54,9 @@ class PlainSession:
 
     def next_batch(self) -> torch.Tensor:
         n = self.records.shape[0]
-        return self.records[torch.randint(0, n, (min(self.batch_size, n),), generator=self.gen)]
+        if self.batch_size >= n:
+            return self.records
+        return self.records[torch.randint(0, n, (self.batch_size,), generator=self.gen)]
 
     def step(self, loss_fn: Callable[[torch.Tensor], torch.Tensor], batch: torch.Tensor) -> float:
         self.optimizer.zero_grad(set_to_none=True)
