@@ -45,10 +45,10 @@ def attach_adapters(base: torch.nn.Module, *, preset: Preset, targets: dict[str,
         # a bias on a layer without one cannot be merged into it; FedPGen never merges adapters
         warnings.filterwarnings("ignore", message=".*lora_bias=True.*has no bias.*")
         model = get_peft_model(base, shared, adapter_name="shared")
-    if preset.personal_targets:
-        personal = LoraConfig(r=personal_rank, lora_alpha=alpha, lora_dropout=0.0,
-                              target_modules=modules(preset.personal_targets))
-        model.add_adapter("personal", personal)
+        if preset.personal_targets:
+            personal = LoraConfig(r=personal_rank, lora_alpha=alpha, lora_dropout=0.0,
+                                  target_modules=modules(preset.personal_targets), lora_bias=preset.personal_bias)
+            model.add_adapter("personal", personal)
     return model
 
 

@@ -81,6 +81,7 @@ class Preset:
     schedule: tuple[Phase, ...]
     shared_targets: tuple[str, ...] = ("shared",)  # the task's target groups the shared adapter covers
     shared_bias: bool = False  # the shared LoRA's B carries a bias (PEFT's lora_bias): an additive output term
+    personal_bias: bool = False  # the personal LoRA's B carries a bias, likewise
 
     def private_steps(self, cfg: object) -> int:
         """DP-SGD steps of one round under record-level DP: what the plan calibrates σ for."""
@@ -136,6 +137,15 @@ PRESETS: dict[str, Preset] = {
                send=r"\.lora_B\.shared\.bias$", keep=r"\.lora_[AB]\.personal\.",
                frozen=r"\.lora_[AB]\.shared\.weight$", schedule=(SHARED_ALONE, PERSONAL_AFTER),
                shared_targets=("head",), shared_bias=True),
+        # Both parts one vector each: the shared bias on the output logits as above, and a personal
+        # bias on the same logits (the personal LoRA on the head with its A and B frozen at their
+        # seeded init, B = 0, so only the bias of B trains and stays on the device). The
+        # population's popularity and a user's own taste over items, each an additive term
+        # (measured: README, "Does federation pay off under DP").
+        Preset(name="fedavg-bias-bias", personal_targets=("head",), send=r"\.lora_B\.shared\.bias$",
+               keep=r"\.lora_B\.personal\.bias$", frozen=r"\.lora_[AB]\.(shared|personal)\.weight$",
+               schedule=(SHARED_ALONE, PERSONAL_AFTER), shared_targets=("head",), shared_bias=True,
+               personal_bias=True),
         # FFA-LoRA: shared A frozen at a common seeded init, only B trained and shared
         Preset(name="ffa-lora", personal_targets=("mlp",), send=r"\.lora_B\.shared\.",
                keep=r"\.lora_[AB]\.personal\.", frozen=r"\.lora_A\.shared\.",

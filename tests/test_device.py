@@ -204,3 +204,30 @@ def test_fedavg_bias_deep_sends_one_vector_that_is_added_to_the_logits(make_cfg)
     torch.testing.assert_close(shared - base, scale * torch.linspace(-1.0, 1.0, delta[0].size).expand_as(base),
                                rtol=0, atol=1e-5)
     assert all(".personal." in k for k in d.sets.keep) and any(".mlp." in k for k in d.sets.keep)
+
+
+def test_fedavg_bias_bias_keeps_one_vector_and_sends_one_vector_both_added_to_the_logits(make_cfg) -> None:
+    # Prepare: one behavior user without DP, under the preset whose shared and personal parts are
+    # each an output bias
+    behavior = task_kwargs("behavior")
+    d = device(make_cfg(preset="fedavg-bias-bias", **{**behavior, "val_fraction": 0.0, "dp": "off"}))
+    weights = tuple(n for n, _ in d.model.named_parameters() if re.search(r"\.lora_[AB]\.\w+\.weight$", n))
+    before = get_tensors(d.model, weights)
+    records = d.data.train[:4, 0]
+    # Execute
+    delta, _, _ = d.fit(d.init_send, server_round=1)
+    stored = d.store.load_personal()
+    with torch.no_grad():
+        with active(d.model, ["shared"], ()):
+            shared = d.model(input_ids=records).logits
+        with active(d.model, ["shared", "personal"], ()):
+            both = d.model(input_ids=records).logits
+    # Assert: one vector leaves, one vector stays (the personal bias, trained, sealed); no LoRA
+    # weight of either adapter trains; the personal model is the shared one plus that bias
+    assert d.sets.send == ("base_model.model.lm_head.lora_B.shared.bias",) and np.abs(delta[0]).max() > 0
+    assert d.sets.keep == d.sets.personal_trainable == ("base_model.model.lm_head.lora_B.personal.bias",)
+    (name,) = d.sets.keep
+    assert stored is not None and set(stored) == {name} and not torch.equal(stored[name], d.init_keep[name])
+    assert all(torch.equal(before[n], t) for n, t in get_tensors(d.model, weights).items())
+    scale = d.cfg.lora_alpha / d.cfg.personal_rank
+    torch.testing.assert_close(both - shared, (scale * stored[name]).expand_as(both), rtol=0, atol=1e-5)
