@@ -183,20 +183,25 @@ class Device:
     def personalize(self, gen: torch.Generator) -> None:
         """Fit the personal part to the final shared base (it never leaves the device).
 
-        Starts from the better, on validation, of the stored personal part and none at all
-        (the fresh init, i.e. shared-only), then trains with early stopping. Without
-        validation records (``val-fraction = 0``) it continues from the stored part.
+        ``personal-refit = "continue"`` (the default) starts from the better, on validation, of
+        the stored personal part and none at all (the fresh init, i.e. shared-only); ``"fresh"``
+        starts from the fresh init, so the final shared base is the fit's prior and early
+        stopping decides how far the user's records move it. Then it trains with early
+        stopping. Without validation records (``val-fraction = 0``) it continues from the
+        stored part (docs/architecture.md, "Early stopping of the personal part").
         """
         stored = self.store.load_personal()
         candidates = [c for c in (stored, self.init_keep) if c is not None]
-        if self.data.val.shape[0] > 0:
+        if self.data.val.shape[0] == 0:
+            set_tensors(self.model, candidates[0])
+        elif self.cfg.personal_refit == "fresh":
+            set_tensors(self.model, self.init_keep)
+        else:
             losses = []
             for i, cand in enumerate(candidates):
                 set_tensors(self.model, cand)
                 losses.append((self._val_loss(), i))
             set_tensors(self.model, candidates[min(losses)[1]])
-        else:
-            set_tensors(self.model, candidates[0])
         self.run_phase(PERSONALIZE, gen, NoPrivacy())
 
     def load_personal(self) -> None:

@@ -90,6 +90,7 @@ class RunConfig:
     personal_max_steps: int
     personal_eval_every: int
     personal_batch_size: int
+    personal_refit: str
     lora_rank: int
     lora_alpha: int
     personal_rank: int
@@ -163,6 +164,7 @@ class RunConfig:
         need(self.personal_max_steps >= 0, "personal-max-steps", "must be >= 0")
         need(self.personal_eval_every >= 1, "personal-eval-every", "must be >= 1")
         need(self.personal_batch_size >= 0, "personal-batch-size", "must be >= 0 (0 = batch-size)")
+        need(self.personal_refit in {"continue", "fresh"}, "personal-refit", "valid: continue, fresh")
         need(self.lora_rank >= 1, "lora-rank", "must be >= 1")
         need(self.lora_alpha >= 1, "lora-alpha", "must be >= 1")
         need(self.personal_rank >= 1, "personal-rank", "must be >= 1")

@@ -22,6 +22,7 @@ from fedpgen.shared.config import RunConfig
         ({"data": "dir"}, "'data-dir'"),
         ({"local-steps": "many"}, "'local-steps'"),
         ({"personal-batch-size": -1}, "'personal-batch-size'"),
+        ({"personal-refit": "stored"}, "'personal-refit'"),
         ({"no-such-key": 1}, "'no-such-key'"),
     ],
 )

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-from fedpgen.shared.adapters import active, get_tensors, set_arrays
+from fedpgen.shared.adapters import active, get_tensors, set_arrays, set_tensors
 from fedpgen.shared.presets import PRESETS
 from fedpgen.shared.wire import FIT_METRICS, VARIANTS, eval_metrics
 
@@ -66,6 +66,28 @@ def test_personal_early_stopping_keeps_the_best_validation_state(make_cfg) -> No
     _, _, metrics = d.fit(d.init_send, server_round=1)
     assert metrics["personal-best-step"] in {0, 2, 4, 6, 8}
     assert metrics["val-loss-after"] <= metrics["val-loss-before"] + 1e-6 or metrics["personal-best-step"] == 0
+
+
+@pytest.mark.parametrize("refit", ["continue", "fresh"])
+def test_the_final_fit_starts_where_personal_refit_says(make_cfg, monkeypatch, refit: str) -> None:
+    # Prepare: a round stores a personal part that validation prefers to none at all (fitted on
+    # top of that round's base and the device's own update of it)
+    d = device(make_cfg(personal_max_steps=6, personal_eval_every=1, dp="off", personal_refit=refit))
+    d.fit(d.init_send, server_round=1)
+    stored = d.store.load_personal()
+    assert any(not torch.equal(stored[k], d.init_keep[k]) for k in stored), "the round stored no personal fit"
+    d.load_personal()
+    with_stored = d._val_loss()
+    set_tensors(d.model, d.init_keep)
+    assert with_stored < d._val_loss(), "validation does not prefer the stored part: the test would not tell"
+    monkeypatch.setattr(d, "run_phase", lambda phase, gen, privacy: None)  # observe the starting point only
+    # Execute
+    d.personalize(torch.Generator().manual_seed(0))
+    start = get_tensors(d.model, d.sets.keep)
+    # Assert: "continue" starts from the stored part (validation prefers it), "fresh" from the
+    # fresh init (the final base its prior)
+    expected = stored if refit == "continue" else d.init_keep
+    assert all(torch.equal(start[k], expected[k]) for k in start)
 
 
 def test_without_validation_records_the_final_fit_continues_from_the_stored_personal_part(make_cfg,
