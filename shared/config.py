@@ -26,7 +26,7 @@ PYPROJECT = Path(__file__).resolve().parent.parent / "pyproject.toml"
 # Keys that do not change what a checkpoint means: a run may resume with other values.
 _RESUMABLE_KEYS = frozenset({"num-server-rounds", "run-dir", "client-cpus", "client-gpus", "ray-address",
                              "threads-per-client", "cpu-heap-keep-mib", "round-timeout", "min-available-clients",
-                             "wire-transcript", "evaluation", "metrics-log"})
+                             "wire-transcript", "evaluation", "personal-refit", "metrics-log"})
 
 METRICS_LOGS = ("none", "tensorboard", "mlflow")  # metrics-log: where the server logs its per-round aggregates
 

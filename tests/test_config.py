@@ -41,6 +41,9 @@ def test_defaults_parse_and_hash_ignores_rounds() -> None:
     b = RunConfig.from_mapping({"num-server-rounds": 9})
     c = RunConfig.from_mapping({"lr": 0.01})
     assert a.model_hash() == b.model_hash() != c.model_hash()
+    # how the final evaluation refits is not what a checkpoint means; the records per step are
+    assert RunConfig.from_mapping({"personal-refit": "fresh"}).model_hash() == a.model_hash()
+    assert RunConfig.from_mapping({"personal-batch-size": 64}).model_hash() != a.model_hash()
 
 
 @pytest.mark.parametrize(
