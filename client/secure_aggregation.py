@@ -14,11 +14,12 @@ from flwr.common.secure_aggregation.secaggplus_constants import RECORD_KEY_CONFI
 
 from fedpgen.shared import secagg_keys
 
-secagg_keys.install_on_device()  # sk1 is Shamir-shared as its 48-byte scalar (shared/secagg_keys.py)
+secagg_keys.install_on_device()  # sk1 shared as its 48-byte scalar, a 12-byte mask seed (shared/secagg_keys.py)
 
 
 def secagg_when_asked(msg: Message, ctxt: Context, call_next: ClientAppCallable) -> Message:
     """Route SecAgg+ protocol messages through ``secaggplus_mod``; pass everything else on."""
     if msg.has_content() and RECORD_KEY_CONFIGS in msg.content.config_records:
-        return secaggplus_mod(msg, ctxt, call_next)
+        with secagg_keys.message_scope():  # each private key derived once per message, then dropped
+            return secaggplus_mod(msg, ctxt, call_next)
     return call_next(msg, ctxt)

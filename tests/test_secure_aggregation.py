@@ -150,6 +150,78 @@ def test_a_device_shamir_shares_its_private_key_as_the_48_byte_scalar_not_its_pe
         server.bytes_to_private_key(secret[:-1])
 
 
+def _three_devices_share_keys() -> tuple[object, list[object], list[bytes]]:
+    """Flower's own device code, stages 0 and 1, for three neighbours (threshold 2): the module,
+    the devices' states and the shares of device 1's mask seed that each device ends up with."""
+    import importlib
+
+    import fedpgen.client.secure_aggregation  # noqa: F401  (installs the device side)
+
+    mod = importlib.import_module("flwr.client.mod.secure_aggregation.secaggplus_mod")
+    setup = {Key.SAMPLE_NUMBER: 3, Key.SHARE_NUMBER: 3, Key.THRESHOLD: 2, Key.CLIPPING_RANGE: 1.0,
+             Key.TARGET_RANGE: 2**16, Key.MOD_RANGE: 2**24, Key.MAX_WEIGHT: 1000.0}
+    states = [mod.SecAggPlusState(nid=nid) for nid in (1, 2, 3)]
+    keys = {str(s.nid): list(mod._setup(s, setup).values()) for s in states}
+    sent = {s.nid: mod._share_keys(s, keys) for s in states}
+    seed_shares = [states[0].rd_seed_share_dict[1]]
+    for s in states[1:]:  # what stage 2 does on each neighbour: decrypt device 1's shares
+        ciphertext = sent[1][Key.CIPHERTEXT_LIST][sent[1][Key.DESTINATION_LIST].index(s.nid)]
+        seed_shares.append(mod.share_keys_plaintext_separate(mod.decrypt(s.ss2_dict[1], ciphertext))[2])
+    return mod, states, seed_shares
+
+
+def test_a_device_draws_a_12_byte_mask_seed_shared_in_one_chunk_and_flowers_masks_use_32_bits_of_any_seed() -> None:
+    """The self-mask seed is 12 bytes (1 chunk of Shamir shares, where 32 bytes took 3) and loses
+    nothing: Flower's mask generator folds every seed to 32 bits — if it ever used the whole seed,
+    the last assertion fails and the seed length must be revisited (shared/secagg_keys.py)."""
+    import inspect
+    import os
+
+    from flwr.common.secure_aggregation.crypto.shamir import combine_shares
+    from flwr.common.secure_aggregation.secaggplus_utils import pseudo_rand_gen
+
+    # Execute: Flower's own stages 0 and 1 on three devices
+    mod, states, shares = _three_devices_share_keys()
+    # Assert: the seed, its shares (index + one 16-byte chunk), and the server gets it back
+    seed = states[0].rd_seed
+    assert len(seed) == 12
+    assert all(len(share) == 4 + 16 for share in shares)
+    assert combine_shares(shares[1:]) == seed
+    assert len(states[0].sk1_share_dict[1]) == 4 + 4 * 16  # the key's scalar: unchanged
+    assert "os.urandom(32)" in inspect.getsource(mod) and inspect.getsource(mod).count("os.") == 1
+    with pytest.raises(ValueError, match="only its 32-byte mask seed"):
+        mod.os.urandom(16)
+    long_seed = os.urandom(32)
+    folded = int.from_bytes(long_seed[:4], "little")
+    for i in range(4, 32, 4):
+        folded ^= int.from_bytes(long_seed[i:i + 4], "little")
+    dims = [(7,), (3, 2)]
+    for a, b in zip(pseudo_rand_gen(long_seed, 2**24, dims), pseudo_rand_gen(folded.to_bytes(4, "little"), 2**24, dims)):
+        np.testing.assert_array_equal(a, b)
+
+
+def test_a_device_derives_each_private_key_once_per_message_and_keeps_none_after_it(monkeypatch) -> None:
+    """Flower's mod rebuilds sk1/sk2 from bytes for every neighbour; inside one message each is
+    derived once, and no derived key outlives the message (one process serves many devices)."""
+    from cryptography.hazmat.primitives.asymmetric import ec
+
+    from fedpgen.shared import secagg_keys
+
+    # Prepare
+    derived: list[int] = []
+    real = ec.derive_private_key
+    monkeypatch.setattr(ec, "derive_private_key", lambda v, c: derived.append(v) or real(v, c))
+    sk = secagg_keys.private_key_to_bytes(ec.generate_private_key(ec.SECP384R1()))
+    # Execute / Assert
+    with secagg_keys.message_scope():
+        first = secagg_keys.bytes_to_private_key(sk)
+        for _ in range(30):
+            assert secagg_keys.bytes_to_private_key(sk) is first
+    assert len(derived) == 1
+    assert secagg_keys._message_keys is None  # dropped with the message
+    assert secagg_keys.bytes_to_private_key(sk) is not first and len(derived) == 2  # outside: never kept
+
+
 def test_the_server_reconstructs_each_secret_from_threshold_shares_and_gets_it() -> None:
     import os
     import time
