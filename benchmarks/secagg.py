@@ -13,12 +13,13 @@ with full local training is smaller. Prints a table; asserts nothing.
 ``--shamir``: the CPU cost of what SecAgg+ does per device and per round with Shamir's secret
 sharing (Flower's ``create_shares`` / ``combine_shares``, pycryptodome underneath), for
 neighbourhoods of k shares at the default threshold (0.6 k): each device splits two secrets
-(its pairwise private key and its self-mask seed) into k shares — the key as Flower's PEM
-(306 bytes, 20 chunks of 16) and as FedPGen shares it, its 48-byte scalar (4 chunks;
-``shared/secagg_keys.py``), side by side; the server combines one of
-them per device: Flower 1.42's unmask stage passes every share it collected, all k; FedPGen's
-passes threshold of them (``server/secure_aggregation.py``, ``keep_threshold_shares``), both
-columns side by side. Split grows about as k × threshold, combine as (shares combined)².
+(its pairwise private key and its self-mask seed) into k shares — as stock Flower does (the
+key as PEM, 306 bytes, 20 chunks of 16; a 32-byte seed, 3 chunks) and as FedPGen does (the
+key's 48-byte scalar, 4 chunks; a 12-byte seed, 1 chunk; ``shared/secagg_keys.py``), side by
+side; the server combines each surviving device's seed: Flower 1.42's unmask stage from every
+share it collected, all k; FedPGen's from threshold of them (``server/secure_aggregation.py``,
+``keep_threshold_shares``). Split grows about as k × threshold × chunks, combine as
+(shares combined)² × chunks.
 """
 
 from __future__ import annotations
@@ -33,6 +34,7 @@ import tempfile
 import time
 from collections import defaultdict
 from pathlib import Path
+from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
@@ -69,7 +71,9 @@ def run(users: int, secure: bool, out: Path, extra: dict[str, str], *, count_byt
 
 
 def shamir(neighbourhoods: list[int]) -> None:
-    """Print Flower's secret-sharing cost per device for each neighbourhood size (medians of 3)."""
+    """Print Flower's secret-sharing cost per device for each neighbourhood size (medians of 3):
+    stock Flower (sk1 as PEM, a 32-byte mask seed, the server combining all k shares) against
+    each step FedPGen takes (shared/secagg_keys.py, server/secure_aggregation.py)."""
     from flwr.common.secure_aggregation.crypto.shamir import combine_shares, create_shares
     from flwr.supercore.primitives.asymmetric import generate_key_pairs, private_key_to_bytes
     from rich.console import Console
@@ -79,33 +83,37 @@ def shamir(neighbourhoods: list[int]) -> None:
 
     key = generate_key_pairs()[0]
     pem, scalar = private_key_to_bytes(key), secagg_keys.private_key_to_bytes(key)
+    stock_seed, seed = secagg_keys.FLOWER_SEED_BYTES, secagg_keys.MASK_SEED_BYTES
+
+    def cpu(fn: Any) -> float:
+        times = []
+        for _ in range(3):
+            start = time.process_time()
+            fn()
+            times.append(time.process_time() - start)
+        return statistics.median(times)
+
+    def combined(secret: bytes, k: int, t: int, use: int) -> float:
+        shares = create_shares(secret, t, k)
+        if combine_shares(shares[:use]) != secret:
+            raise RuntimeError("the shares did not give the secret")
+        return cpu(lambda: combine_shares(shares[:use]))
+
     table = Table(title="Shamir secret sharing in Flower's SecAgg+, CPU seconds per device per round")
-    for col in ("shares k", "threshold", "device: split both secrets, sk1 as PEM", "sk1 as scalar", "ratio",
-                "server: combine one secret, all k shares", "threshold shares", "ratio",
-                "server, 1,000 devices: all k", "threshold"):
+    for col in ("shares k", "threshold", f"device: split sk1 (PEM) + {stock_seed}-byte seed (Flower)",
+                f"sk1 as scalar + {stock_seed}-byte seed", f"sk1 as scalar + {seed}-byte seed (FedPGen)",
+                f"server: combine a {stock_seed}-byte seed from all k (Flower)", "from threshold shares",
+                f"a {seed}-byte seed from threshold (FedPGen)", "server, 1,000 devices: Flower", "FedPGen"):
         table.add_column(col, justify="right")
     for k in neighbourhoods:
         t = max(2, round(0.6 * k))
-        split_pem, split, combine, minimal = [], [], [], []
-        for _ in range(3):
-            for secret_key, times in ((pem, split_pem), (scalar, split)):
-                start = time.process_time()
-                create_shares(secret_key, t, k)
-                seed = os.urandom(32)
-                shares = create_shares(seed, t, k)
-                times.append(time.process_time() - start)
-            start = time.process_time()
-            combine_shares(shares)  # what Flower's unmask stage does with the shares it collected
-            combine.append(time.process_time() - start)
-            start = time.process_time()
-            if combine_shares(shares[:t]) != seed:  # what FedPGen's does
-                raise RuntimeError("threshold shares did not give the secret")
-            minimal.append(time.process_time() - start)
-        sp, sc = statistics.median(split_pem), statistics.median(split)
-        c, m = statistics.median(combine), statistics.median(minimal)
-        table.add_row(str(k), str(t), f"{sp:.3f}", f"{sc:.3f}", f"{sp / sc:.2f}x", f"{c:.3f}", f"{m:.3f}",
-                      f"{c / m:.2f}x", f"{c * 1000:.0f} s", f"{m * 1000:.0f} s")
-    Console(width=140).print(table)
+        splits = [cpu(lambda sk=sk, n=n: (create_shares(sk, t, k), create_shares(os.urandom(n), t, k)))
+                  for sk, n in ((pem, stock_seed), (scalar, stock_seed), (scalar, seed))]
+        combines = [combined(os.urandom(stock_seed), k, t, k), combined(os.urandom(stock_seed), k, t, t),
+                    combined(os.urandom(seed), k, t, t)]
+        table.add_row(str(k), str(t), *(f"{x:.3f}" for x in splits), *(f"{x:.3f}" for x in combines),
+                      f"{combines[0] * 1000:.0f} s", f"{combines[2] * 1000:.0f} s")
+    Console(width=160).print(table)
 
 
 def main() -> None:

@@ -13,7 +13,8 @@ unmasking about (shares combined)² per device. At 1,000 devices the default fra
 shares: 2.6 CPU seconds per device per round. A fraction is capped at ``secagg-max-shares``
 (``capped_shares``), and the server combines ``threshold`` shares of each device, not all it
 collected (``keep_threshold_shares``), in a pool of processes (``server/unmasking.py``), and
-devices share their private key as its 48-byte scalar (``shared/secagg_keys.py``; docs/scale.md).
+devices share their private key as its 48-byte scalar and a 12-byte mask seed
+(``shared/secagg_keys.py``; docs/scale.md).
 
 Known limit, stated in the audit: Flower derives the masks with numpy's ``RandomState``
 seeded from 32 bits of the shared secret, weaker than its key agreement.
