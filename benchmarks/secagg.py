@@ -5,7 +5,9 @@ For 10, 50 and 100 devices at the text task's shared-adapter size, measured in o
 replies each device sent in the training round (all four SecAgg+ stages, or the one plain
 reply), read from the server's wire transcript in a second, untimed run per mode.
 Training is kept short (2 DP-free local steps) so the protocol's own cost shows; the ratio
-with full local training is smaller. Prints a table; asserts nothing.
+with full local training is smaller. Prints a table, then the SecAgg+ round by stage (wall
+seconds of each of Flower's four exchanges, from the run's ``progress.jsonl``, and the rest:
+the server's unmasking and aggregation); asserts nothing.
 
     python benchmarks/secagg.py [--sizes 10 50 100] [--set secagg-num-shares=0.2] [--bytes] [--keep DIR]
     python benchmarks/secagg.py --shamir 11 15 31 101   # Flower's secret sharing alone, per device
@@ -44,6 +46,7 @@ def run(users: int, secure: bool, out: Path, extra: dict[str, str], *, count_byt
     (from the server's wire transcript, which a second, untimed run records)."""
     from rich.console import Console
 
+    from fedpgen.server.progress import EVENTS_FILE
     from fedpgen.server.results import read_jsonl
     from fedpgen.shared.config import RunConfig
     from fedpgen.shared.wire_transcript import RUN_TRANSCRIPT_DIR, SERVER_STEM, UPLINK, read_transcript
@@ -60,6 +63,9 @@ def run(users: int, secure: bool, out: Path, extra: dict[str, str], *, count_byt
 
     cfg = once("", False)
     got = {"seconds": float(read_jsonl(Path(cfg.run_dir) / "rounds.jsonl")[0]["seconds"]), "bytes": math.nan}
+    for event in read_jsonl(Path(cfg.run_dir) / EVENTS_FILE):  # each stage's wall time, as the server saw it
+        if event.get("event") == "finished" and event.get("round") == 1 and str(event["stage"]).startswith("fit"):
+            got[str(event["stage"])] = float(event["seconds"])
     if count_bytes:
         cfg = once("-bytes", True)
         sent: dict[int, int] = defaultdict(int)
@@ -150,6 +156,16 @@ def main() -> None:
         table.add_row(str(users), f"{p['seconds']:.1f}", f"{s['seconds']:.1f}", f"{s['seconds'] / p['seconds']:.2f}x",
                       *kib)
     Console(width=140).print(table)
+    stages = Table(title="The SecAgg+ round by stage, wall seconds (the server's view; the rest: the server's "
+                   "unmasking and aggregation after the last replies)")
+    names = [f"fit ({n})" for n in ("setup", "share_keys", "collect_masked_vectors", "unmask")]
+    for col in ("devices", "plain round", *names, "rest", "SecAgg+ round"):
+        stages.add_column(col, justify="right")
+    for users, p, s in rows:
+        parts = [s.get(n, math.nan) for n in names]
+        stages.add_row(str(users), f"{p['seconds']:.1f}", *(f"{x:.1f}" for x in parts),
+                       f"{s['seconds'] - sum(parts):.1f}", f"{s['seconds']:.1f}")
+    Console(width=140).print(stages)
 
 
 if __name__ == "__main__":

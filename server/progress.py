@@ -306,9 +306,9 @@ class RoundProgress:
     def round_finished(self) -> StageResult:
         """The stage in flight is over (every device answered, or the timeout passed)."""
         self._in_flight = False
-        self._emit("finished")
         result = StageResult(server_round=self.round, stage=self.stage, done=self.done, failed=self.failed,
                              total=self.total, seconds=self.clock() - self._stage_start, eta=self.eta())
+        self._emit("finished", round=self.round, stage=self.stage, seconds=round(result.seconds, 3))  # the run's round
         self._refresh()
         if self._progress is None:
             log.info("%s: %d/%d devices replied%s in %.1f s, run ETA %s", self.label(), result.done, result.total,
