@@ -292,6 +292,9 @@ def test_the_server_reconstructs_many_secrets_in_parallel_processes_and_gets_eac
     from fedpgen.server.secure_aggregation import _flower_workflow, _ThresholdShares, collected_shares, reconstructed
 
     # Prepare: 70 devices, k = 5 shares, threshold 3; neighbour j returns share j of each device
+    # (too little work for the pool to pay off: the test lowers the bar, and restores it below)
+    real_min = unmasking.MIN_SERIAL_SECONDS
+    monkeypatch.setattr(unmasking, "MIN_SERIAL_SECONDS", 0.0)
     secrets = {owner: os.urandom(32) for owner in range(70)}
     split = {owner: create_shares(secret, 3, 5) for owner, secret in secrets.items()}
     replies = []
@@ -332,14 +335,20 @@ def test_the_server_reconstructs_many_secrets_in_parallel_processes_and_gets_eac
         assert _flower_workflow.combine_shares(lists[1]) == secrets[1]
     assert _flower_workflow.combine_shares is flower
     assert unmasking.combine_all(list(lists.values()), processes=2) == {tuple(lists[o]): secrets[o] for o in secrets}
-    assert unmasking.combine_all(list(lists.values())[: unmasking.MIN_SECRETS - 1], processes=2) == {}
     assert unmasking.combine_all(list(lists.values()), processes=1) == {}
+    # the pool only where it pays off: these 70 lists are ~0.06 CPU s of work, 1,000 of 19
+    # shares of a 1-chunk seed ~11 s
+    monkeypatch.setattr(unmasking, "MIN_SERIAL_SECONDS", real_min)
+    assert unmasking.combine_all(list(lists.values()), processes=2) == {}
+    assert unmasking.serial_seconds([[bytes(4 + 16)] * 19] * 1000) == pytest.approx(10.83)  # 1,000 x 19² x 3e-5
+    assert unmasking.serial_seconds([[bytes(4 + 16)] * 7] * 100) < unmasking.MIN_SERIAL_SECONDS
     assert unmasking._combine([lists[0][0], lists[0][0]]) is None  # pycryptodome refuses: Flower's loop will
 
     def no_pool(*args, **kwargs):  # noqa: ANN002, ANN003, ANN202
         raise OSError("no /dev/shm")
 
     monkeypatch.setattr(unmasking, "ProcessPoolExecutor", no_pool)
+    monkeypatch.setattr(unmasking, "MIN_SERIAL_SECONDS", 0.0)
     assert unmasking.combine_all(list(lists.values()), processes=2) == {}  # Flower's loop does them all
 
 
