@@ -37,13 +37,14 @@ def final_evaluation(device: Device, shared: list[np.ndarray], *, four_way: bool
     parts: dict[str, object] = {}
 
     def record(variant: str, adapters: list[str] | None) -> None:
+        memory = device.data.memory if adapters is not None and PERSONAL in adapters else None  # the user's own
         with precision(device.device, device.dtype):
             if adapters is None:
                 with device.model.disable_adapter():
                     scores, parts[variant] = device.task.evaluate(device.model, held)
             else:
                 with active(device.model, adapters, ()):
-                    scores, parts[variant] = device.task.evaluate(device.model, held)
+                    scores, parts[variant] = device.task.evaluate(device.model, held, memory)
         out.update({f"{variant}-{k}": v for k, v in scores.items()})
 
     record("base", None)

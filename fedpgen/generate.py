@@ -85,7 +85,8 @@ def generate(run_dir: Path, user: str, prompt: str, *, variant: str = "personal"
     torch.manual_seed(seed)
     kwargs = {"dest": out or Path(run_dir) / "generated" / user / variant, "n": count, "seed": seed,
               "profile": read_profile(user_dir)[0], "bindings": d.data.bindings, "subject": subject,
-              "history": read_documents(user_dir)[0] if loaded.cfg.retrieval_k else []}
+              "history": read_documents(user_dir)[0] if loaded.cfg.retrieval_k else [],
+              "memory": d.data.memory if variant == "personal" else None}
     if variant == "base":
         with d.model.disable_adapter():
             return d.task.generate(d.model, d.base_path, prompt, **kwargs)

@@ -26,7 +26,7 @@ PYPROJECT = Path(__file__).resolve().parent.parent / "pyproject.toml"
 # Keys that do not change what a checkpoint means: a run may resume with other values.
 _RESUMABLE_KEYS = frozenset({"num-server-rounds", "run-dir", "client-cpus", "client-gpus", "ray-address",
                              "threads-per-client", "cpu-heap-keep-mib", "round-timeout", "min-available-clients",
-                             "wire-transcript", "evaluation", "personal-refit", "metrics-log"})
+                             "wire-transcript", "evaluation", "personal-refit", "metrics-log", "history-mix"})
 
 METRICS_LOGS = ("none", "tensorboard", "mlflow")  # metrics-log: where the server logs its per-round aggregates
 
@@ -95,6 +95,7 @@ class RunConfig:
     lora_alpha: int
     personal_rank: int
     retrieval_k: int
+    history_mix: float
     prior_images: int
     server_optimizer: str
     server_lr: float
@@ -168,6 +169,9 @@ class RunConfig:
         need(self.lora_rank >= 1, "lora-rank", "must be >= 1")
         need(self.lora_alpha >= 1, "lora-alpha", "must be >= 1")
         need(self.personal_rank >= 1, "personal-rank", "must be >= 1")
+        need(0.0 <= self.history_mix < 1.0, "history-mix", "must be in [0, 1) (0 = off)")
+        need(self.history_mix == 0.0 or self.task == "behavior", "history-mix",
+             "the user's item frequencies exist for the behavior task only")
         need(self.retrieval_k >= 0, "retrieval-k", "must be >= 0 (0 = off)")
         need(self.retrieval_k == 0 or self.task == "text", "retrieval-k",
              "retrieval over the user's history is built for the text task only (0 = off)")

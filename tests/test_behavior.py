@@ -275,3 +275,82 @@ def test_generate_samples_only_the_top_k_by_their_softmax(catalog_dir: tuple[Beh
     shares = torch.softmax(torch.tensor([2.0, 1.0, 0.0]), 0).tolist()
     for item, p in zip((4, 9, 13), shares, strict=True):
         assert abs(out.count(catalog[item]) / len(out) - p) < 5 * math.sqrt(p * (1 - p) / len(out))
+
+
+def test_the_history_memory_mixes_the_users_item_frequencies_into_the_distribution() -> None:
+    """With ``history-mix = b`` and the user's item frequencies h, the metrics are those of
+    (1 - b) · softmax(logits) + b · h: its NLL, and its top-10 (an item the model ranks last but
+    the user often had enters the list); without a memory, the model's own."""
+    # Prepare: 3 records, targets 0, 1, 2 among 20 items; the model ranks item j at place j,
+    # the user's training history is items 19 (three times) and 1 (once)
+    layout = Layout(num_items=20, seq_len=2)
+    task = BehaviorTask()
+    task.layout, task.history_mix = layout, 0.5
+    prefix = layout.prefix({})
+    records = torch.tensor([layout.record(prefix, [5, t], range(1, 2)) for t in (0, 1, 19)])
+    item_logits = 100.0 - torch.arange(20.0)
+
+    def forward(input_ids: torch.Tensor) -> types.SimpleNamespace:
+        logits = torch.zeros(*input_ids.shape, layout.vocab_size)
+        logits[..., layout.item_base :] = item_logits
+        return types.SimpleNamespace(logits=logits)
+
+    from fedpgen.shared.tasks.behavior import item_frequencies
+
+    memory = item_frequencies([19, 19, 1, 19], 20)
+    # Execute
+    plain, mixed = task.metrics(forward, records), task.metrics(forward, records, memory)  # type: ignore[arg-type]
+    # Assert
+    assert memory.sum() == pytest.approx(1.0) and memory[19] == pytest.approx(0.75) and memory[1] == pytest.approx(0.25)
+    q = 0.5 * item_logits.softmax(0) + 0.5 * memory
+    assert mixed["nll"] == pytest.approx(float(-(q[0].log() + q[1].log() + q[19].log()) / 3), rel=1e-5)
+    assert plain["nll"] == pytest.approx(float(-item_logits.log_softmax(0)[[0, 1, 19]].mean()), rel=1e-5)
+    assert plain["hr10"] == pytest.approx(2 / 3) and mixed["hr10"] == pytest.approx(1.0)  # 19 enters the top 10
+    task.history_mix = 0.0
+    assert task.metrics(forward, records, memory) == plain  # type: ignore[arg-type]
+
+
+def test_the_history_memory_is_the_training_events_and_only_personal_variants_use_it(make_cfg) -> None:
+    """The memory counts the user's training events only (never a validation or held-out one);
+    the four-way evaluation gives it to shared + personal and local-only, not to base or
+    shared-only, and sends the same metric names as without it."""
+    from fedpgen.client.evaluation import final_evaluation
+
+    # Prepare: the same user and shared base, history-mix 0 and 0.5, no DP, a short fit
+    metrics = {}
+    for mix in (0.0, 0.5):
+        cfg = make_cfg(**BEHAVIOR, dp="off", history_mix=mix, personal_max_steps=2, personal_eval_every=1,
+                       run_dir=str(make_cfg(**BEHAVIOR).run_dir) + f"-{mix}")
+        d = Device(cfg, user_dir=_first_user(cfg), state_dir=Path(cfg.run_dir) / "s", client_index=0)
+        if mix:  # exactly the frequencies of the log's first n_train events (the training split)
+            index = {item: i for i, item in enumerate(read_catalog(d.base_path / CATALOG_FILE))}
+            items, _ = read_log(_first_user(cfg), index)
+            n_train = int(d.data.train[:, 1].sum())
+            want = torch.bincount(torch.tensor(items[:n_train]), minlength=len(index)).float() / n_train
+            assert n_train < len(items) and torch.allclose(d.data.memory, want)
+        else:
+            assert d.data.memory is None
+        # Execute
+        metrics[mix] = final_evaluation(d, [a.copy() for a in d.init_send], four_way=True)
+    # Assert
+    off, on = metrics[0.0], metrics[0.5]
+    assert set(on) == set(off)
+    for variant in ("base", "shared"):
+        assert on[f"{variant}-nll"] == pytest.approx(off[f"{variant}-nll"])
+    for variant in ("personal", "local"):
+        assert on[f"{variant}-nll"] != pytest.approx(off[f"{variant}-nll"])
+
+
+def test_recommendations_of_the_personal_variant_follow_the_mixture(
+        catalog_dir: tuple[BehaviorTask, Path, list[str]]) -> None:
+    # Prepare: the model prefers item i + 1 after item i (by 2 logits over the rest); the user's
+    # history is all item 7, mixed at 0.9
+    from fedpgen.shared.tasks.behavior import item_frequencies
+
+    task, path, catalog = catalog_dir
+    model = ScoredItems(task.layout, lambda i: 2.0 * (torch.arange(20) == (i + 1) % 20).float())
+    task.history_mix = 0.9
+    memory = item_frequencies([7, 7, 7], 20)
+    # Execute / Assert: with the memory the top item is 7; without (the shared variant) the model's
+    assert task.generate(model, path, "item-01", top_k=1, max_new_items=2, memory=memory).split() == [catalog[7]] * 2
+    assert task.generate(model, path, "item-01", top_k=1, max_new_items=2).split() == [catalog[2], catalog[3]]

@@ -23,6 +23,8 @@ from fedpgen.shared.config import RunConfig
         ({"local-steps": "many"}, "'local-steps'"),
         ({"personal-batch-size": -1}, "'personal-batch-size'"),
         ({"personal-refit": "stored"}, "'personal-refit'"),
+        ({"history-mix": 1.0, "task": "behavior", "data": "synthetic"}, "'history-mix'"),
+        ({"history-mix": 0.3}, "'history-mix'.*behavior task only"),
         ({"no-such-key": 1}, "'no-such-key'"),
     ],
 )
@@ -44,6 +46,9 @@ def test_defaults_parse_and_hash_ignores_rounds() -> None:
     # how the final evaluation refits is not what a checkpoint means; the records per step are
     assert RunConfig.from_mapping({"personal-refit": "fresh"}).model_hash() == a.model_hash()
     assert RunConfig.from_mapping({"personal-batch-size": 64}).model_hash() != a.model_hash()
+    behavior = {"task": "behavior", "data": "synthetic"}  # the user's memory is read at evaluation only
+    assert RunConfig.from_mapping({**behavior, "history-mix": 0.3}).model_hash() == \
+        RunConfig.from_mapping(behavior).model_hash()
 
 
 @pytest.mark.parametrize(

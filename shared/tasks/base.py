@@ -44,6 +44,10 @@ class UserData:
     # How this user's inputs map onto the model, where that must not change between rounds
     # (image: subject folder -> subject-token slot). Kept in the device's sealed meta.
     bindings: dict[str, Any] = dataclasses.field(default_factory=dict)
+    # What the user's personal variants may consult besides their weights, read from this
+    # user's own training split on the device (behavior, ``history-mix``: the item frequencies);
+    # never trained on, never sent. None: nothing.
+    memory: torch.Tensor | None = None
 
     @property
     def num_train(self) -> int:
@@ -148,9 +152,11 @@ class Task(abc.ABC):
     def metrics(self, model: torch.nn.Module, records: torch.Tensor) -> dict[str, float]:
         """Held-out metrics of ``model`` on ``records``."""
 
-    def evaluate(self, model: torch.nn.Module, records: torch.Tensor) -> tuple[dict[str, float], Any]:
+    def evaluate(self, model: torch.nn.Module, records: torch.Tensor,
+                 memory: torch.Tensor | None = None) -> tuple[dict[str, float], Any]:
         """``metrics``, plus optional artifacts of this variant (e.g. the generated samples the
-        metrics were measured on) for ``render_report``; they stay on the device."""
+        metrics were measured on) for ``render_report``; they stay on the device. ``memory``:
+        the user's ``UserData.memory``, passed for the variants with a personal part only."""
         return self.metrics(model, records), None
 
     def instrument(self) -> dict[str, Any]:

@@ -95,6 +95,12 @@ class Layout:
         return [ids, mask]
 
 
+def item_frequencies(items: list[int], num_items: int) -> torch.Tensor:
+    """The share of each catalog item among ``items`` (a user's training events)."""
+    counts = torch.bincount(torch.tensor(items, dtype=torch.long), minlength=num_items).float()
+    return counts / counts.sum().clamp_min(1.0)
+
+
 def split_sizes(n: int, heldout_fraction: float, val_fraction: float) -> tuple[int, int, int]:
     """(training, validation, held-out) events of a log of ``n``, in time order: the held-out
     events are the last, at least one."""
@@ -113,6 +119,7 @@ def load_layout(path: Path) -> Layout:
 
 class BehaviorTask(Task, task="behavior"):
     layout: Layout | None = None  # set by load_base
+    history_mix = 0.0  # set by read_user (history-mix): the weight of the user's item frequencies
 
     # -- base model -------------------------------------------------------------------------
     def base_model_path(self, cfg: RunConfig) -> Path:
@@ -183,7 +190,9 @@ class BehaviorTask(Task, task="behavior"):
         def tensor(rows: list[list[list[int]]]) -> torch.Tensor:
             return torch.tensor(rows, dtype=torch.long).reshape(len(rows), 2, layout.length)
 
-        return UserData(train=tensor(train), val=tensor(val), heldout=tensor(held), skipped=skipped)
+        self.history_mix = cfg.history_mix
+        return UserData(train=tensor(train), val=tensor(val), heldout=tensor(held), skipped=skipped,
+                        memory=item_frequencies(items[:n_train], layout.num_items) if cfg.history_mix else None)
 
     # -- loss and metrics -------------------------------------------------------------------
     def _scored_logits(self, model: torch.nn.Module, batch: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor,
@@ -203,10 +212,25 @@ class BehaviorTask(Task, task="behavior"):
                               reduction="none").view_as(mask)
         return (nll * mask).sum(1) / mask.sum(1).clamp_min(1.0)
 
+    def with_memory(self, logits: torch.Tensor, memory: torch.Tensor | None) -> torch.Tensor:
+        """Item logits, or with the user's item frequencies ``memory`` the log of the mixture
+        (1 - history-mix) · softmax(logits) + history-mix · memory: a distribution, so the
+        cross-entropy is its NLL and its top-k its recommendations."""
+        if memory is None or not self.history_mix:
+            return logits
+        mixed = (1.0 - self.history_mix) * logits.softmax(-1) + self.history_mix * memory.to(logits.device)
+        return mixed.log()
+
+    def evaluate(self, model: torch.nn.Module, records: torch.Tensor,
+                 memory: torch.Tensor | None = None) -> tuple[dict[str, float], Any]:
+        return self.metrics(model, records, memory), None
+
     @torch.no_grad()
-    def metrics(self, model: torch.nn.Module, records: torch.Tensor) -> dict[str, float]:
+    def metrics(self, model: torch.nn.Module, records: torch.Tensor,
+                memory: torch.Tensor | None = None) -> dict[str, float]:
         """HR@10 and NDCG@10 of the scored event of each record; coverage: share of the catalog
-        appearing in this user's top-10 lists; mean next-item negative log-likelihood."""
+        appearing in this user's top-10 lists; mean next-item negative log-likelihood. With
+        ``memory`` (a personal variant, ``history-mix`` > 0), of the mixture (``with_memory``)."""
         assert self.layout is not None
         hits = ndcg = nll = 0.0
         count = 0
@@ -214,7 +238,7 @@ class BehaviorTask(Task, task="behavior"):
         for start in range(0, records.shape[0], EVAL_BATCH):
             logits, targets, mask = self._scored_logits(model, records[start : start + EVAL_BATCH])
             rows, cols = mask.nonzero(as_tuple=True)
-            scores, truth = logits[rows, cols], targets[rows, cols]
+            scores, truth = self.with_memory(logits[rows, cols], memory), targets[rows, cols]
             top = scores.topk(TOP_K, dim=-1).indices
             recommended.update(top.flatten().tolist())
             match = top == truth[:, None]
@@ -242,7 +266,8 @@ class BehaviorTask(Task, task="behavior"):
         out: list[str] = []
         for _ in range(int(kwargs.get("max_new_items", 5))):
             window = torch.tensor([ids[-layout.length :]], dtype=torch.long, device=next(model.parameters()).device)
-            logits = model(input_ids=window).logits[0, -1, layout.item_base :]
+            logits = self.with_memory(model(input_ids=window).logits[0, -1, layout.item_base :].float(),
+                                      kwargs.get("memory"))
             top = logits.topk(int(kwargs.get("top_k", TOP_K)))
             pick = int(top.indices[torch.multinomial(torch.softmax(top.values, -1), 1)])
             ids.append(layout.item_base + pick)

@@ -216,7 +216,8 @@ class ImageTask(Task, task="image"):
         return self.evaluate(model, records)[0]
 
     @torch.no_grad()
-    def evaluate(self, model: torch.nn.Module, records: torch.Tensor) -> tuple[dict[str, float], torch.Tensor]:
+    def evaluate(self, model: torch.nn.Module, records: torch.Tensor,
+                 memory: torch.Tensor | None = None) -> tuple[dict[str, float], torch.Tensor]:
         """The metrics, and the samples they were measured on (for the grid)."""
         self._load_encoder()
         real, _, attrs = unpack(records)
