@@ -220,8 +220,14 @@ class _CausalLMParts:
         from fedpgen.shared.tasks.behavior import TOP_K
 
         layout = d.task._layout(d.base_path)
-        return {"prompt-prefix-ids": layout.prefix(profile), "item-base": layout.item_base, "window": layout.length,
-                "sampling": {**BEHAVIOR_SAMPLING, "top_k": TOP_K}}
+        out = {"prompt-prefix-ids": layout.prefix(profile), "item-base": layout.item_base, "window": layout.length,
+               "sampling": {**BEHAVIOR_SAMPLING, "top_k": TOP_K}}
+        if d.cfg.history_mix:  # the user's item frequencies stay on the device: the export never holds them
+            out["history-mix"] = {"weight": d.cfg.history_mix,
+                                  "note": "fedpgen generate mixes the user's item frequencies (their own training "
+                                          "events) into the personal variant's distribution with this weight; "
+                                          "this export holds none: its recommendations are the model's alone"}
+        return out
 
     def recipe(self, manifest: dict[str, Any], act: list[str]) -> tuple[str, str]:
         """The notes and the Python code of README.txt."""

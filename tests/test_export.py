@@ -236,3 +236,19 @@ def test_the_exported_image_model_reproduces_fedpgen_generate_with_diffusers_and
     images = recipe["images"].numpy()
     assert images.shape == pixels.shape == (2, 32, 32, 3)
     assert np.array_equal(images, pixels), f"max |Δpixel| {np.abs(images.astype(int) - pixels).max()}"
+
+
+def test_a_behavior_export_with_history_mix_says_so_and_holds_none_of_the_users_history(tmp_path: Path) -> None:
+    """The user's item frequencies (``history-mix``) stay on the device, like retrieved
+    documents: the export states the weight and that its recommendations are the model's alone."""
+    from conftest import task_kwargs
+
+    # Prepare
+    run = build_run(tmp_path / "run", **task_kwargs("behavior"), history_mix=0.3)
+    # Execute
+    export(run, "user0000", out=tmp_path / "out")
+    # Assert
+    written = json.loads((tmp_path / "out" / "export.json").read_text())
+    assert written["history-mix"]["weight"] == 0.3
+    assert "holds none" in written["history-mix"]["note"]
+    assert set(written["history-mix"]) == {"weight", "note"}  # no frequencies, no counts
