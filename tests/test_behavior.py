@@ -306,6 +306,12 @@ def test_the_history_memory_mixes_the_users_item_frequencies_into_the_distributi
     assert mixed["nll"] == pytest.approx(float(-(q[0].log() + q[1].log() + q[19].log()) / 3), rel=1e-5)
     assert plain["nll"] == pytest.approx(float(-item_logits.log_softmax(0)[[0, 1, 19]].mean()), rel=1e-5)
     assert plain["hr10"] == pytest.approx(2 / 3) and mixed["hr10"] == pytest.approx(1.0)  # 19 enters the top 10
+    # an item 200 logits below the best (no float32 mass in a softmax) that the user never had
+    far = item_logits.clone()
+    far[0] = -100.0
+    mixed_far = task.with_memory(far, memory)
+    assert torch.isfinite(mixed_far).all()
+    assert float(mixed_far[0]) == pytest.approx(math.log(0.5) + float(far.log_softmax(0)[0]), rel=1e-6)
     task.history_mix = 0.0
     assert task.metrics(forward, records, memory) == plain  # type: ignore[arg-type]
 

@@ -20,6 +20,7 @@ import dataclasses
 import hashlib
 import json
 import logging
+import math
 import time
 from collections import Counter
 from pathlib import Path
@@ -215,11 +216,12 @@ class BehaviorTask(Task, task="behavior"):
     def with_memory(self, logits: torch.Tensor, memory: torch.Tensor | None) -> torch.Tensor:
         """Item logits, or with the user's item frequencies ``memory`` the log of the mixture
         (1 - history-mix) · softmax(logits) + history-mix · memory: a distribution, so the
-        cross-entropy is its NLL and its top-k its recommendations."""
+        cross-entropy is its NLL and its top-k its recommendations. In log space: an item the
+        model gives no float mass and the user never had keeps a finite log-probability."""
         if memory is None or not self.history_mix:
             return logits
-        mixed = (1.0 - self.history_mix) * logits.softmax(-1) + self.history_mix * memory.to(logits.device)
-        return mixed.log()
+        b = self.history_mix
+        return torch.logaddexp(math.log1p(-b) + logits.log_softmax(-1), math.log(b) + memory.to(logits.device).log())
 
     def evaluate(self, model: torch.nn.Module, records: torch.Tensor,
                  memory: torch.Tensor | None = None) -> tuple[dict[str, float], Any]:
