@@ -96,6 +96,7 @@ class RunConfig:
     personal_rank: int
     retrieval_k: int
     history_mix: float
+    history_mix_fit: bool
     prior_images: int
     server_optimizer: str
     server_lr: float
@@ -172,6 +173,8 @@ class RunConfig:
         need(0.0 <= self.history_mix < 1.0, "history-mix", "must be in [0, 1) (0 = off)")
         need(self.history_mix == 0.0 or self.task == "behavior", "history-mix",
              "the user's item frequencies exist for the behavior task only")
+        need(not self.history_mix_fit or self.history_mix > 0.0, "history-mix-fit",
+             "trains the personal fit through the mixture of history-mix: set history-mix > 0")
         need(self.retrieval_k >= 0, "retrieval-k", "must be >= 0 (0 = off)")
         need(self.retrieval_k == 0 or self.task == "text", "retrieval-k",
              "retrieval over the user's history is built for the text task only (0 = off)")
@@ -284,7 +287,9 @@ class RunConfig:
 
     def model_hash(self) -> str:
         """Hash of every setting that changes what a checkpoint means (not rounds or paths)."""
-        items = {k: v for k, v in self.to_toml_dict().items() if k not in _RESUMABLE_KEYS}
+        # history-mix is read at evaluation only, unless the personal fit trains through it
+        fixed = {"history-mix"} if self.history_mix_fit else set()
+        items = {k: v for k, v in self.to_toml_dict().items() if k not in _RESUMABLE_KEYS - fixed}
         return hashlib.sha256(json.dumps(items, sort_keys=True).encode()).hexdigest()[:16]
 
 

@@ -34,13 +34,14 @@ VAL_SEED = 20250101
 
 @torch.no_grad()
 def mean_loss(model: torch.nn.Module, records: torch.Tensor, *, task: Task, chunk: int = 64,
-              dtype: torch.dtype | None = None) -> float:
+              dtype: torch.dtype | None = None, memory: torch.Tensor | None = None) -> float:
     """Mean per-record loss over ``records`` (the early-stopping criterion).
 
     Deterministic: a stochastic loss (diffusion's timestep and noise) is scored on the same
     draws at every call (``task.val_draws`` per record, from a fixed seed in a forked RNG,
     so training's random stream is untouched). Otherwise two checkpoints would be compared
-    on different noise and early stopping would pick one at random."""
+    on different noise and early stopping would pick one at random. With ``memory``, the loss
+    of a personal fit that consults it (``Task.fit_loss``; ``records`` are not in it)."""
     model.eval()
     device = model_device(model)
     records = records.repeat(max(1, task.val_draws), *([1] * (records.dim() - 1)))
@@ -50,15 +51,22 @@ def mean_loss(model: torch.nn.Module, records: torch.Tensor, *, task: Task, chun
         for index in cuda:
             with torch.cuda.device(index):
                 torch.cuda.manual_seed(VAL_SEED)  # the current device's generator only
-        losses = [task.per_record_loss(model, records[i : i + chunk].to(device)).float()
+        losses = [_loss(task, model, records[i : i + chunk].to(device), memory, counted=False).float()
                   for i in range(0, records.shape[0], chunk)]
     return float(torch.cat(losses).mean())
+
+
+def _loss(task: Task, model: torch.nn.Module, batch: torch.Tensor, memory: torch.Tensor | None, *,
+          counted: bool) -> torch.Tensor:
+    if memory is None:
+        return task.per_record_loss(model, batch)
+    return task.fit_loss(model, batch, memory, counted=counted)
 
 
 def train(model: torch.nn.Module, params: list[torch.nn.Parameter], records: torch.Tensor, *, task: Task,
           steps: int, batch_size: int, lr: float, gen: torch.Generator, privacy: NoPrivacy | RecordDP = NoPrivacy(),
           val: torch.Tensor | None = None, names: tuple[str, ...] = (), eval_every: int = 0,
-          micro_batch: int = 0, dtype: torch.dtype | None = None) -> TrainResult:
+          micro_batch: int = 0, dtype: torch.dtype | None = None, memory: torch.Tensor | None = None) -> TrainResult:
     """Train ``params`` for up to ``steps`` steps on batches of ``records`` drawn by ``privacy``.
 
     Batches are drawn on the CPU and moved to the model's device in ``micro_batch``-record
@@ -70,20 +78,24 @@ def train(model: torch.nn.Module, params: list[torch.nn.Parameter], records: tor
     step 0 included: personal data is small and fixed step counts overfit (docs/architecture.md,
     "Early stopping of the personal part").
     Validation-based selection is not differentially private, so it is refused under DP.
+    ``memory``: the user's memory, which a personal fit's loss may consult (``Task.fit_loss``,
+    in training and validation); refused under DP (DP-SGD's loss is the model's alone).
     """
     if not params or steps == 0:
         return TrainResult(mean_loss=math.nan)
     early_stop = val is not None and val.shape[0] > 0 and eval_every > 0
     if early_stop and privacy.private:
         raise ValueError("early stopping on validation data is not differentially private; train fixed steps")
+    if memory is not None and privacy.private:
+        raise ValueError("a private phase's loss is the model's alone: the user's memory never enters DP-SGD")
     if early_stop:
-        best = (mean_loss(model, val, task=task, dtype=dtype), 0, get_tensors(model, names))
+        best = (mean_loss(model, val, task=task, dtype=dtype, memory=memory), 0, get_tensors(model, names))
     device = model_device(model)
     autocast = None if privacy.private else dtype
 
     def loss_fn(batch: torch.Tensor) -> torch.Tensor:
         with precision(device, autocast):
-            return task.per_record_loss(model, batch.to(device)).float()
+            return _loss(task, model, batch.to(device), memory, counted=True).float()
 
     model.train()
     session = privacy.open(model, params, records, batch_size=batch_size, lr=lr, gen=gen, micro_batch=micro_batch)
@@ -92,7 +104,7 @@ def train(model: torch.nn.Module, params: list[torch.nn.Parameter], records: tor
         for step in range(1, steps + 1):
             losses.append(session.step(loss_fn, session.next_batch()))  # .item() inside: a sync point, cheap on CPU
             if early_stop and (step % eval_every == 0 or step == steps):
-                val_loss = mean_loss(model, val, task=task, dtype=dtype)
+                val_loss = mean_loss(model, val, task=task, dtype=dtype, memory=memory)
                 model.train()  # mean_loss left it in eval mode; train() walks every module, so only here
                 if val_loss < best[0]:
                     best = (val_loss, step, get_tensors(model, names))

@@ -295,14 +295,14 @@ def test_the_history_memory_mixes_the_users_item_frequencies_into_the_distributi
         logits[..., layout.item_base :] = item_logits
         return types.SimpleNamespace(logits=logits)
 
-    from fedpgen.shared.tasks.behavior import item_frequencies
+    from fedpgen.shared.tasks.behavior import item_counts
 
-    memory = item_frequencies([19, 19, 1, 19], 20)
+    memory = item_counts([19, 19, 1, 19], 20)
     # Execute
     plain, mixed = task.metrics(forward, records), task.metrics(forward, records, memory)  # type: ignore[arg-type]
     # Assert
-    assert memory.sum() == pytest.approx(1.0) and memory[19] == pytest.approx(0.75) and memory[1] == pytest.approx(0.25)
-    q = 0.5 * item_logits.softmax(0) + 0.5 * memory
+    assert memory.sum() == 4 and memory[19] == 3 and memory[1] == 1
+    q = 0.5 * item_logits.softmax(0) + 0.5 * memory / 4
     assert mixed["nll"] == pytest.approx(float(-(q[0].log() + q[1].log() + q[19].log()) / 3), rel=1e-5)
     assert plain["nll"] == pytest.approx(float(-item_logits.log_softmax(0)[[0, 1, 19]].mean()), rel=1e-5)
     assert plain["hr10"] == pytest.approx(2 / 3) and mixed["hr10"] == pytest.approx(1.0)  # 19 enters the top 10
@@ -332,7 +332,7 @@ def test_the_history_memory_is_the_training_events_and_only_personal_variants_us
             index = {item: i for i, item in enumerate(read_catalog(d.base_path / CATALOG_FILE))}
             items, _ = read_log(_first_user(cfg), index)
             n_train = int(d.data.train[:, 1].sum())
-            want = torch.bincount(torch.tensor(items[:n_train]), minlength=len(index)).float() / n_train
+            want = torch.bincount(torch.tensor(items[:n_train]), minlength=len(index)).float()
             assert n_train < len(items) and torch.allclose(d.data.memory, want)
         else:
             assert d.data.memory is None
@@ -351,12 +351,90 @@ def test_recommendations_of_the_personal_variant_follow_the_mixture(
         catalog_dir: tuple[BehaviorTask, Path, list[str]]) -> None:
     # Prepare: the model prefers item i + 1 after item i (by 2 logits over the rest); the user's
     # history is all item 7, mixed at 0.9
-    from fedpgen.shared.tasks.behavior import item_frequencies
+    from fedpgen.shared.tasks.behavior import item_counts
 
     task, path, catalog = catalog_dir
     model = ScoredItems(task.layout, lambda i: 2.0 * (torch.arange(20) == (i + 1) % 20).float())
     task.history_mix = 0.9
-    memory = item_frequencies([7, 7, 7], 20)
+    memory = item_counts([7, 7, 7], 20)
     # Execute / Assert: with the memory the top item is 7; without (the shared variant) the model's
     assert task.generate(model, path, "item-01", top_k=1, max_new_items=2, memory=memory).split() == [catalog[7]] * 2
     assert task.generate(model, path, "item-01", top_k=1, max_new_items=2).split() == [catalog[2], catalog[3]]
+
+
+def test_the_fit_through_the_mixture_leaves_each_training_events_own_count_out() -> None:
+    """``history-mix-fit``: the personal fit's loss is the mixture's NLL. A training record's
+    target is left out of the counts (a held-out event is not in them either: else the fit
+    would leave every event it trains on to its own count); a validation record's counts are
+    the user's as they are. Without a memory, the model's own loss; the gradient stays finite
+    where the left-out count is 0."""
+    # Prepare: targets 19 (3 of the user's 4 training events) and 1 (once), mixed at 0.5
+    from fedpgen.shared.tasks.behavior import item_counts
+
+    layout = Layout(num_items=20, seq_len=2)
+    task = BehaviorTask()
+    task.layout, task.history_mix = layout, 0.5
+    prefix = layout.prefix({})
+    records = torch.tensor([layout.record(prefix, [5, t], range(1, 2)) for t in (19, 1)])
+    item_logits = torch.nn.Parameter(-0.1 * torch.arange(20.0))
+
+    def forward(input_ids: torch.Tensor) -> types.SimpleNamespace:
+        logits = torch.zeros(*input_ids.shape, layout.vocab_size)
+        logits = torch.cat([logits[..., : layout.item_base], item_logits.expand(*input_ids.shape, 20)], -1)
+        return types.SimpleNamespace(logits=logits)
+
+    memory = item_counts([19, 19, 1, 19], 20)
+    p = item_logits.detach().softmax(0)
+    # Execute
+    counted = task.fit_loss(forward, records, memory, counted=True)  # type: ignore[arg-type]
+    val = task.fit_loss(forward, records, memory, counted=False)  # type: ignore[arg-type]
+    # Assert
+    assert counted.tolist() == pytest.approx([-math.log(0.5 * p[19] + 0.5 * 2 / 3), -math.log(0.5 * p[1])], rel=1e-5)
+    assert val.tolist() == pytest.approx([-math.log(0.5 * p[19] + 0.5 * 3 / 4), -math.log(0.5 * p[1] + 0.5 / 4)],
+                                         rel=1e-5)
+    counted.sum().backward()
+    assert item_logits.grad is not None and torch.isfinite(item_logits.grad).all() and item_logits.grad.abs().sum() > 0
+    plain = task.per_record_loss(forward, records)  # type: ignore[arg-type]
+    assert torch.equal(task.fit_loss(forward, records, None, counted=True), plain)  # type: ignore[arg-type]
+    task.history_mix = 0.0
+    assert torch.equal(task.fit_loss(forward, records, memory, counted=True), plain)  # type: ignore[arg-type]
+
+
+def test_only_the_personal_fit_trains_through_the_mixture_never_dp_sgd(make_cfg, monkeypatch) -> None:
+    """With ``history-mix-fit`` and record-level DP: the user's counts enter the loss only while
+    the personal part alone trains (never the private phase's, which is DP-SGD over the shared
+    part); the fitted personal part differs from the fit without it; the wire metrics are the same."""
+    from fedpgen.client.evaluation import final_evaluation
+    from fedpgen.shared.presets import PERSONAL, SHARED
+    from fedpgen.shared.training import train
+
+    with pytest.raises(ValueError, match="memory never enters DP-SGD"):
+        from fedpgen.shared.privacy.mechanism import RecordDP
+
+        train(torch.nn.Linear(1, 1), [torch.nn.Parameter(torch.zeros(1))], torch.zeros(2, 1), task=BehaviorTask(),
+              steps=1, batch_size=1, lr=0.1, gen=torch.Generator(), memory=torch.ones(3),
+              privacy=RecordDP(noise_multiplier=1.0, clip=1.0, accountant="rdp", history=[]))
+    # Prepare: a spy on the fit's loss that notes which parts train when it is called
+    calls: list[set[str]] = []
+    fit_loss = BehaviorTask.fit_loss
+
+    def spy(self, model, batch, memory, *, counted):  # type: ignore[no-untyped-def]
+        if memory is not None:
+            names = [n for n, p in model.named_parameters() if p.requires_grad]
+            calls.append({part for part in (SHARED, PERSONAL) if any(f".{part}." in n for n in names)})
+        return fit_loss(self, model, batch, memory, counted=counted)
+
+    monkeypatch.setattr(BehaviorTask, "fit_loss", spy)
+    personal, sent = {}, {}
+    for fit in (False, True):
+        cfg = make_cfg(**BEHAVIOR, dp="epsilon", dp_epsilon=8.0, history_mix=0.5, history_mix_fit=fit,
+                       run_dir=str(make_cfg(**BEHAVIOR).run_dir) + f"-{fit}")
+        d = Device(cfg, user_dir=_first_user(cfg), state_dir=Path(cfg.run_dir) / "s", client_index=0)
+        # Execute: a private round, then the four-way evaluation's fits
+        _, _, sent[fit] = d.fit(d.init_send, server_round=1)
+        personal[fit] = final_evaluation(d, [a.copy() for a in d.init_send], four_way=True)["personal-nll"]
+    # Assert
+    assert calls and all(parts <= {PERSONAL} for parts in calls), calls  # training or validating the personal part
+    assert any(parts == {PERSONAL} for parts in calls)
+    assert personal[True] != pytest.approx(personal[False])
+    assert set(sent[True]) == set(sent[False])

@@ -25,6 +25,7 @@ from fedpgen.shared.config import RunConfig
         ({"personal-refit": "stored"}, "'personal-refit'"),
         ({"history-mix": 1.0, "task": "behavior", "data": "synthetic"}, "'history-mix'"),
         ({"history-mix": 0.3}, "'history-mix'.*behavior task only"),
+        ({"history-mix-fit": True, "task": "behavior", "data": "synthetic"}, "'history-mix-fit'.*history-mix > 0"),
         ({"no-such-key": 1}, "'no-such-key'"),
     ],
 )
@@ -49,6 +50,11 @@ def test_defaults_parse_and_hash_ignores_rounds() -> None:
     behavior = {"task": "behavior", "data": "synthetic"}  # the user's memory is read at evaluation only
     assert RunConfig.from_mapping({**behavior, "history-mix": 0.3}).model_hash() == \
         RunConfig.from_mapping(behavior).model_hash()
+    # ... unless the personal fit trains through it: then its weight and the fit are fixed for the run
+    fit = {**behavior, "history-mix-fit": True}
+    assert len({RunConfig.from_mapping({**behavior, "history-mix": 0.3}).model_hash(),
+                RunConfig.from_mapping({**fit, "history-mix": 0.3}).model_hash(),
+                RunConfig.from_mapping({**fit, "history-mix": 0.5}).model_hash()}) == 3
 
 
 @pytest.mark.parametrize(

@@ -45,8 +45,8 @@ class UserData:
     # (image: subject folder -> subject-token slot). Kept in the device's sealed meta.
     bindings: dict[str, Any] = dataclasses.field(default_factory=dict)
     # What the user's personal variants may consult besides their weights, read from this
-    # user's own training split on the device (behavior, ``history-mix``: the item frequencies);
-    # never trained on, never sent. None: nothing.
+    # user's own training split on the device (behavior, ``history-mix``: how often they had each
+    # item); never sent, and never in a private phase's loss. None: nothing.
     memory: torch.Tensor | None = None
 
     @property
@@ -147,6 +147,14 @@ class Task(abc.ABC):
     @abc.abstractmethod
     def per_record_loss(self, model: torch.nn.Module, batch: torch.Tensor) -> torch.Tensor:
         """Loss per record, shape ``[batch]``: no record's loss may depend on another's."""
+
+    def fit_loss(self, model: torch.nn.Module, batch: torch.Tensor, memory: torch.Tensor | None, *,
+                 counted: bool) -> torch.Tensor:
+        """The per-record loss of a phase without DP that trains the personal part alone, which may
+        consult the user's ``memory`` (``UserData.memory``; a private phase never calls this).
+        ``counted``: the batch's targets are among what ``memory`` holds (training records, not
+        validation). The default ignores the memory."""
+        return self.per_record_loss(model, batch)
 
     @abc.abstractmethod
     def metrics(self, model: torch.nn.Module, records: torch.Tensor) -> dict[str, float]:

@@ -96,10 +96,9 @@ class Layout:
         return [ids, mask]
 
 
-def item_frequencies(items: list[int], num_items: int) -> torch.Tensor:
-    """The share of each catalog item among ``items`` (a user's training events)."""
-    counts = torch.bincount(torch.tensor(items, dtype=torch.long), minlength=num_items).float()
-    return counts / counts.sum().clamp_min(1.0)
+def item_counts(items: list[int], num_items: int) -> torch.Tensor:
+    """How often each catalog item occurs among ``items`` (a user's training events), as floats."""
+    return torch.bincount(torch.tensor(items, dtype=torch.long), minlength=num_items).float()
 
 
 def split_sizes(n: int, heldout_fraction: float, val_fraction: float) -> tuple[int, int, int]:
@@ -193,7 +192,7 @@ class BehaviorTask(Task, task="behavior"):
 
         self.history_mix = cfg.history_mix
         return UserData(train=tensor(train), val=tensor(val), heldout=tensor(held), skipped=skipped,
-                        memory=item_frequencies(items[:n_train], layout.num_items) if cfg.history_mix else None)
+                        memory=item_counts(items[:n_train], layout.num_items) if cfg.history_mix else None)
 
     # -- loss and metrics -------------------------------------------------------------------
     def _scored_logits(self, model: torch.nn.Module, batch: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor,
@@ -214,14 +213,31 @@ class BehaviorTask(Task, task="behavior"):
         return (nll * mask).sum(1) / mask.sum(1).clamp_min(1.0)
 
     def with_memory(self, logits: torch.Tensor, memory: torch.Tensor | None) -> torch.Tensor:
-        """Item logits, or with the user's item frequencies ``memory`` the log of the mixture
-        (1 - history-mix) · softmax(logits) + history-mix · memory: a distribution, so the
+        """Item logits, or with the user's item counts ``memory`` the log of the mixture
+        (1 - history-mix) · softmax(logits) + history-mix · frequencies: a distribution, so the
         cross-entropy is its NLL and its top-k its recommendations. In log space: an item the
         model gives no float mass and the user never had keeps a finite log-probability."""
         if memory is None or not self.history_mix:
             return logits
-        b = self.history_mix
-        return torch.logaddexp(math.log1p(-b) + logits.log_softmax(-1), math.log(b) + memory.to(logits.device).log())
+        b, counts = self.history_mix, memory.to(logits.device)
+        share = counts / counts.sum().clamp_min(1.0)
+        return torch.logaddexp(math.log1p(-b) + logits.log_softmax(-1), math.log(b) + share.log())
+
+    def fit_loss(self, model: torch.nn.Module, batch: torch.Tensor, memory: torch.Tensor | None, *,
+                 counted: bool) -> torch.Tensor:
+        """With ``history-mix-fit``: the NLL of the mixture ``with_memory`` scores, so the personal
+        part learns what the user's counts do not already say. A training record's own event is
+        left out of the counts (``counted``), as a held-out event is not in them: else the fit
+        would learn to leave every event it trains on to its own count."""
+        if memory is None or not self.history_mix:
+            return self.per_record_loss(model, batch)
+        logits, targets, mask = self._scored_logits(model, batch)
+        b, own = self.history_mix, float(counted)
+        counts = memory.to(logits.device)
+        share = (counts[targets] - own).clamp_min(0.0) / (counts.sum() - own).clamp_min(1.0)
+        model_logp = logits.log_softmax(-1).gather(-1, targets[..., None]).squeeze(-1)
+        nll = -torch.logaddexp(math.log1p(-b) + model_logp, math.log(b) + share.log())  # finite: share 0 adds 0
+        return (nll * mask).sum(1) / mask.sum(1).clamp_min(1.0)
 
     def evaluate(self, model: torch.nn.Module, records: torch.Tensor,
                  memory: torch.Tensor | None = None) -> tuple[dict[str, float], Any]:
