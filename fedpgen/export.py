@@ -223,10 +223,13 @@ class _CausalLMParts:
         out = {"prompt-prefix-ids": layout.prefix(profile), "item-base": layout.item_base, "window": layout.length,
                "sampling": {**BEHAVIOR_SAMPLING, "top_k": TOP_K}}
         if d.cfg.history_mix:  # the user's item frequencies stay on the device: the export never holds them
-            out["history-mix"] = {"weight": d.cfg.history_mix,
+            out["history-mix"] = {"weight": d.cfg.history_mix, "fit": d.cfg.history_mix_fit,
                                   "note": "fedpgen generate mixes the user's item frequencies (their own training "
                                           "events) into the personal variant's distribution with this weight; "
-                                          "this export holds none: its recommendations are the model's alone"}
+                                          "this export holds none: its recommendations are the model's alone"
+                                          + ("; the personal part was fitted through that mixture (fit), so alone "
+                                             "it leaves out what the frequencies held, e.g. the user's "
+                                             "favourites" if d.cfg.history_mix_fit else "")}
         return out
 
     def recipe(self, manifest: dict[str, Any], act: list[str]) -> tuple[str, str]:

@@ -240,15 +240,18 @@ def test_the_exported_image_model_reproduces_fedpgen_generate_with_diffusers_and
 
 def test_a_behavior_export_with_history_mix_says_so_and_holds_none_of_the_users_history(tmp_path: Path) -> None:
     """The user's item frequencies (``history-mix``) stay on the device, like retrieved
-    documents: the export states the weight and that its recommendations are the model's alone."""
+    documents: the export states the weight and that its recommendations are the model's alone,
+    and, when the personal part was fitted through the mixture, what that part alone leaves out."""
     from conftest import task_kwargs
 
     # Prepare
-    run = build_run(tmp_path / "run", **task_kwargs("behavior"), history_mix=0.3)
-    # Execute
-    export(run, "user0000", out=tmp_path / "out")
-    # Assert
-    written = json.loads((tmp_path / "out" / "export.json").read_text())
-    assert written["history-mix"]["weight"] == 0.3
-    assert "holds none" in written["history-mix"]["note"]
-    assert set(written["history-mix"]) == {"weight", "note"}  # no frequencies, no counts
+    for fit in (False, True):
+        run = build_run(tmp_path / f"run-{fit}", **task_kwargs("behavior"), history_mix=0.3, history_mix_fit=fit)
+        # Execute
+        export(run, "user0000", out=tmp_path / f"out-{fit}")
+        # Assert
+        written = json.loads((tmp_path / f"out-{fit}" / "export.json").read_text())
+        assert written["history-mix"]["weight"] == 0.3 and written["history-mix"]["fit"] is fit
+        assert "holds none" in written["history-mix"]["note"]
+        assert ("fitted through that mixture" in written["history-mix"]["note"]) is fit  # what the part alone misses
+        assert set(written["history-mix"]) == {"weight", "fit", "note"}  # no frequencies, no counts
