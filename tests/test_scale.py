@@ -10,6 +10,7 @@ import sys
 import threading
 import time
 import tracemalloc
+from collections.abc import Callable
 from dataclasses import replace
 from pathlib import Path
 from queue import Queue
@@ -125,6 +126,59 @@ def test_the_clientapp_installs_the_poll_in_flowers_simulation_process_only() ->
     # Flower's simulation process loads the ClientApp before its engine starts polling; a deployed
     # device's ClientApp process never loads the engine.
     assert _replaced_by_importing("fedpgen.client.app", "add_messages_to_queue", "add_messages_to_queue") \
+        == {"engine": True, "deployment": False}
+
+
+class _CountedPickles:
+    """Counts how often it is pickled; unpickles to a new instance."""
+
+    pickled = 0
+
+    def __reduce__(self) -> tuple[type, tuple[()]]:
+        type(self).pickled += 1
+        return type(self), ()
+
+
+def test_the_clientapp_is_pickled_once_per_run_and_unpickled_fresh_per_message() -> None:
+    """Flower hands its Ray actors ``app_fn`` with every message; Ray pickles closures by value,
+    which costs the simulation process ≈ 2 ms a message (docs/scale.md). Wrapped, the closure is
+    pickled once; each message's actor still unpickles a fresh ClientApp, as with Flower's own."""
+    from ray import cloudpickle
+
+    from fedpgen.simulation_engine import PickledOnce, _build_with_app_pickled_once
+
+    # Prepare: a closure over an object, as Flower's ``_load_client_app`` closes over the ClientApp
+    def start_vce() -> Callable[[], _CountedPickles]:
+        client_app = _CountedPickles()
+
+        def _load_client_app() -> _CountedPickles:
+            return client_app
+
+        return _load_client_app
+
+    app_fn = start_vce()
+    built: list[object] = []
+    build = _build_with_app_pickled_once(lambda backend, fn: built.append(fn))
+    _CountedPickles.pickled = 0
+    # Execute: the backend is built, then three messages ship app_fn to an actor
+    build(None, app_fn)
+    shipped = [cloudpickle.dumps(built[0]) for _ in range(3)]
+    # Assert
+    assert isinstance(built[0], PickledOnce) and built[0]() is app_fn()
+    assert _CountedPickles.pickled == 1  # once, when the backend was built; Flower's: once per message
+    apps = [cloudpickle.loads(b)() for b in shipped]
+    assert all(isinstance(a, _CountedPickles) for a in apps) and len({id(a) for a in apps}) == 3
+    build(None, built[0])  # built twice: wrapped once
+    assert built[1] is built[0]
+
+
+def test_the_clientapp_installs_the_pickled_once_backend_in_flowers_simulation_process_only() -> None:
+    check = ("{before}import fedpgen.client.app\n"
+             "from flwr.server.superlink.fleet.vce.backend.raybackend import RayBackend\n"
+             "print(getattr(RayBackend.build, 'fedpgen_pickled_once', False))")
+    assert {name: subprocess.run([sys.executable, "-c", check.format(before=before)], capture_output=True,
+                                 text=True, check=True).stdout.strip() == "True"
+            for name, before in (("engine", "import flwr.simulation.app\n"), ("deployment", ""))} \
         == {"engine": True, "deployment": False}
 
 
