@@ -51,6 +51,7 @@ from flwr.compat.client.run_info_store import DeprecatedRunInfoStore, RunInfo
 from flwr.server.superlink.fleet.vce import vce_api
 from flwr.server.superlink.fleet.vce.backend.raybackend import RayBackend
 from flwr.supercore import log
+from flwr.supercore.date import now
 
 FLOWER_REGISTER_NODE_INFO_STORES = vce_api._register_node_info_stores  # noqa: SLF001 (Flower's, kept for comparison)
 
@@ -69,12 +70,44 @@ def add_messages_to_queue(state: Any, queue: Queue[Any], nodes_mapping: Mapping[
                           f_stop: threading.Event) -> None:
     """Flower's sweep (one message per node per sweep, every 0.1 s), over the pending nodes only."""
     while not f_stop.is_set():
-        pending = pending_nodes(state)
-        nodes = nodes_mapping.keys() if pending is None else [n for n in pending if n in nodes_mapping]
-        for node_id in nodes:
-            for msg in state.get_message_ins(node_id=node_id, limit=1):
-                queue.put(msg)
+        if not deliver_pending(state, queue, nodes_mapping):
+            pending = pending_nodes(state)
+            nodes = nodes_mapping.keys() if pending is None else [n for n in pending if n in nodes_mapping]
+            for node_id in nodes:
+                for msg in state.get_message_ins(node_id=node_id, limit=1):
+                    queue.put(msg)
         f_stop.wait(0.1)
+
+
+def deliver_pending(state: Any, queue: Queue[Any], nodes_mapping: Mapping[int, int]) -> bool:
+    """One sweep in one pass over the in-memory state's messages: what Flower's
+    ``get_message_ins(node_id, limit=1)`` delivers, for every node with an undelivered message.
+
+    Flower's ``get_message_ins`` walks the stored messages from the first, validating each
+    (``_check_stored_messages``: expiry, both nodes in the federation), until it finds one for
+    its node; asked once per pending node, a stage's first sweep at 1,000 devices validates
+    about 500,000 messages under the state's lock (≈ 1.4 s of the simulation process a stage,
+    measured with py-spy). Here each undelivered message is validated once, as Flower validates
+    it, and the first valid one of each node is marked delivered and queued. False (nothing
+    done) where the state is not Flower's in-memory one."""
+    store = getattr(state, "message_ins_store", None)
+    check = getattr(state, "_check_stored_messages", None)
+    if not isinstance(store, dict) or check is None:
+        return False
+    found: dict[int, Any] = {}
+    with state.lock:
+        for msg_id, msg in list(store.items()):
+            node = msg.metadata.dst_node_id
+            if msg.metadata.delivered_at != "" or node in found or node not in nodes_mapping:
+                continue
+            check({msg_id})  # deletes it if expired or outside the federation
+            if (msg := store.get(msg_id)) is not None:
+                found[node] = msg
+    delivered_at = now().isoformat()
+    for msg in found.values():
+        msg.metadata.delivered_at = delivered_at
+        queue.put(msg)
+    return True
 
 
 def install_population_independent_poll() -> None:

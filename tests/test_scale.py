@@ -109,6 +109,46 @@ def test_the_message_poll_asks_only_for_nodes_that_have_messages() -> None:
     assert set(state.asked) == {7, 99_999, 512}
 
 
+class _ValidatingState(_State):
+    """The in-memory state's parts the sweep reads, with Flower's per-message validation
+    (``_check_stored_messages``): counted, and deleting the messages that expired."""
+
+    def __init__(self, pending: dict[str, int], expired: set[str]) -> None:
+        super().__init__(pending)
+        self.expired, self.checked = expired, 0
+
+    def _check_stored_messages(self, message_ids: set[str]) -> None:
+        with self.lock:
+            self.checked += len(message_ids)
+            for mid in message_ids & self.expired:
+                self.message_ins_store.pop(mid, None)
+
+
+def test_a_sweep_validates_each_pending_message_once_and_delivers_one_per_node() -> None:
+    """Flower's ``get_message_ins`` per pending node re-validates every message stored before
+    that node's: 1,000 pending messages cost ~500,000 validations a sweep. One pass validates
+    each undelivered message once and delivers what Flower would: each node's first valid
+    message, one per node and sweep, never an expired one."""
+    from fedpgen.simulation_engine import deliver_pending
+
+    # Prepare: 1,000 nodes with one message each, node 3 with a second, node 5's expired
+    pending = {f"m{n}": n for n in range(1_000)} | {"m3b": 3}
+    state = _ValidatingState(pending, expired={"m5"})
+    queue: Queue[object] = Queue()
+    nodes = {n: n for n in range(1_000)}
+    # Execute: two sweeps
+    assert deliver_pending(state, queue, nodes)
+    first = [m.metadata.dst_node_id for m in queue.queue]
+    assert deliver_pending(state, queue, nodes)
+    # Assert
+    assert state.checked == 1_000 + 1  # the first sweep: each node's first message (m5 too); the second: m3b
+    assert first == [n for n in range(1_000) if n != 5]  # store order, one per node
+    assert len(queue.queue) == 1_000 and queue.queue[-1] is state.message_ins_store["m3b"]
+    assert "m5" not in state.message_ins_store
+    assert all(m.metadata.delivered_at != "" for m in queue.queue)
+    assert not deliver_pending(SimpleNamespace(message_ins_store={}), queue, nodes)  # not Flower's in-memory state
+
+
 def _replaced_by_importing(app_module: str, flower_name: str, ours: str) -> dict[str, bool]:
     """Whether importing ``app_module`` replaced ``vce_api.<flower_name>`` with FedPGen's ``ours``, in a
     fresh process that runs Flower's engine (flwr-simulation: ``flwr.simulation.app``) and in one
