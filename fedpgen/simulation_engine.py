@@ -23,6 +23,12 @@ the engine's process writes to a pre-registered Context's ``run_config``: the Cl
 in a worker with its own copy, and Flower's ``update_context`` replaces a node's Context with
 the one the worker returned, after checking that its ``run_config`` equals the initial one.
 
+Two per-message costs of that process, which every message of a run passes through: Flower's
+Ray backend ships its ClientApp to an actor with every message, cloudpickled by value each
+time (:class:`PickledOnce` pickles it once per run), and each sweep's ``get_message_ins`` per
+pending node re-validated every message stored before that node's (:func:`deliver_pending`
+validates each undelivered message once).
+
 Where: Flower's simulation process (``flwr-simulation``, started by the SuperLink for
 ``fedpgen simulate`` and ``flwr run``) loads the ClientApp (``fedpgen.client.app``) in its main
 thread before it starts the engine's poll thread; importing that module there installs the
