@@ -149,24 +149,28 @@ def test_a_sweep_validates_each_pending_message_once_and_delivers_one_per_node()
     assert not deliver_pending(SimpleNamespace(message_ins_store={}), queue, nodes)  # not Flower's in-memory state
 
 
-def _replaced_by_importing(app_module: str, flower_name: str, ours: str) -> dict[str, bool]:
-    """Whether importing ``app_module`` replaced ``vce_api.<flower_name>`` with FedPGen's ``ours``, in a
-    fresh process that runs Flower's engine (flwr-simulation: ``flwr.simulation.app``) and in one
-    that does not (a deployment's ClientApp or ServerApp process)."""
+def _replaced_by_importing(app_module: str, flower_name: str, ours: str, also: str = "") -> dict[str, list[bool]]:
+    """Whether importing ``app_module`` replaced ``vce_api.<flower_name>`` with FedPGen's ``ours`` (and
+    what the lines of the script ``also`` print), in a fresh process that runs Flower's engine
+    (flwr-simulation: ``flwr.simulation.app``) and in one that does not (a deployment's ClientApp
+    or ServerApp process)."""
     check = (f"{{before}}import {app_module}\n"
              "from flwr.server.superlink.fleet.vce import vce_api\n"
              f"from fedpgen.simulation_engine import {ours}\n"
-             f"print(vce_api.{flower_name} is {ours})")
-    return {name: subprocess.run([sys.executable, "-c", check.format(before=before)], capture_output=True,
-                                 text=True, check=True).stdout.strip() == "True"
+             f"print(vce_api.{flower_name} is {ours})\n{also}")
+    return {name: [line == "True" for line in subprocess.run(
+                [sys.executable, "-c", check.format(before=before)], capture_output=True, text=True,
+                check=True).stdout.split()]
             for name, before in (("engine", "import flwr.simulation.app\n"), ("deployment", ""))}
 
 
-def test_the_clientapp_installs_the_poll_in_flowers_simulation_process_only() -> None:
-    # Flower's simulation process loads the ClientApp before its engine starts polling; a deployed
-    # device's ClientApp process never loads the engine.
-    assert _replaced_by_importing("fedpgen.client.app", "add_messages_to_queue", "add_messages_to_queue") \
-        == {"engine": True, "deployment": False}
+def test_the_clientapp_installs_the_poll_and_the_pickled_once_app_in_flowers_simulation_process_only() -> None:
+    # Flower's simulation process loads the ClientApp before its engine starts polling and builds
+    # its Ray backend; a deployed device's ClientApp process never loads the engine.
+    also = "from flwr.server.superlink.fleet.vce.backend.raybackend import RayBackend\n" \
+           "print(getattr(RayBackend.build, 'fedpgen_pickled_once', False))"
+    assert _replaced_by_importing("fedpgen.client.app", "add_messages_to_queue", "add_messages_to_queue", also) \
+        == {"engine": [True, True], "deployment": [False, False]}
 
 
 class _CountedPickles:
@@ -210,16 +214,6 @@ def test_the_clientapp_is_pickled_once_per_run_and_unpickled_fresh_per_message()
     assert all(isinstance(a, _CountedPickles) for a in apps) and len({id(a) for a in apps}) == 3
     build(None, built[0])  # built twice: wrapped once
     assert built[1] is built[0]
-
-
-def test_the_clientapp_installs_the_pickled_once_backend_in_flowers_simulation_process_only() -> None:
-    check = ("{before}import fedpgen.client.app\n"
-             "from flwr.server.superlink.fleet.vce.backend.raybackend import RayBackend\n"
-             "print(getattr(RayBackend.build, 'fedpgen_pickled_once', False))")
-    assert {name: subprocess.run([sys.executable, "-c", check.format(before=before)], capture_output=True,
-                                 text=True, check=True).stdout.strip() == "True"
-            for name, before in (("engine", "import flwr.simulation.app\n"), ("deployment", ""))} \
-        == {"engine": True, "deployment": False}
 
 
 def _registered(register, nodes: int, run, app_dir: str) -> tuple[dict, float]:  # type: ignore[no-untyped-def]
@@ -272,7 +266,7 @@ def test_the_serverapp_installs_the_registry_in_flowers_simulation_process_only(
     # Flower's simulation process imports the ServerApp in a thread it starts just before the engine
     # registers its nodes; the SuperLink's ServerApp process in a deployment never loads the engine
     assert _replaced_by_importing("fedpgen.server.app", "_register_node_info_stores", "register_node_info_stores") \
-        == {"engine": True, "deployment": False}
+        == {"engine": [True], "deployment": [False]}
 
 
 def test_gpu_share_and_ray_address_reach_flowers_federation_config(make_cfg) -> None:
