@@ -219,9 +219,13 @@ class BehaviorTask(Task, task="behavior"):
         model gives no float mass and the user never had keeps a finite log-probability."""
         if memory is None or not self.history_mix:
             return logits
-        b, counts = self.history_mix, memory.to(logits.device)
-        share = counts / counts.sum().clamp_min(1.0)
-        return torch.logaddexp(math.log1p(-b) + logits.log_softmax(-1), math.log(b) + share.log())
+        counts = memory.to(logits.device)
+        return self._mixed(logits.log_softmax(-1), counts / counts.sum().clamp_min(1.0))
+
+    def _mixed(self, model_logp: torch.Tensor, share: torch.Tensor) -> torch.Tensor:
+        """log((1 - history-mix) · exp(model_logp) + history-mix · share), finite where share is 0."""
+        b = self.history_mix
+        return torch.logaddexp(math.log1p(-b) + model_logp, math.log(b) + share.log())
 
     def fit_loss(self, model: torch.nn.Module, batch: torch.Tensor, memory: torch.Tensor | None, *,
                  counted: bool) -> torch.Tensor:
@@ -232,11 +236,9 @@ class BehaviorTask(Task, task="behavior"):
         if memory is None or not self.history_mix:
             return self.per_record_loss(model, batch)
         logits, targets, mask = self._scored_logits(model, batch)
-        b, own = self.history_mix, float(counted)
-        counts = memory.to(logits.device)
+        own, counts = float(counted), memory.to(logits.device)
         share = (counts[targets] - own).clamp_min(0.0) / (counts.sum() - own).clamp_min(1.0)
-        model_logp = logits.log_softmax(-1).gather(-1, targets[..., None]).squeeze(-1)
-        nll = -torch.logaddexp(math.log1p(-b) + model_logp, math.log(b) + share.log())  # finite: share 0 adds 0
+        nll = -self._mixed(logits.log_softmax(-1).gather(-1, targets[..., None]).squeeze(-1), share)
         return (nll * mask).sum(1) / mask.sum(1).clamp_min(1.0)
 
     def evaluate(self, model: torch.nn.Module, records: torch.Tensor,
