@@ -14,8 +14,9 @@ setting; ∞ is the run without DP (NOT PRIVATE). Two units of protection:
 Prints one table (base / shared-only / shared+personal / local-only medians of the task's
 primary metric; per user, shared+personal against shared-only and local-only as wins / ties /
 losses: a rate such as HR@10 ties often, so against local-only also on the task's continuous
-metric where its primary ties (behavior: held-out NLL; faces: identity similarity); ε; wall
-time) and writes ``<out>/dp_sweep.json``, ``dp_sweep.md`` and ``dp_sweep.png``. ``--report
+metric where its primary ties (behavior: held-out NLL; faces: identity similarity); the users
+for whom shared+personal is better than both shared-only and local-only, on that metric; ε;
+wall time) and writes ``<out>/dp_sweep.json``, ``dp_sweep.md`` and ``dp_sweep.png``. ``--report
 DIR ...`` prints one table from sweeps already run (e.g. a record-level and a user-level
 sweep of the same cohort) without running.
 
@@ -80,6 +81,18 @@ def head_to_head(run_dir: Path, metric: str, higher_is_better: bool, a: str, b: 
     return sum(d > 0 for d in diffs), sum(d == 0 for d in diffs), sum(d < 0 for d in diffs)
 
 
+def better_than_both(run_dir: Path, metric: str, higher_is_better: bool) -> tuple[int, int]:
+    """Users for whom shared+personal is strictly better than both shared-only and local-only,
+    and the users compared (the goal's count: README, "Does federation pay off under DP?")."""
+    from fedpgen.server.results import read_clients
+
+    sign = 1.0 if higher_is_better else -1.0
+    rows = [c for c in read_clients(run_dir) if all(f"{v}-{metric}" in c for v in ("shared", "personal", "local"))]
+    wins = sum(all(sign * (float(c[f"personal-{metric}"]) - float(c[f"{v}-{metric}"])) > 0 for v in ("shared", "local"))
+               for c in rows)
+    return wins, len(rows)
+
+
 def tie_free(run_dir: Path) -> tuple[str, bool] | None:
     """The run's task's continuous metric for per-user comparisons, if its primary ties often."""
     from fedpgen.shared.tasks.registry import task_info
@@ -95,7 +108,7 @@ def render(rows: list[dict[str, Any]], title: str, out: Path | None) -> None:
     metric = rows[0]["metric"]
     higher = rows[0]["higher-is-better"]
     head = ["unit", "ε target", "ε reported", *(label for _, label in VARIANTS), "pers vs shared (W/T/L)",
-            "pers vs local (W/T/L)", "pers vs local, tie-free metric (W/T/L)", "wall"]
+            "pers vs local (W/T/L)", "pers vs local, tie-free metric (W/T/L)", "better than both", "wall"]
     table = Table(title=f"Median {metric} ({'higher' if higher else 'lower'} is better) vs ε per user ({title})")
     for col in head:
         table.add_column(col, justify="right")
@@ -108,13 +121,16 @@ def render(rows: list[dict[str, Any]], title: str, out: Path | None) -> None:
         continuous = tie_free(Path(r["run-dir"]))
         w, t, lost = head_to_head(Path(r["run-dir"]), *continuous, "personal", "local") if continuous else (0, 0, 0)
         versus.append(f"{w}/{t}/{lost} ({continuous[0]})" if continuous and w + t + lost else "—")
+        judged = continuous or (metric, higher)
+        wins, compared = better_than_both(Path(r["run-dir"]), *judged)
+        versus.append(f"{wins}/{compared} ({100 * wins / compared:.0f}%, {judged[0]})" if compared else "—")
         unit = "none" if math.isinf(r["epsilon"]) else r["unit"]
         cells = [unit, f"{r['epsilon']:g}", f"{r['spent']:.2f}",
                  *(f"{r['median'][v]:.3f}" if v in r["median"] else "—" for v, _ in VARIANTS),
                  *versus, f"{r['wall-seconds'] / 60:.1f} min"]
         table.add_row(*cells)
         lines.append("| " + " | ".join(cells) + " |")
-    Console(width=170).print(table)
+    Console(width=190).print(table)
     if out is None:
         return
     (out / "dp_sweep.md").write_text("\n".join(lines) + "\n")
@@ -147,6 +163,9 @@ def main() -> None:
     parser.add_argument("--report", type=Path, nargs="+", help="only print the table of these sweeps' folders")
     args = parser.parse_args()
     if args.report:
+        missing = [str(folder) for folder in args.report if not (folder / "dp_sweep.json").is_file()]
+        if missing:
+            parser.error(f"no finished sweep (dp_sweep.json) in: {', '.join(missing)}")
         rows = [row for folder in args.report for row in json.loads((folder / "dp_sweep.json").read_text())]
         if args.out:
             args.out.mkdir(parents=True, exist_ok=True)

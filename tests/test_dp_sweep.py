@@ -1,0 +1,79 @@
+"""The privacy/utility sweep's table answers the goal's question per user.
+
+The goal (README, "Does federation pay off under DP?"): shared+personal better than *both*
+shared-only and local-only for at least 80% of users. A user counts only when the personal
+variant is strictly better than each of the two, on the task's tie-free metric where its
+primary ties often (behavior: held-out NLL, lower is better), else on the primary.
+"""
+
+from __future__ import annotations
+
+import csv
+import importlib.util
+import json
+from pathlib import Path
+
+import pytest
+
+
+@pytest.fixture(scope="module")
+def sweep():
+    path = Path(__file__).resolve().parent.parent / "simulations" / "dp_sweep.py"
+    spec = importlib.util.spec_from_file_location("dp_sweep", path)
+    module = importlib.util.module_from_spec(spec)  # type: ignore[arg-type]
+    spec.loader.exec_module(module)  # type: ignore[union-attr]
+    return module
+
+
+def write_run(folder: Path, task: str, rows: list[dict[str, float]]) -> Path:
+    folder.mkdir(parents=True)
+    (folder / "config.json").write_text(json.dumps({"task": task}))
+    with (folder / "clients.csv").open("w", newline="") as fh:
+        writer = csv.DictWriter(fh, fieldnames=sorted(rows[0]))
+        writer.writeheader()
+        writer.writerows(rows)
+    return folder
+
+
+def behavior_user(hr: tuple[float, float, float], nll: tuple[float, float, float]) -> dict[str, float]:
+    """One user's shared / personal / local HR@10 and NLL (base fixed)."""
+    row = {"base-hr10": 0.1, "base-nll": 6.0}
+    for variant, h, n in zip(("shared", "personal", "local"), hr, nll, strict=True):
+        row[f"{variant}-hr10"], row[f"{variant}-nll"] = h, n
+    return row
+
+
+def test_better_than_both_counts_users_strictly_better_than_shared_and_local_on_the_tie_free_metric(
+        sweep, tmp_path: Path) -> None:
+    users = [
+        behavior_user((0.2, 0.5, 0.4), (5.0, 4.0, 4.5)),  # better than both on NLL: counts
+        behavior_user((0.2, 0.5, 0.5), (5.0, 4.0, 4.5)),  # ties local on HR@10, better on NLL: counts
+        behavior_user((0.2, 0.5, 0.4), (3.9, 4.0, 4.5)),  # worse than shared on NLL: does not
+        behavior_user((0.2, 0.5, 0.5), (5.0, 4.5, 4.5)),  # equal to local on NLL: does not
+        behavior_user((0.6, 0.1, 0.1), (5.0, 4.0, 4.2)),  # far worse on HR@10, better on NLL: counts
+    ]
+    run = write_run(tmp_path / "eps-8", "behavior", users)
+    assert sweep.better_than_both(run, "hr10", True) == (2, 5)  # the first and third users
+    assert sweep.better_than_both(run, "nll", False) == (3, 5)
+
+    row = {"epsilon": 8.0, "spent": 8.0, "unit": "user", "metric": "hr10", "higher-is-better": True,
+           "median": {"base": 0.1, "shared": 0.2, "personal": 0.5, "local": 0.4}, "wall-seconds": 60.0,
+           "run-dir": str(run)}
+    sweep.render([row], "test", tmp_path)
+    head, _, line = (tmp_path / "dp_sweep.md").read_text().splitlines()
+    cells = dict(zip(head.strip("| ").split(" | "), line.strip("| ").split(" | "), strict=True))
+    assert cells["better than both"] == "3/5 (60%, nll)"
+
+
+def test_better_than_both_uses_the_primary_where_the_task_has_no_tie_free_metric(sweep, tmp_path: Path) -> None:
+    users = [{"base-ppl": 7.0, "shared-ppl": s, "personal-ppl": p, "local-ppl": lo}
+             for s, p, lo in ((6.5, 6.0, 6.3), (6.5, 6.6, 6.3), (6.5, 6.1, 6.1), (6.4, 6.2, 6.3))]
+    run = write_run(tmp_path / "eps-1", "text", users)
+    row = {"epsilon": 1.0, "spent": 1.0, "unit": "record", "metric": "ppl", "higher-is-better": False,
+           "median": {"base": 7.0, "shared": 6.5, "personal": 6.15, "local": 6.3}, "wall-seconds": 60.0,
+           "run-dir": str(run)}
+    sweep.render([row], "test", tmp_path)
+    head, _, line = (tmp_path / "dp_sweep.md").read_text().splitlines()
+    cells = dict(zip(head.strip("| ").split(" | "), line.strip("| ").split(" | "), strict=True))
+    assert cells["better than both"] == "2/4 (50%, ppl)"
+    assert cells["pers vs local (W/T/L)"] == "2/1/1"
