@@ -100,6 +100,30 @@ def tie_free(run_dir: Path) -> tuple[str, bool] | None:
     return task_info(json.loads((run_dir / "config.json").read_text())["task"]).tie_free
 
 
+GOAL_SHARE = 0.8  # the goal: shared+personal better than both for at least 80% of users
+
+
+def row_cells(r: dict[str, Any]) -> tuple[list[str], float | None, str]:
+    """One sweep point's table cells, its share of users better than both (None: no users) and
+    the metric that share is judged on."""
+    metric, higher, run_dir = r["metric"], r["higher-is-better"], Path(r["run-dir"])
+    versus = []
+    for other in ("shared", "local"):
+        w, t, lost = head_to_head(run_dir, metric, higher, "personal", other)
+        versus.append(f"{w}/{t}/{lost}" if w + t + lost else "—")
+    continuous = tie_free(run_dir)
+    w, t, lost = head_to_head(run_dir, *continuous, "personal", "local") if continuous else (0, 0, 0)
+    versus.append(f"{w}/{t}/{lost} ({continuous[0]})" if continuous and w + t + lost else "—")
+    judged = continuous or (metric, higher)
+    wins, compared = better_than_both(run_dir, *judged)
+    versus.append(f"{wins}/{compared} ({100 * wins / compared:.0f}%, {judged[0]})" if compared else "—")
+    unit = "none" if math.isinf(r["epsilon"]) else r["unit"]
+    cells = [unit, f"{r['epsilon']:g}", f"{r['spent']:.2f}",
+             *(f"{r['median'][v]:.3f}" if v in r["median"] else "—" for v, _ in VARIANTS),
+             *versus, f"{r['wall-seconds'] / 60:.1f} min"]
+    return cells, (wins / compared if compared else None), judged[0]
+
+
 def render(rows: list[dict[str, Any]], title: str, out: Path | None) -> None:
     """Print the table of ``rows``; with ``out``, also write it as Markdown and a plot there."""
     from rich.console import Console
@@ -113,44 +137,46 @@ def render(rows: list[dict[str, Any]], title: str, out: Path | None) -> None:
     for col in head:
         table.add_column(col, justify="right")
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    shares = []
     for r in rows:
-        versus = []
-        for other in ("shared", "local"):
-            w, t, lost = head_to_head(Path(r["run-dir"]), metric, higher, "personal", other)
-            versus.append(f"{w}/{t}/{lost}" if w + t + lost else "—")
-        continuous = tie_free(Path(r["run-dir"]))
-        w, t, lost = head_to_head(Path(r["run-dir"]), *continuous, "personal", "local") if continuous else (0, 0, 0)
-        versus.append(f"{w}/{t}/{lost} ({continuous[0]})" if continuous and w + t + lost else "—")
-        judged = continuous or (metric, higher)
-        wins, compared = better_than_both(Path(r["run-dir"]), *judged)
-        versus.append(f"{wins}/{compared} ({100 * wins / compared:.0f}%, {judged[0]})" if compared else "—")
-        unit = "none" if math.isinf(r["epsilon"]) else r["unit"]
-        cells = [unit, f"{r['epsilon']:g}", f"{r['spent']:.2f}",
-                 *(f"{r['median'][v]:.3f}" if v in r["median"] else "—" for v, _ in VARIANTS),
-                 *versus, f"{r['wall-seconds'] / 60:.1f} min"]
+        cells, share, judged = row_cells(r)
+        shares.append(share)
         table.add_row(*cells)
         lines.append("| " + " | ".join(cells) + " |")
     Console(width=190).print(table)
     if out is None:
         return
     (out / "dp_sweep.md").write_text("\n".join(lines) + "\n")
+    plot(rows, shares, judged, out / "dp_sweep.png")
+    print(f"wrote {out / 'dp_sweep.md'}, {out / 'dp_sweep.png'}")
 
+
+def plot(rows: list[dict[str, Any]], shares: list[float | None], judged: str, path: Path) -> None:
+    """Left: the variants' medians per sweep point; right: the share of users for whom
+    shared+personal is better than both shared-only and local-only, against the goal's 80%."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(6, 4))
-    labels = [f"{r['epsilon']:g}" for r in rows]
+    units = {r["unit"] for r in rows if not math.isinf(r["epsilon"])}
+    labels = [f"{r['epsilon']:g}" if len(units) < 2 or math.isinf(r["epsilon"]) else f"{r['unit']} {r['epsilon']:g}"
+              for r in rows]
+    fig, (ax, goal) = plt.subplots(1, 2, figsize=(11, 4))
     for key, label in VARIANTS:
         if all(key in r["median"] for r in rows):
             ax.plot(labels, [r["median"][key] for r in rows], marker="o", label=label)
-    ax.set(xlabel=f"{rows[0]['unit']}-level ε per user (inf = no DP)", ylabel=f"median {metric}",
-           title="Privacy / utility")
+    xlabel = f"{'/'.join(sorted(units)) or 'no DP'}-level ε per user (inf = no DP)"
+    ax.set(xlabel=xlabel, ylabel=f"median {rows[0]['metric']}", title="Privacy / utility")
     ax.legend()
+    goal.bar(labels, [100 * s if s is not None else 0 for s in shares], color="tab:green")
+    goal.axhline(100 * GOAL_SHARE, color="black", linestyle="--", label=f"goal: {100 * GOAL_SHARE:.0f}% of users")
+    goal.set(xlabel=xlabel, ylabel=f"% of users (on {judged})", ylim=(0, 100),
+             title="shared+personal better than shared-only and local-only")
+    goal.legend(loc="lower right")
     fig.tight_layout()
-    fig.savefig(out / "dp_sweep.png", dpi=100)
-    print(f"wrote {out / 'dp_sweep.md'}, {out / 'dp_sweep.png'}")
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
 
 
 def main() -> None:

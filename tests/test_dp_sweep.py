@@ -63,6 +63,8 @@ def test_better_than_both_counts_users_strictly_better_than_shared_and_local_on_
     head, _, line = (tmp_path / "dp_sweep.md").read_text().splitlines()
     cells = dict(zip(head.strip("| ").split(" | "), line.strip("| ").split(" | "), strict=True))
     assert cells["better than both"] == "3/5 (60%, nll)"
+    assert sweep.row_cells(row)[1:] == (0.6, "nll")  # what the plot's goal panel draws for this point
+    assert (tmp_path / "dp_sweep.png").stat().st_size > 0
 
 
 def test_better_than_both_uses_the_primary_where_the_task_has_no_tie_free_metric(sweep, tmp_path: Path) -> None:
