@@ -35,6 +35,15 @@ def write_run(folder: Path, task: str, rows: list[dict[str, float]]) -> Path:
     return folder
 
 
+def rendered_row(sweep, run: Path, metric: str, higher: bool, median: dict[str, float], out: Path) -> dict[str, str]:
+    """The sweep's Markdown table for one point of ``run``, as column -> cell."""
+    row = {"epsilon": 8.0, "spent": 8.0, "unit": "user", "metric": metric, "higher-is-better": higher,
+           "median": median, "wall-seconds": 60.0, "run-dir": str(run)}
+    sweep.render([row], "test", out)
+    head, _, line = (out / "dp_sweep.md").read_text().splitlines()
+    return dict(zip(head.strip("| ").split(" | "), line.strip("| ").split(" | "), strict=True))
+
+
 def behavior_user(hr: tuple[float, float, float], nll: tuple[float, float, float]) -> dict[str, float]:
     """One user's shared / personal / local HR@10 and NLL (base fixed)."""
     row = {"base-hr10": 0.1, "base-nll": 6.0}
@@ -56,13 +65,11 @@ def test_better_than_both_counts_users_strictly_better_than_shared_and_local_on_
     assert sweep.better_than_both(run, "hr10", True) == (2, 5)  # the first and third users
     assert sweep.better_than_both(run, "nll", False) == (3, 5)
 
-    row = {"epsilon": 8.0, "spent": 8.0, "unit": "user", "metric": "hr10", "higher-is-better": True,
-           "median": {"base": 0.1, "shared": 0.2, "personal": 0.5, "local": 0.4}, "wall-seconds": 60.0,
-           "run-dir": str(run)}
-    sweep.render([row], "test", tmp_path)
-    head, _, line = (tmp_path / "dp_sweep.md").read_text().splitlines()
-    cells = dict(zip(head.strip("| ").split(" | "), line.strip("| ").split(" | "), strict=True))
+    cells = rendered_row(sweep, run, "hr10", True, {"base": 0.1, "shared": 0.2, "personal": 0.5, "local": 0.4},
+                         tmp_path)
     assert cells["better than both"] == "3/5 (60%, nll)"
+    row = {"epsilon": 8.0, "spent": 8.0, "unit": "user", "metric": "hr10", "higher-is-better": True, "median": {},
+           "wall-seconds": 1.0, "run-dir": str(run)}
     assert sweep.row_cells(row)[1:] == (0.6, "nll")  # what the plot's goal panel draws for this point
     assert (tmp_path / "dp_sweep.png").stat().st_size > 0
 
@@ -71,11 +78,7 @@ def test_better_than_both_uses_the_primary_where_the_task_has_no_tie_free_metric
     users = [{"base-ppl": 7.0, "shared-ppl": s, "personal-ppl": p, "local-ppl": lo}
              for s, p, lo in ((6.5, 6.0, 6.3), (6.5, 6.6, 6.3), (6.5, 6.1, 6.1), (6.4, 6.2, 6.3))]
     run = write_run(tmp_path / "eps-1", "text", users)
-    row = {"epsilon": 1.0, "spent": 1.0, "unit": "record", "metric": "ppl", "higher-is-better": False,
-           "median": {"base": 7.0, "shared": 6.5, "personal": 6.15, "local": 6.3}, "wall-seconds": 60.0,
-           "run-dir": str(run)}
-    sweep.render([row], "test", tmp_path)
-    head, _, line = (tmp_path / "dp_sweep.md").read_text().splitlines()
-    cells = dict(zip(head.strip("| ").split(" | "), line.strip("| ").split(" | "), strict=True))
+    cells = rendered_row(sweep, run, "ppl", False, {"base": 7.0, "shared": 6.5, "personal": 6.15, "local": 6.3},
+                         tmp_path)
     assert cells["better than both"] == "2/4 (50%, ppl)"
     assert cells["pers vs local (W/T/L)"] == "2/1/1"
