@@ -47,6 +47,8 @@ log = logging.getLogger(__name__)
 _STAGE_NAMES = {"train": "fit", "evaluate": "evaluate"}
 EVENTS_FILE = "progress.jsonl"
 _DEFAULT_PULL_INTERVAL = 3.0  # Flower's gRPC grid sleeps 3 s between pulls; its in-memory grid has pull_interval
+_FIRST_PULL_WAIT = 0.1  # a deployment's first wait after a push or a pull with replies ...
+_PULL_WAIT_GROWTH = 1.5  # ... growing by half after each empty pull, up to the grid's interval
 
 
 @dataclasses.dataclass
@@ -390,7 +392,12 @@ class ProgressGrid:
 
     The same push and pull loop as Flower 1.42's own grids (``InMemoryGrid``, ``GrpcGrid``):
     push every message, then pull until each has a reply or ``timeout`` seconds passed
-    (``None``: wait forever), sleeping the grid's pull interval between pulls.
+    (``None``: wait forever). Between pulls it sleeps the grid's pull interval (Flower's
+    in-memory grid: 0.1 s) — except that a grid whose interval is longer (Flower's gRPC grid:
+    3 s, in a deployment) is pulled 0.1 s after a push or a pull that brought replies, then
+    at waits growing by half up to that interval: a stage's last reply used to wait 1.5 s on
+    average to be seen, and a SecAgg+ round has four stages and an evaluation
+    (docs/scale.md, "Deployments: one resident ClientApp process per device").
     """
 
     def __init__(self, grid: Grid, progress: RoundProgress) -> None:
@@ -409,9 +416,10 @@ class ProgressGrid:
         try:
             msg_ids = set(self._grid.push_messages(out))
             del out, messages
-            interval = float(getattr(self._grid, "pull_interval", _DEFAULT_PULL_INTERVAL))
+            ceiling = float(getattr(self._grid, "pull_interval", _DEFAULT_PULL_INTERVAL))
             end_time = time.time() + (timeout if timeout is not None else 0.0)
             replies: list[Message] = []
+            first, wait = min(_FIRST_PULL_WAIT, ceiling), None
             while timeout is None or time.time() < end_time:
                 pulled = list(self._grid.pull_messages(msg_ids))
                 replies.extend(pulled)
@@ -420,7 +428,8 @@ class ProgressGrid:
                 msg_ids.difference_update({msg.metadata.reply_to_message_id for msg in pulled})
                 if not msg_ids:
                     break
-                time.sleep(interval)
+                wait = first if pulled or wait is None else min(wait * _PULL_WAIT_GROWTH, ceiling)
+                time.sleep(wait)
             return replies
         finally:
             self._progress.round_finished()

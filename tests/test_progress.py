@@ -42,12 +42,14 @@ def message(node: int, *, group: str = "1", kind: str = "train", stage: str | No
 
 
 class FakeGrid:
-    """A link on which node ``n`` answers at the ``answers[n]``-th pull (never if absent)."""
+    """A link on which node ``n`` answers at the ``answers[n]``-th pull (never if absent).
+    ``pull_interval=None``: none, as Flower 1.42's gRPC grid (which sleeps 3 s between pulls)."""
 
-    pull_interval = 0.01
-
-    def __init__(self, answers: dict[int, int], failing: frozenset[int] = frozenset()) -> None:
+    def __init__(self, answers: dict[int, int], failing: frozenset[int] = frozenset(), *,
+                 pull_interval: float | None = 0.01) -> None:
         self.answers, self.failing = answers, failing
+        if pull_interval is not None:
+            self.pull_interval = pull_interval
         self.pulls: list[set[str]] = []
         self.pending: dict[str, Message] = {}
 
@@ -146,6 +148,33 @@ def test_the_grid_keeps_flowers_timeout() -> None:
     assert len(replies) == 2 and (progress.done, progress.total) == (2, 3)
     assert 0.3 <= waited < 2.0
     assert len(grid.pulls) > 5  # it kept pulling at the grid's interval until the timeout
+
+
+def test_a_deployed_link_is_pulled_soon_after_a_push_and_after_each_reply(monkeypatch: pytest.MonkeyPatch) -> None:
+    # A deployment's stage: Flower's gRPC grid sleeps 3 s between pulls, so each of a SecAgg+
+    # round's exchanges waited on average 1.5 s after its last reply had arrived. The waits now
+    # start at 0.1 s and grow by half after each empty pull up to the 3 s ceiling; a pull that
+    # brings replies starts them again from 0.1 s (replies come in bursts).
+    waits: list[float] = []
+    monkeypatch.setattr("fedpgen.server.progress.time.sleep", waits.append)
+    grid = FakeGrid({1: 1, 2: 12, 3: 14}, pull_interval=None)
+    replies = ProgressGrid(grid, RoundProgress(total_rounds=1, live=False)).send_and_receive(
+        [message(n) for n in (1, 2, 3)])  # type: ignore[arg-type]
+    assert sorted(r.metadata.src_node_id for r in replies) == [1, 2, 3]
+    growing = [0.1 * 1.5 ** k for k in range(9)]  # 0.1 ... 2.56
+    assert waits == pytest.approx([0.1, *growing[1:], 3.0, 3.0, 0.1, 0.15])
+    waits.clear()  # no reply at the first pull: the first wait is short all the same
+    ProgressGrid(FakeGrid({1: 3}, pull_interval=None), RoundProgress(total_rounds=1, live=False)).send_and_receive(
+        [message(1)])  # type: ignore[arg-type]
+    assert waits == pytest.approx([0.1, 0.15])
+
+
+def test_the_simulation_grid_is_pulled_at_its_own_interval(monkeypatch: pytest.MonkeyPatch) -> None:
+    waits: list[float] = []
+    monkeypatch.setattr("fedpgen.server.progress.time.sleep", waits.append)
+    grid = FakeGrid({1: 1, 2: 4}, pull_interval=0.1)  # Flower's in-memory grid
+    ProgressGrid(grid, RoundProgress(total_rounds=1, live=False)).send_and_receive([message(n) for n in (1, 2)])
+    assert waits == [0.1, 0.1, 0.1]
 
 
 def test_stage_names() -> None:
