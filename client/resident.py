@@ -14,21 +14,21 @@ server sent: the device runs the FedPGen it has installed (what a device operato
 and a FAB from a different FedPGen is refused by the run config's schema anyway.
 
 ``fedpgen deploy supernode`` starts it (``python -m client.resident -- <flower-supernode args>``):
-it starts ``flower-supernode --isolation process`` as its child, serves the child's Runtime
+it starts ``flower-supernode --isolation process`` as its child (through
+``client/supernode_poll.py``: Flower's SuperNode, its SuperLink poll waiting less right
+after a message), serves the child's Runtime
 API until the child exits, and passes its exit status on. A signal stops both.
 """
 
 from __future__ import annotations
 
 import logging
-import shutil
 import signal
 import subprocess
 import sys
 import threading
 import time
 from collections.abc import Callable
-from pathlib import Path
 
 import httpx
 from flwr.app import Message
@@ -142,13 +142,14 @@ def main(argv: list[str]) -> int:
     args = argv[1:] if argv[:1] == ["--"] else argv
     if "--isolation" in args:
         raise SystemExit("fedpgen.client.resident sets --isolation process itself")
-    exe = shutil.which("flower-supernode", path=str(Path(sys.executable).parent)) or "flower-supernode"
     from fedpgen.client.app import (
         app,  # imported once: the resident runtime lives in this process
     )
 
     # preexec_fn runs one prctl call in the child, before any thread of ours exists
-    supernode = subprocess.Popen([exe, *args, "--isolation", "process"], preexec_fn=_die_with_parent)  # noqa: PLW1509
+    # Flower's flower-supernode, its SuperLink poll waiting less after a message (client/supernode_poll.py)
+    supernode = subprocess.Popen([sys.executable, "-m", "fedpgen.client.supernode_poll", *args,  # noqa: PLW1509
+                                  "--isolation", "process"], preexec_fn=_die_with_parent)
 
     def stop(signum: int, _frame: object) -> None:
         if supernode.poll() is None:
