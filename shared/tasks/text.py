@@ -72,7 +72,8 @@ class TextTask(Task, task="text"):
             if not (path / "config.json").is_file():
                 raise FileNotFoundError(f"base-model: no Hugging Face checkpoint (config.json) at {path}")
             return path
-        return ensure_base(steps=cfg.pretrain_steps, seq_len=cfg.seq_len, seed=cfg.seed)
+        population = cfg.data if cfg.data in shakespeare.POPULATIONS else "shakespeare"
+        return ensure_base(steps=cfg.pretrain_steps, seq_len=cfg.seq_len, seed=cfg.seed, population=population)
 
     def load_base(self, path: Path) -> torch.nn.Module:
         model = AutoModelForCausalLM.from_pretrained(str(path), local_files_only=True)
@@ -81,8 +82,9 @@ class TextTask(Task, task="text"):
         return model.eval()
 
     def materialize_users(self, cfg: RunConfig, dest: Path) -> list[Path]:
-        if cfg.data == "shakespeare":
-            population = shakespeare.users(num_users=cfg.num_users, min_bytes=cfg.min_records * cfg.seq_len)
+        if cfg.data in shakespeare.POPULATIONS:
+            population = shakespeare.users(num_users=cfg.num_users, min_bytes=cfg.min_records * cfg.seq_len,
+                                           population=cfg.data)
         else:
             population = synthetic_text.users(num_users=cfg.num_users, docs_per_user=cfg.min_records, seed=cfg.seed)
         if len(population) < cfg.num_users:

@@ -1,6 +1,7 @@
 """The text task's built-in base: a byte-level Llama pre-trained by the project.
 
-Pre-trained on public plays that no simulated user is drawn from, deterministic for a
+Pre-trained on public text that no simulated user is drawn from (the plays outside the
+``shakespeare`` population's, or the poems for ``shakespeare-all``), deterministic for a
 seed, cached on first use under ``$FEDPGEN_CACHE`` (default ``~/.cache/fedpgen``) by a
 hash of its settings. Never committed.
 """
@@ -36,11 +37,15 @@ def model_config(seq_len: int) -> LlamaConfig:
                        pad_token_id=None, **ARCH)
 
 
-def ensure_base(*, steps: int, seq_len: int, seed: int) -> Path:
-    """Return the cached base checkpoint folder, pre-training it first if absent."""
+def ensure_base(*, steps: int, seq_len: int, seed: int, population: str = "shakespeare") -> Path:
+    """Return the cached base checkpoint folder, pre-training it first if absent: on the public
+    text of the Shakespeare ``population`` (``shakespeare.public_text``)."""
     key = {"arch": ARCH, "steps": steps, "seq_len": seq_len, "seed": seed, "batch": PRETRAIN_BATCH,
            "lr": PRETRAIN_LR, "v": 1}
-    return ensure_built("text", key, lambda dest: pretrain(dest, steps=steps, seq_len=seq_len, seed=seed))
+    if population != "shakespeare":  # the default's key unchanged: its cached bases stay valid
+        key["public"] = population
+    return ensure_built("text", key, lambda dest: pretrain(dest, steps=steps, seq_len=seq_len, seed=seed,
+                                                           population=population))
 
 
 def _windows(data: torch.Tensor, n: int, seq_len: int, gen: torch.Generator) -> torch.Tensor:
@@ -48,12 +53,13 @@ def _windows(data: torch.Tensor, n: int, seq_len: int, gen: torch.Generator) -> 
     return torch.stack([data[s : s + seq_len] for s in starts.tolist()])
 
 
-def pretrain(dest: Path, *, steps: int, seq_len: int, seed: int) -> None:
-    """Pre-train the byte-level base on public plays and save it (HF format) to ``dest``."""
+def pretrain(dest: Path, *, steps: int, seq_len: int, seed: int, population: str = "shakespeare") -> None:
+    """Pre-train the byte-level base on the public text of ``population`` and save it (HF
+    format) to ``dest``."""
     torch.manual_seed(seed)
     gen = torch.Generator().manual_seed(seed)
     tok = ByteTokenizer()
-    data = torch.tensor(tok.encode(shakespeare.public_text()), dtype=torch.long)
+    data = torch.tensor(tok.encode(shakespeare.public_text(population)), dtype=torch.long)
     split = int(data.numel() * 0.95)
     train, held = data[:split], data[split:]
     model = LlamaForCausalLM(model_config(seq_len))
@@ -75,6 +81,6 @@ def pretrain(dest: Path, *, steps: int, seq_len: int, seed: int) -> None:
     tok.save(dest)
     meta = {"steps": steps, "seq_len": seq_len, "seed": seed, "public_heldout_ppl": held_ppl,
             "seconds": time.perf_counter() - start, "parameters": sum(p.numel() for p in model.parameters()),
-            "text_bytes": int(data.numel())}
+            "text_bytes": int(data.numel()), "public": population}
     (dest / MARKER).write_text(json.dumps(meta, indent=2))
     log.info("pre-trained base: %d steps, public held-out byte perplexity %.3f", steps, held_ppl)
