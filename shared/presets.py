@@ -150,6 +150,14 @@ PRESETS: dict[str, Preset] = {
         Preset(name="ffa-lora", personal_targets=("mlp",), send=r"\.lora_B\.shared\.",
                keep=r"\.lora_[AB]\.personal\.", frozen=r"\.lora_A\.shared\.",
                schedule=(SHARED_ALONE, PERSONAL_AFTER)),
+        # FFA-LoRA shared, a deep personal part: the shared B on attention as above (A frozen), the
+        # personal part a LoRA on every group (attention, MLP and the output head), so that it can
+        # learn as much of the user as local-only, which trains the same schedule from the base
+        # (its attention LoRA included), on top of the shared base. Measured on the text cohort
+        # under user-level DP (README, "Does federation pay off under DP").
+        Preset(name="ffa-lora-deep", personal_targets=("shared", "mlp", "head"), send=r"\.lora_B\.shared\.",
+               keep=r"\.lora_[AB]\.personal\.", frozen=r"\.lora_A\.shared\.",
+               schedule=(SHARED_ALONE, PERSONAL_AFTER)),
         # FedSA-LoRA: A shared, B personal (the same LoRA), one DP optimizer over both (pattern b)
         Preset(name="fedsa-lora", personal_targets=(), send=r"\.lora_A\.shared\.", keep=r"\.lora_B\.shared\.",
                frozen=r"$^", schedule=(BOTH_JOINTLY,)),

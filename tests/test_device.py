@@ -34,7 +34,7 @@ def test_fit_returns_a_delta_over_the_allowlist_only(make_cfg, task_case, preset
     assert not trained & frozen_base, "a frozen base weight changed"
     moved_sent = {name for name, x in zip(sets.send, delta) if np.abs(x).max() > 0}
     assert moved_sent == set(sets.shared_trainable), "every trainable shared weight moved, frozen ones did not"
-    if preset == "ffa-lora":
+    if preset.startswith("ffa-lora"):
         assert all(re.search(r"lora_B\.shared", s) for s in sets.send)
     if preset == "fedsa-lora":
         assert all(re.search(r"lora_A\.shared", s) for s in sets.send)
@@ -199,6 +199,29 @@ def test_fedavg_lora_deep_keeps_a_personal_lora_on_every_group_and_sends_what_th
     assert any(np.abs(x).max() > 0 for x in deep_delta)
     moved = {k for k in stored if not torch.equal(stored[k], deep.init_keep[k])}
     assert any(".mlp." in k for k in moved) and any(".lm_head." in k for k in moved), "the personal part never trained"
+
+
+def test_ffa_lora_deep_sends_what_ffa_lora_sends_and_keeps_a_personal_lora_on_every_group(make_cfg, tmp_path) -> None:
+    # Prepare: one text user without DP (both runs reproducible), under FFA-LoRA with the
+    # personal LoRA on the MLP and under the deep variant with it on every group
+    cfg = {**task_kwargs("text"), "val_fraction": 0.0, "dp": "off"}
+    ffa = device(make_cfg(preset="ffa-lora", **cfg), state=tmp_path / "ffa")
+    deep = device(make_cfg(preset="ffa-lora-deep", **cfg), state=tmp_path / "deep")
+    # Execute
+    ffa_delta, _, _ = ffa.fit(ffa.init_send, server_round=1)
+    deep_delta, _, _ = deep.fit(deep.init_send, server_round=1)
+    stored = deep.store.load_personal()
+    # Assert: only the shared B is sent, with FFA-LoRA's names and values (the personal part is
+    # off while the shared one trains); the kept part is a personal LoRA on attention, MLP and head
+    assert deep.sets.send == ffa.sets.send and all(".lora_B.shared." in k for k in deep.sets.send)
+    assert all(np.array_equal(a, b) for a, b in zip(deep_delta, ffa_delta, strict=True))
+    assert any(np.abs(x).max() > 0 for x in deep_delta)
+    for module in ("self_attn.q_proj", "mlp.down_proj", "lm_head"):
+        assert any(f".{module}.lora_B.personal." in k for k in deep.sets.keep), module
+    assert not any(".self_attn." in k for k in ffa.sets.keep)
+    moved = {k for k in stored if not torch.equal(stored[k], deep.init_keep[k])}
+    assert {".self_attn.", ".mlp.", ".lm_head."} <= {g for g in (".self_attn.", ".mlp.", ".lm_head.")
+                                                     if any(g in k for k in moved)}, "a personal group never trained"
 
 
 def test_fedavg_bias_deep_sends_one_vector_that_is_added_to_the_logits(make_cfg) -> None:
