@@ -12,7 +12,7 @@ no simulated user's text is ever in pre-training:
 - ``shakespeare``: users from 8 plays; the base learns from the other plays.
 - ``shakespeare-all``: users from every play (about 370 roles of at least 20 records of
   128 bytes: cohorts large enough for user-level DP); the base learns from the poems alone
-  (the sonnets and the four narrative poems, 0.2 MB). A population whose public pre-training
+  (the sonnets and four other poems, 0.2 MB). A population whose public pre-training
   text is not what its users write, as with a public model and people's own writing: what
   the users share (dialogue, the plays' vocabulary) only federation can learn.
 """
