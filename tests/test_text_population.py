@@ -80,6 +80,9 @@ def test_the_text_task_asks_for_its_populations_base(make_cfg: Any, monkeypatch:
 
 def test_shakespeare_all_is_a_text_dataset_only(make_cfg: Any) -> None:
     assert make_cfg(data="shakespeare-all").data == "shakespeare-all"
+    # the registry's text datasets and the populations the data module builds are the same set
+    # (the text task builds synthetic users for any data value it does not find among these)
+    assert set(TASKS["text"].datasets) - {"synthetic"} == set(shakespeare.POPULATIONS)
     assert "shakespeare-all" not in TASKS["behavior"].datasets
     with pytest.raises(ValueError, match="data"):
         make_cfg(task="behavior", data="shakespeare-all")
