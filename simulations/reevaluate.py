@@ -11,6 +11,9 @@ nothing here is a new federated run and nothing is sent anywhere. It prints the 
 numbers and the new ones side by side: medians, and per user shared+personal against
 shared-only and local-only (the goal's count: README, "Does federation pay off under DP?").
 
+``--users OTHER`` evaluates the users another run of the same population evaluated instead
+(e.g. two cohort sizes' shared bases compared on the same users).
+
 The copy under ``--out`` holds the new ``clients.csv`` and ``config.json`` and the evaluated
 devices' states (simulation only: one machine holds every simulated device's key; the run's
 own folder is never written).
@@ -40,6 +43,10 @@ from dp_sweep import VARIANTS, better_than_both, head_to_head, tie_free  # noqa:
 # (client/evaluation.py); everything else made the shared base, or is privacy, and stays.
 REEVALUABLE = frozenset({"personal-lr", "personal-max-steps", "personal-eval-every", "personal-batch-size",
                          "personal-refit", "history-mix", "history-mix-fit"})
+# What makes a population and its users' held-out records: two runs agreeing on these have the
+# same users at the same indices (``--users``: another run's evaluated users).
+POPULATION_KEYS = ("task", "data", "data-dir", "num-users", "min-records", "seq-len", "seed", "heldout-fraction",
+                   "val-fraction")
 
 
 def new_config(run: Path, sets: dict[str, str]) -> dict[str, Any]:
@@ -75,13 +82,29 @@ def _evaluate(job: tuple[dict[str, Any], dict[str, Any], str, str, int]) -> dict
     return device.evaluate(ckpt.theta, four_way=True)
 
 
-def reevaluate(run: Path, sets: dict[str, str], out: Path, *, workers: int) -> list[dict[str, Any]]:
-    """Evaluate the users of ``run``'s ``clients.csv`` again with ``sets``; writes ``out``.
-    ``workers`` processes (1: in this process)."""
+def evaluated_users(run: Path, users: Path | None) -> list[int]:
+    """The users ``run`` evaluated, or those of ``users`` (another run of the same population)."""
+    from fedpgen.server.results import read_clients
+
+    source = users or run
+    if users is not None:
+        mine, theirs = (json.loads((f / "config.json").read_text()) for f in (run, users))
+        differ = [k for k in POPULATION_KEYS if mine.get(k) != theirs.get(k)]
+        if differ:
+            raise ValueError(f"{users} is another population ({', '.join(differ)} differ): its users are not {run}'s")
+    indices = sorted(int(c["client-index"]) for c in read_clients(source))
+    if not indices:
+        raise FileNotFoundError(f"{source}/clients.csv: no evaluated users (a finished four-way run has them)")
+    return indices
+
+
+def reevaluate(run: Path, sets: dict[str, str], out: Path, *, workers: int,
+               users: Path | None = None) -> list[dict[str, Any]]:
+    """Evaluate the users of ``run``'s ``clients.csv`` (or of ``users``') again with ``sets``;
+    writes ``out``. ``workers`` processes (1: in this process)."""
     from rich.progress import track
 
     from fedpgen.client.node import population
-    from fedpgen.server.results import read_clients
     from fedpgen.shared.config import RunConfig
     from fedpgen.shared.population import population_dir, state_dir
 
@@ -89,9 +112,7 @@ def reevaluate(run: Path, sets: dict[str, str], out: Path, *, workers: int) -> l
         raise ValueError("--out must differ from --run: the run's own folder is never written")
     run_values = {**json.loads((run / "config.json").read_text()), "run-dir": str(run)}  # where it is now
     values = new_config(run, sets)
-    indices = sorted(int(c["client-index"]) for c in read_clients(run))
-    if not indices:
-        raise FileNotFoundError(f"{run}/clients.csv: no evaluated users (a finished four-way run has them)")
+    indices = evaluated_users(run, users)
     run_cfg = RunConfig.from_mapping(run_values)
     users = population(population_dir(run_cfg))
     for index in indices:  # the evaluated devices' sealed states, copied (the run's stay as they were)
@@ -135,16 +156,18 @@ def summary(folder: Path) -> dict[str, Any]:
             "both": better_than_both(folder, *judged), "metric": metric, "judged": judged[0]}
 
 
-def print_side_by_side(run: Path, out: Path, sets: dict[str, str]) -> None:
+def print_side_by_side(source: Path, run: Path, out: Path, sets: dict[str, str]) -> None:
+    """``source``'s own numbers (the run whose users were evaluated) and the re-evaluation's."""
     from rich.console import Console
     from rich.table import Table
 
-    a, b = summary(run), summary(out)
-    table = Table(title=f"the same {b['both'][1]} users: {run} and {', '.join(f'{k}={v}' for k, v in sets.items())}")
+    a, b = summary(source), summary(out)
+    changed = ", ".join(f"{k}={v}" for k, v in sets.items()) or "its own settings"
+    table = Table(title=f"the same {b['both'][1]} users: {source}; {run}'s shared base with {changed}")
     for col in ("", *(label for _, label in VARIANTS), "pers vs shared (W/T/L)",
                 f"pers vs local, {a['judged']} (W/T/L)", "better than both"):
         table.add_column(col)
-    for name, s in (("the run", a), ("re-evaluated", b)):
+    for name, s in ((str(source), a), ("re-evaluated", b)):
         wins, n = s["both"]
         table.add_row(name, *(f"{s['median'][v]:.3f}" for v, _ in VARIANTS), "/".join(map(str, s["vs-shared"])),
                       "/".join(map(str, s["vs-local"])), f"{wins}/{n} ({100 * wins / n:.0f}%)")
@@ -156,6 +179,8 @@ def main() -> None:
     parser.add_argument("--run", type=Path, required=True, help="a finished run evaluated four-way")
     parser.add_argument("--set", dest="sets", action="append", default=[],
                         help=f"key=value, one of: {', '.join(sorted(REEVALUABLE))}")
+    parser.add_argument("--users", type=Path, help="evaluate the users another run of the same population evaluated "
+                        "(e.g. two cohort sizes compared on the same users; default: --run's)")
     parser.add_argument("--out", type=Path, required=True, help="where the re-evaluation is written")
     parser.add_argument("--workers", type=int, default=os.cpu_count() or 1, help="processes (default: CPU cores)")
     args = parser.parse_args()
@@ -164,10 +189,10 @@ def main() -> None:
         parser.error(f"--set takes key=value, not {bad[0]!r}")
     sets = dict(s.split("=", 1) for s in args.sets)
     try:
-        reevaluate(args.run, sets, args.out, workers=args.workers)
+        reevaluate(args.run, sets, args.out, workers=args.workers, users=args.users)
     except (ValueError, FileNotFoundError) as exc:
         parser.exit(2, f"error: {exc}\n")
-    print_side_by_side(args.run, args.out, sets)
+    print_side_by_side(args.users or args.run, args.run, args.out, sets)
 
 
 if __name__ == "__main__":

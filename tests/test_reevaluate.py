@@ -99,3 +99,15 @@ def test_a_run_whose_checkpoint_another_config_wrote_is_refused(tool, run: Path,
     (run / "config.json").write_text(json.dumps({**values, "lr": values["lr"] * 2}))
     with pytest.raises(ValueError, match="different configuration"):
         tool.reevaluate(run, {}, tmp_path / "other", workers=1)
+
+
+def test_another_runs_users_are_evaluated_when_it_is_the_same_population(tool, run: Path, tmp_path: Path) -> None:
+    other = Path(shutil.copytree(run, tmp_path / "other"))
+    rows = [c for c in read_clients(run) if int(c["client-index"]) == 0]
+    tool.write_rows(other, [{**rows[0], "client-index": 1}], json.loads((run / "config.json").read_text()))
+    tool.reevaluate(run, {}, tmp_path / "on-other-users", workers=1, users=other)
+    assert set(by_user(tmp_path / "on-other-users")) == {1}  # user 1, whom only the other run evaluated
+    values = json.loads((other / "config.json").read_text())
+    (other / "config.json").write_text(json.dumps({**values, "num-users": values["num-users"] + 1}))
+    with pytest.raises(ValueError, match="another population .*num-users"):
+        tool.reevaluate(run, {}, tmp_path / "refused", workers=1, users=other)
