@@ -171,7 +171,7 @@ def print_side_by_side(source: Path, run: Path, out: Path, sets: dict[str, str])
         wins, n = s["both"]
         table.add_row(name, *(f"{s['median'][v]:.3f}" for v, _ in VARIANTS), "/".join(map(str, s["vs-shared"])),
                       "/".join(map(str, s["vs-local"])), f"{wins}/{n} ({100 * wins / n:.0f}%)")
-    Console().print(table)
+    Console(width=None if sys.stdout.isatty() else 200).print(table)  # a log file gets the whole table
 
 
 def main() -> None:
