@@ -31,6 +31,7 @@ import os
 import shutil
 import statistics
 import sys
+import time
 from pathlib import Path
 from typing import Any
 
@@ -188,10 +189,12 @@ def main() -> None:
     if bad:
         parser.error(f"--set takes key=value, not {bad[0]!r}")
     sets = dict(s.split("=", 1) for s in args.sets)
+    started = time.perf_counter()
     try:
-        reevaluate(args.run, sets, args.out, workers=args.workers, users=args.users)
+        rows = reevaluate(args.run, sets, args.out, workers=args.workers, users=args.users)
     except (ValueError, FileNotFoundError) as exc:
         parser.exit(2, f"error: {exc}\n")
+    print(f"{len(rows)} users re-evaluated in {(time.perf_counter() - started) / 60:.1f} min -> {args.out}")
     print_side_by_side(args.users or args.run, args.run, args.out, sets)
 
 
