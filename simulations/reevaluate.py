@@ -115,9 +115,9 @@ def reevaluate(run: Path, sets: dict[str, str], out: Path, *, workers: int,
     values = new_config(run, sets)
     indices = evaluated_users(run, users)
     run_cfg = RunConfig.from_mapping(run_values)
-    users = population(population_dir(run_cfg))
+    folders = population(population_dir(run_cfg))
     for index in indices:  # the evaluated devices' sealed states, copied (the run's stay as they were)
-        src, dst = state_dir(run_cfg, users[index]), out / "devices" / users[index].name
+        src, dst = state_dir(run_cfg, folders[index]), out / "devices" / folders[index].name
         shutil.rmtree(dst, ignore_errors=True)
         if src.is_dir():
             shutil.copytree(src, dst)
