@@ -68,6 +68,7 @@ def _evaluate(job: tuple[dict[str, Any], dict[str, Any], str, str, int]) -> dict
 
     from fedpgen.client.device import Device
     from fedpgen.client.node import population
+    from fedpgen.client.runtime import lease
     from fedpgen.server import checkpoint
     from fedpgen.shared.config import RunConfig
     from fedpgen.shared.population import population_dir, state_dir
@@ -76,11 +77,12 @@ def _evaluate(job: tuple[dict[str, Any], dict[str, Any], str, str, int]) -> dict
     torch.set_num_threads(1)
     run_cfg, cfg = RunConfig.from_mapping(run_values), RunConfig.from_mapping({**values, "run-dir": out})
     user = population(population_dir(run_cfg))[index]
-    device = Device(cfg, user_dir=user, state_dir=state_dir(cfg, user), client_index=index)
-    ckpt = checkpoint.latest(Path(run) / "checkpoints", config_hash=run_cfg.model_hash(), names=device.sets.send)
-    if ckpt is None:
-        raise FileNotFoundError(f"{run}/checkpoints: no checkpoint, so no final shared base to evaluate")
-    return device.evaluate(ckpt.theta, four_way=True)
+    with lease(cfg) as runtime:  # the process's resident model, reset for this user (as in a simulation)
+        device = Device(cfg, user_dir=user, state_dir=state_dir(cfg, user), client_index=index, runtime=runtime)
+        ckpt = checkpoint.latest(Path(run) / "checkpoints", config_hash=run_cfg.model_hash(), names=device.sets.send)
+        if ckpt is None:
+            raise FileNotFoundError(f"{run}/checkpoints: no checkpoint, so no final shared base to evaluate")
+        return device.evaluate(ckpt.theta, four_way=True)
 
 
 def evaluated_users(run: Path, users: Path | None) -> list[int]:
