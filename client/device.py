@@ -30,7 +30,7 @@ from fedpgen.shared.privacy.user_level import add_noise_share, clip_delta
 from fedpgen.shared.sealing import TamperedStateError
 from fedpgen.shared.store import DeviceStore, device_sealer
 from fedpgen.shared.tasks import NoUsableDataError, get_task
-from fedpgen.shared.training import TrainResult, mean_loss, train
+from fedpgen.shared.training import TrainResult, mean_loss, train, train_cross_validated
 from fedpgen.shared.wire import (
     BUDGET_EXHAUSTED,
     NO_USABLE_DATA,
@@ -135,16 +135,27 @@ class Device:
         mechanism = privacy if phase.private else NoPrivacy()
         names = tuple(n for part in phase.trains for n in self._trainable[part])
         val = self.data.val if phase.early_stopping and not mechanism.private else None
-        records, memory = self.data.train, None
+        records, memory, prior = self.data.train, None, None
         if not phase.private and phase.trains == (PERSONAL,):  # the personal part alone, without DP
             prior = self.prior_records()
             records = records if prior is None else torch.cat([records, prior])
             memory = self.fit_memory()
+        common = dict(task=self.task, steps=phase.num_steps(cfg), batch_size=phase.batch_size(cfg),
+                      lr=phase.learning_rate(cfg), names=names, eval_every=cfg.personal_eval_every,
+                      micro_batch=self.micro_batch, dtype=self.dtype)
         with active(self.model, list(phase.adapters), names) as params:
-            return train(self.model, params, records, task=self.task, steps=phase.num_steps(cfg),
-                         batch_size=phase.batch_size(cfg), lr=phase.learning_rate(cfg), gen=gen, privacy=mechanism,
-                         val=val, names=names, eval_every=cfg.personal_eval_every, micro_batch=self.micro_batch,
-                         dtype=self.dtype, memory=memory)
+            if phase.early_stopping and not mechanism.private and self._cross_validates(common["steps"]):
+                # personal-folds: the user's training and validation records, every one scored once
+                pool = torch.cat([self.data.train, self.data.val.to(self.data.train.device)])
+                return train_cross_validated(self.model, params, pool, folds=cfg.personal_folds, gen=gen,
+                                             extra=prior, **common)
+            return train(self.model, params, records, gen=gen, privacy=mechanism, val=val, memory=memory, **common)
+
+    def _cross_validates(self, steps: int) -> bool:
+        """``personal-folds >= 2`` selects the personal fit's step by cross-validation, given at
+        least two records to fold and a step to take (otherwise the single validation split)."""
+        n = self.data.train.shape[0] + self.data.val.shape[0]
+        return self.cfg.personal_folds >= 2 and n >= 2 and steps > 0
 
     def fit_memory(self) -> torch.Tensor | None:
         """What the personal fit's loss consults besides the model (``history-mix-fit``: the

@@ -28,6 +28,10 @@ _RESUMABLE_KEYS = frozenset({"num-server-rounds", "run-dir", "client-cpus", "cli
                              "threads-per-client", "cpu-heap-keep-mib", "round-timeout", "min-available-clients",
                              "wire-transcript", "evaluation", "personal-refit", "metrics-log", "history-mix"})
 
+# Keys added after runs were made with this schema: at these values they leave model_hash as it
+# was without them, so older runs' checkpoints stay theirs (resume, simulations/reevaluate.py).
+_LATER_KEYS = {"personal-folds": 0}
+
 METRICS_LOGS = ("none", "tensorboard", "mlflow")  # metrics-log: where the server logs its per-round aggregates
 
 
@@ -91,6 +95,7 @@ class RunConfig:
     personal_eval_every: int
     personal_batch_size: int
     personal_refit: str
+    personal_folds: int
     lora_rank: int
     lora_alpha: int
     personal_rank: int
@@ -162,11 +167,7 @@ class RunConfig:
         need(self.local_steps >= 1, "local-steps", "must be >= 1")
         need(self.batch_size >= 1, "batch-size", "must be >= 1")
         need(self.lr > 0.0, "lr", "must be > 0")
-        need(self.personal_lr > 0.0, "personal-lr", "must be > 0")
-        need(self.personal_max_steps >= 0, "personal-max-steps", "must be >= 0")
-        need(self.personal_eval_every >= 1, "personal-eval-every", "must be >= 1")
-        need(self.personal_batch_size >= 0, "personal-batch-size", "must be >= 0 (0 = batch-size)")
-        need(self.personal_refit in {"continue", "fresh"}, "personal-refit", "valid: continue, fresh")
+        self._check_personal_fit()
         need(self.lora_rank >= 1, "lora-rank", "must be >= 1")
         need(self.lora_alpha >= 1, "lora-alpha", "must be >= 1")
         need(self.personal_rank >= 1, "personal-rank", "must be >= 1")
@@ -191,6 +192,19 @@ class RunConfig:
         need(self.server_lr > 0.0, "server-lr", "must be > 0")
         self._check_runtime()
         self._check_privacy()
+
+    def _check_personal_fit(self) -> None:
+        """The phases that fit the personal part without DP, and the final fit."""
+        need = self._need
+        need(self.personal_lr > 0.0, "personal-lr", "must be > 0")
+        need(self.personal_max_steps >= 0, "personal-max-steps", "must be >= 0")
+        need(self.personal_eval_every >= 1, "personal-eval-every", "must be >= 1")
+        need(self.personal_batch_size >= 0, "personal-batch-size", "must be >= 0 (0 = batch-size)")
+        need(self.personal_refit in {"continue", "fresh"}, "personal-refit", "valid: continue, fresh")
+        need(self.personal_folds >= 0 and self.personal_folds != 1, "personal-folds",
+             "0 (one validation split) or at least 2 folds")
+        need(not (self.personal_folds and self.history_mix_fit), "personal-folds",
+             "cross-validation scores the model's loss alone: not with history-mix-fit")
 
     def _check_runtime(self) -> None:
         """Where and how the run executes: folders, simulation resources, processes, logs."""
@@ -289,7 +303,8 @@ class RunConfig:
         """Hash of every setting that changes what a checkpoint means (not rounds or paths)."""
         # history-mix is read at evaluation only, unless the personal fit trains through it
         fixed = {"history-mix"} if self.history_mix_fit else set()
-        items = {k: v for k, v in self.to_toml_dict().items() if k not in _RESUMABLE_KEYS - fixed}
+        items = {k: v for k, v in self.to_toml_dict().items()
+                 if k not in _RESUMABLE_KEYS - fixed and not (k in _LATER_KEYS and v == _LATER_KEYS[k])}
         return hashlib.sha256(json.dumps(items, sort_keys=True).encode()).hexdigest()[:16]
 
 

@@ -23,6 +23,7 @@ from fedpgen.shared.tasks.base import Task
 class TrainResult:
     mean_loss: float
     best_step: int = -1  # the step whose state was kept by early stopping (-1: no early stopping)
+    val_curve: tuple[tuple[int, float], ...] = ()  # (step, mean validation loss) at each validation, step 0 first
 
 
 def model_device(model: torch.nn.Module) -> torch.device:
@@ -90,6 +91,7 @@ def train(model: torch.nn.Module, params: list[torch.nn.Parameter], records: tor
         raise ValueError("a private phase's loss is the model's alone: the user's memory never enters DP-SGD")
     if early_stop:
         best = (mean_loss(model, val, task=task, dtype=dtype, memory=memory), 0, get_tensors(model, names))
+        curve = [(0, best[0])]
     device = model_device(model)
     autocast = None if privacy.private else dtype
 
@@ -106,6 +108,7 @@ def train(model: torch.nn.Module, params: list[torch.nn.Parameter], records: tor
             if early_stop and (step % eval_every == 0 or step == steps):
                 val_loss = mean_loss(model, val, task=task, dtype=dtype, memory=memory)
                 model.train()  # mean_loss left it in eval mode; train() walks every module, so only here
+                curve.append((step, val_loss))
                 if val_loss < best[0]:
                     best = (val_loss, step, get_tensors(model, names))
     finally:
@@ -116,4 +119,45 @@ def train(model: torch.nn.Module, params: list[torch.nn.Parameter], records: tor
     if not early_stop:
         return TrainResult(mean_loss=mean)
     set_tensors(model, best[2])
-    return TrainResult(mean_loss=mean, best_step=best[1])
+    return TrainResult(mean_loss=mean, best_step=best[1], val_curve=tuple(curve))
+
+
+def train_cross_validated(model: torch.nn.Module, params: list[torch.nn.Parameter], records: torch.Tensor, *,
+                          folds: int, names: tuple[str, ...], steps: int, eval_every: int, gen: torch.Generator,
+                          extra: torch.Tensor | None = None, **kwargs) -> TrainResult:
+    """Early stopping by ``folds``-fold cross-validation, then one fit on every record.
+
+    ``records`` are all of the user's records a fit may see (training and validation: never
+    the held-out ones). Each fold in turn is scored, every ``eval_every`` steps and at step 0,
+    while ``names`` train from their starting state on the other folds; the step with the
+    lowest loss summed over every record (each scored once, by the fit that did not see it)
+    is then trained on all of them from the same start. Step 0 wins when no step helps, as in
+    ``train``'s early stopping. ``extra`` records (e.g. prior-preservation images) join every
+    fit's training records and are never scored. Not private: refused under DP, like any
+    selection on validation (docs/architecture.md, "Early stopping of the personal part").
+    ``kwargs``: ``train``'s other arguments (task, batch_size, lr, privacy, dtype, ...)."""
+    if kwargs.get("privacy", NoPrivacy()).private:
+        raise ValueError("cross-validated early stopping is not differentially private; train fixed steps")
+    if kwargs.get("memory") is not None:
+        raise ValueError("cross-validation scores records by the model's loss alone: no user memory")
+    k = min(folds, records.shape[0])
+    if k < 2 or steps == 0 or not params:
+        raise ValueError(f"cross-validation needs at least 2 records, 2 folds and a step (got {records.shape[0]}, "
+                         f"{folds}, {steps})")
+    start = get_tensors(model, names)
+    seeds = torch.randint(0, 2**62, (k,), generator=gen).tolist()  # drawn first: the final fit's stream follows
+    total: dict[int, float] = {}
+    for fold, seed in enumerate(seeds):
+        held = torch.arange(records.shape[0]) % k == fold
+        fit_on = records[~held] if extra is None else torch.cat([records[~held], extra])
+        set_tensors(model, start)
+        res = train(model, params, fit_on, val=records[held], names=names, steps=steps, eval_every=eval_every,
+                    gen=torch.Generator().manual_seed(seed), **kwargs)
+        for step, loss in res.val_curve:
+            total[step] = total.get(step, 0.0) + loss * int(held.sum())
+    best = min(total, key=lambda s: (total[s], s))
+    set_tensors(model, start)
+    every = records if extra is None else torch.cat([records, extra])
+    final = train(model, params, every, steps=best, gen=gen, **kwargs)
+    curve = tuple((s, total[s] / records.shape[0]) for s in sorted(total))
+    return TrainResult(mean_loss=final.mean_loss, best_step=best, val_curve=curve)

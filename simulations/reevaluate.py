@@ -43,7 +43,7 @@ from dp_sweep import VARIANTS, better_than_both, head_to_head, tie_free  # noqa:
 # What a re-evaluation may change: the final fit of the personal part and the evaluation
 # (client/evaluation.py); everything else made the shared base, or is privacy, and stays.
 REEVALUABLE = frozenset({"personal-lr", "personal-max-steps", "personal-eval-every", "personal-batch-size",
-                         "personal-refit", "history-mix", "history-mix-fit"})
+                         "personal-folds", "personal-refit", "history-mix", "history-mix-fit"})
 # What makes a population and its users' held-out records: two runs agreeing on these have the
 # same users at the same indices (``--users``: another run's evaluated users).
 POPULATION_KEYS = ("task", "data", "data-dir", "num-users", "min-records", "seq-len", "seed", "heldout-fraction",
