@@ -128,9 +128,11 @@ class Device:
         digest = hashlib.sha256(f"{self.cfg.seed}/{self.key}/{purpose}/{server_round}".encode()).digest()
         return torch.Generator().manual_seed(int.from_bytes(digest[:8], "little"))
 
-    def run_phase(self, phase: Phase, gen: torch.Generator, privacy: Mechanism) -> TrainResult:
+    def run_phase(self, phase: Phase, gen: torch.Generator, privacy: Mechanism, *, final: bool = False) -> TrainResult:
         """One phase of the schedule: a private phase under ``privacy``, the others without DP;
-        early stopping on validation only without DP (selection is not private)."""
+        early stopping on validation only without DP (selection is not private). ``final``: the
+        personal part's last fit (``personalize``, local-only's alike), whose step
+        ``personal-folds`` chooses by cross-validation; a round's fits stop on the validation split."""
         cfg = self.cfg
         mechanism = privacy if phase.private else NoPrivacy()
         names = tuple(n for part in phase.trains for n in self._trainable[part])
@@ -144,7 +146,7 @@ class Device:
                       lr=phase.learning_rate(cfg), names=names, eval_every=cfg.personal_eval_every,
                       micro_batch=self.micro_batch, dtype=self.dtype)
         with active(self.model, list(phase.adapters), names) as params:
-            if phase.early_stopping and not mechanism.private and self._cross_validates(common["steps"]):
+            if final and phase.early_stopping and not mechanism.private and self._cross_validates(common["steps"]):
                 # personal-folds: the user's training and validation records, every one scored once
                 pool = torch.cat([self.data.train, self.data.val.to(self.data.train.device)])
                 return train_cross_validated(self.model, params, pool, folds=cfg.personal_folds, gen=gen,
@@ -219,7 +221,7 @@ class Device:
                 set_tensors(self.model, cand)
                 losses.append((self._val_loss(memory=self.fit_memory()), i))
             set_tensors(self.model, candidates[min(losses)[1]])
-        self.run_phase(PERSONALIZE, gen, NoPrivacy())
+        self.run_phase(PERSONALIZE, gen, NoPrivacy(), final=True)
 
     def load_personal(self) -> None:
         stored = self.store.load_personal()

@@ -73,4 +73,5 @@ def _local_only(device: Device) -> None:
     for r in range(max(1, int(device.store.load_meta().get("rounds_trained", 0)))):
         device.train_round(device.generator("local", r))
     if device.sets.personal_trainable:
-        device.run_phase(PERSONALIZE, device.generator("local-personalize", 0), NoPrivacy())  # same final fit
+        # the same final fit as shared+personal's (personal-folds included)
+        device.run_phase(PERSONALIZE, device.generator("local-personalize", 0), NoPrivacy(), final=True)

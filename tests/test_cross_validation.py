@@ -68,16 +68,36 @@ def test_the_fit_trains_on_validation_records_and_never_reads_held_out_ones(make
             records = getattr(d.data, change).clone()
             records[0] = torch.roll(records[0], 1)
             d.data = dataclasses.replace(d.data, **{change: records})
-        # Execute: the device's own phase (personal-folds from config), as its rounds run it
+        # Execute: the device's own final fit (personal-folds from config), as personalize runs it
         d.cfg = make_cfg(dp="off", personal_folds=3, personal_lr=0.01, personal_max_steps=6,
                          personal_eval_every=2)
-        res = d.run_phase(PERSONALIZE, torch.Generator().manual_seed(3), NoPrivacy())
+        res = d.run_phase(PERSONALIZE, torch.Generator().manual_seed(3), NoPrivacy(), final=True)
         assert res.best_step > 0, "no step kept: the test would not tell what the fit trained on"
         fits.append(get_tensors(d.model, d.sets.keep))
     base, val_changed, held_changed = fits
     # Assert
     assert any(not torch.equal(base[k], val_changed[k]) for k in base), "validation records not trained on"
     assert all(torch.equal(base[k], held_changed[k]) for k in base), "a held-out record changed the fit"
+
+
+def test_a_rounds_personal_fit_stops_on_the_validation_split_and_only_the_final_fit_cross_validates(make_cfg) -> None:
+    # Prepare: the same user with personal-folds = 3 and = 0 (K + 1 fits in every round would
+    # multiply a round's cost; the final fit, done once, is the one the user keeps)
+    kept = {}
+    for folds in (3, 0):
+        for final in (False, True):
+            d = device(make_cfg(dp="off"))
+            d.cfg = make_cfg(dp="off", personal_folds=folds, personal_lr=0.01, personal_max_steps=6,
+                             personal_eval_every=2)
+            # Execute
+            res = d.run_phase(PERSONALIZE, torch.Generator().manual_seed(3), NoPrivacy(), final=final)
+            kept[folds, final] = (res.best_step, get_tensors(d.model, d.sets.keep))
+    # Assert: in a round the key changes nothing, bit for bit; in the final fit it does
+    (step_r3, round3), (step_r0, round0) = kept[3, False], kept[0, False]
+    assert step_r3 == step_r0 and all(torch.equal(round3[k], round0[k]) for k in round0)
+    final3, final0 = kept[3, True][1], kept[0, True][1]
+    assert all(torch.equal(final0[k], round0[k]) for k in round0), "folds = 0: the final fit is a round's fit"
+    assert any(not torch.equal(final3[k], final0[k]) for k in final0), "the final fit did not cross-validate"
 
 
 def test_cross_validation_is_refused_under_dp_and_with_the_users_memory(make_cfg) -> None:
