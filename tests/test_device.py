@@ -80,10 +80,12 @@ def test_the_final_fit_starts_where_personal_refit_says(make_cfg, monkeypatch, r
     with_stored = d._val_loss()
     set_tensors(d.model, d.init_keep)
     assert with_stored < d._val_loss(), "validation does not prefer the stored part: the test would not tell"
-    monkeypatch.setattr(d, "run_phase", lambda phase, gen, privacy: None)  # observe the starting point only
+    calls = []  # observe the starting point only
+    monkeypatch.setattr(d, "run_phase", lambda phase, gen, privacy, final=False: calls.append(final))
     # Execute
     d.personalize(torch.Generator().manual_seed(0))
     start = get_tensors(d.model, d.sets.keep)
+    assert calls == [True], "personalize is the final fit (personal-folds applies to it)"
     # Assert: "continue" starts from the stored part (validation prefers it), "fresh" from the
     # fresh init (the final base its prior)
     expected = stored if refit == "continue" else d.init_keep
@@ -98,7 +100,8 @@ def test_without_validation_records_the_final_fit_continues_from_the_stored_pers
     d.fit(d.init_send, server_round=1)
     stored = d.store.load_personal()
     assert any(not torch.equal(stored[k], d.init_keep[k]) for k in stored)
-    monkeypatch.setattr(d, "run_phase", lambda phase, gen, privacy: None)  # observe the starting point only
+    # observe the starting point only
+    monkeypatch.setattr(d, "run_phase", lambda phase, gen, privacy, final=False: None)
     # Execute
     d.personalize(torch.Generator().manual_seed(0))
     # Assert: it starts from what the rounds trained, not from scratch
