@@ -23,6 +23,7 @@ sweep of the same cohort) without running.
     python simulations/dp_sweep.py                                   # text, 20 roles (about 30 min on 2 cores)
     python simulations/dp_sweep.py --config simulations/image.toml   # faces, 10 users (about 25 min)
     python simulations/dp_sweep.py --config simulations/behavior_cohort.toml --unit user
+    python simulations/dp_sweep.py --config simulations/text_cohort_wide.toml --unit user --epsilons 8  # about 55 min
     python simulations/dp_sweep.py --report runs/dp_sweep/behavior-record runs/dp_sweep/behavior-user
 """
 
