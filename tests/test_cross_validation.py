@@ -100,6 +100,20 @@ def test_a_rounds_personal_fit_stops_on_the_validation_split_and_only_the_final_
     assert any(not torch.equal(final3[k], final0[k]) for k in final0), "the final fit did not cross-validate"
 
 
+def test_local_only_gets_the_same_cross_validated_final_fit(make_cfg, monkeypatch) -> None:
+    from fedpgen.client.evaluation import _local_only
+
+    # Prepare: observe every phase local-only runs, and with which kind of early stopping
+    d = device(make_cfg(dp="off", personal_folds=3, personal_max_steps=2, personal_eval_every=1))
+    calls, real = [], d.run_phase
+    monkeypatch.setattr(d, "run_phase", lambda phase, gen, privacy=NoPrivacy(), final=False:
+                        (calls.append(final), real(phase, gen, privacy, final=final))[1])
+    # Execute
+    _local_only(d)
+    # Assert: its round (one: the device trained none) stops on the split, its last fit cross-validates
+    assert calls == [False] * len(d.preset.schedule) + [True]
+
+
 def test_cross_validation_is_refused_under_dp_and_with_the_users_memory(make_cfg) -> None:
     from fedpgen.shared.privacy.mechanism import RecordDP
 
