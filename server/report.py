@@ -21,7 +21,16 @@ from typing import Any
 
 from fedpgen.server.plots import VARIANT_TITLES, epsilon_by_user, plot_run, user_key
 from fedpgen.server.results import read_clients, read_config, read_jsonl
-from fedpgen.server.summary import _fmt_gain, _gain, summarize, user_label, user_names
+from fedpgen.server.summary import (
+    _fmt_gain,
+    _gain,
+    epsilon_cells,
+    epsilon_columns,
+    summarize,
+    user_label,
+    user_level_epsilon,
+    user_names,
+)
 from fedpgen.shared.config import RunConfig
 from fedpgen.shared.tasks import TASKS
 
@@ -185,11 +194,11 @@ def privacy_statement(run_dir: Path, cfg: RunConfig, summary: Mapping[str, Any])
         Plain sentences, the most important first.
     """
     lines = _record_level(run_dir, cfg)
-    if cfg.user_dp != "off":
-        user_eps = [r["user-epsilon"] for r in read_jsonl(Path(run_dir) / "rounds.jsonl") if "user-epsilon" in r]
+    user_eps = user_level_epsilon(read_jsonl(Path(run_dir) / "rounds.jsonl"), cfg)
+    if user_eps is not None:
         lines.append(("ok", f"User-level DP ({cfg.user_dp} DP-FedAvg, clip S = {cfg.user_clip:g}, noise "
                             + f"multiplier z = {cfg.user_noise_multiplier:g}): ε = "
-                            + f"{user_eps[-1] if user_eps else 0.0:.2f} per user, δ = {cfg.dp_delta:g}: "
+                            + f"{user_eps:.2f} per user, δ = {cfg.dp_delta:g}: "
                             + "protects everything a user holds at once"))
     else:
         lines.append(("info", "No user-level DP (user-dp = off): a user's data is protected record by record, "
@@ -270,6 +279,12 @@ def _results(summary: Mapping[str, Any]) -> str:
             + medians_table + _table("outcomes", ["outcome", "value"], facts))
 
 
+EPSILON_NOTES = {"record ε": "record ε: the record-level ε the user's device spent (its ledger)",
+                 "user ε": "user ε: the user-level ε, which covers all of a user's data at once (the server's "
+                           "accountant)",
+                 "ε": "ε: no DP protects this run"}
+
+
 def _users(run_dir: Path, summary: Mapping[str, Any], names: Mapping[int, str]) -> str:
     task = TASKS[summary["task"]]
     p, variants = task.primary, list(summary["variants"])
@@ -277,7 +292,7 @@ def _users(run_dir: Path, summary: Mapping[str, Any], names: Mapping[int, str]) 
     eps = epsilon_by_user(run_dir)
     clients = sorted(read_clients(run_dir), key=lambda c: c.get("client-index", -1))
     headers = ["user", "held-out records", *(VARIANT_TITLES.get(v, v) for v in variants), "pers. gain",
-               *(("fed. gain",) if local else ()), "ε spent"]
+               *(("fed. gain",) if local else ()), *epsilon_columns(summary)]
     rows = []
     for c in clients[:MAX_USER_ROWS]:
         index = int(c.get("client-index", -1))
@@ -288,12 +303,13 @@ def _users(run_dir: Path, summary: Mapping[str, Any], names: Mapping[int, str]) 
         cells.append(f"<td class=n>{_e(_fmt_gain(task, _gain(task, values['shared'], values['personal'])))}</td>")
         if local:
             cells.append(f"<td class=n>{_e(_fmt_gain(task, _gain(task, values['local'], values['personal'])))}</td>")
-        cells.append(_num(eps[user_key(c)], 2) if user_key(c) in eps else "<td class=n>–</td>")
+        cells += [_num(e, 2) if e is not None else "<td class=n>–</td>"
+                  for e in epsilon_cells(summary, eps.get(user_key(c)))]
         rows.append(cells)
     note = (f"<p class=note>The first {MAX_USER_ROWS} of {len(clients)} users; all of them are in clients.csv.</p>"
             if len(clients) > MAX_USER_ROWS else "")
-    return (f"<p>{_e(task.primary_label)} on each user's held-out records; the best variant per user in bold; "
-            "ε: record-level ε the user's device spent (its ledger).</p>"
+    return (f"<p>{_e(task.primary_label)} on each user's held-out records; the best variant per user in bold"
+            + "".join(f"; {_e(EPSILON_NOTES[column])}" for column in epsilon_columns(summary)) + ".</p>"
             + _table("users", headers, [], raw=rows) + note)
 
 

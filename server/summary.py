@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import statistics
 from collections.abc import Mapping
 from pathlib import Path
@@ -35,6 +36,29 @@ def epsilon_by_client(run_dir: Path) -> dict[int, float]:
         if "dp-epsilon" in row:
             out[int(row["client-index"])] = float(row["dp-epsilon"])
     return out
+
+
+def user_level_epsilon(rounds: list[dict[str, Any]], cfg: RunConfig) -> float | None:
+    """The user-level ε the server's accountant reported after the newest round (0 before any
+    round), or ``None`` when the run has no user-level DP (``user-dp = off``)."""
+    if cfg.user_dp == "off":
+        return None
+    spent = [float(r["user-epsilon"]) for r in rounds if "user-epsilon" in r]
+    return spent[-1] if spent else 0.0
+
+
+def epsilon_columns(summary: Mapping[str, Any]) -> list[str]:
+    """The ε columns of a per-user table: ``record ε`` (the device's ledger) when the devices ran
+    DP-SGD, ``user ε`` under user-level DP; a bare ``ε`` (∞) when neither protects anything.
+    A user-level run without DP-SGD thus never shows its devices' record-level ∞ as the user's ε."""
+    columns = ["record ε"] * bool(summary.get("record-dp")) + ["user ε"] * (summary.get("user-epsilon") is not None)
+    return columns or ["ε"]
+
+
+def epsilon_cells(summary: Mapping[str, Any], record: float | None) -> list[float | None]:
+    """One user's values for :func:`epsilon_columns`: its device's record-level ε (``None``: its
+    device reported none), and the run's user-level ε, the same for every user."""
+    return [summary["user-epsilon"] if column == "user ε" else record for column in epsilon_columns(summary)]
 
 
 def user_names(run_dir: Path) -> dict[int, str]:
@@ -94,10 +118,10 @@ def privacy_lines(run_dir: Path, rounds: list[dict[str, Any]], *, cfg: RunConfig
                  "guarantee below only"]
     else:
         lines = ["NOT PRIVATE at record level: no DP-SGD (dp = off or σ = 0)"]
-    user_eps = [r["user-epsilon"] for r in rounds if "user-epsilon" in r]
-    if cfg.user_dp != "off":
+    user_eps = user_level_epsilon(rounds, cfg)
+    if user_eps is not None:
         lines.append(f"user-level DP ({cfg.user_dp} DP-FedAvg, S={cfg.user_clip}, "
-                     f"z={cfg.user_noise_multiplier}): ε = {user_eps[-1] if user_eps else 0.0:.2f} per user")
+                     f"z={cfg.user_noise_multiplier}): ε = {user_eps:.2f} per user")
     if cfg.secure_aggregation:
         cap = f" capped at {cfg.secagg_max_shares}" if cfg.secagg_num_shares <= 1 and cfg.secagg_max_shares else ""
         lines.append(f"secure aggregation (Flower SecAgg+, num-shares {cfg.secagg_num_shares:g}{cap}, threshold "
@@ -173,7 +197,10 @@ def summarize(run_dir: Path) -> dict[str, Any]:
         "skipped": {r: n for r in SKIP_REASONS if (n := sum(int(c.get(f"skipped-{r}") or 0) for c in clients))},
         "refused": {r: max((int(row.get(r, 0)) for row in all_rounds), default=0) for r in REFUSALS},
         "mean-bytes-down-per-client-round": statistics.mean(r["bytes-down-mean"] for r in rounds) if rounds else 0.0,
-        "epsilon-by-client": epsilon_by_client(run_dir),
+        "epsilon-by-client": epsilon_by_client(run_dir),  # record-level: ∞ on devices without DP-SGD
+        "record-dp": cfg.record_dp,
+        "user-epsilon": user_level_epsilon(all_rounds, cfg),  # covers all of a user's data at once
+        "delta": cfg.dp_delta,
         "privacy": privacy_lines(run_dir, all_rounds, cfg=cfg),
         "instrument": get_task(cfg.task).instrument(),
     }
@@ -203,19 +230,20 @@ def render_summary(run_dir: Path, summary: dict[str, Any], *, names: Mapping[int
     eps = summary["epsilon-by-client"]
     variants, local = summary["variants"], "local" in summary["variants"]
     titles = {"base": "base", "shared": "shared", "personal": "shared+personal", "local": "local-only"}
-    for col in ("client", *(titles[v] for v in variants), "pers. gain", *(("fed. gain",) if local else ()), "ε"):
+    for col in ("client", *(titles[v] for v in variants), "pers. gain", *(("fed. gain",) if local else ()),
+                *epsilon_columns(summary)):
         table.add_column(col, justify="right" if col != "client" else "left")
     for c in sorted(read_clients(run_dir), key=lambda r: r["client-index"]):
         name = user_label(int(c["client-index"]), names, c)
         fed = (_fmt_gain(task, _gain(task, c[f"local-{p}"], c[f"personal-{p}"])),) if local else ()
         table.add_row(name, *(f"{c[f'{v}-{p}']:.3f}" for v in variants),
                       _fmt_gain(task, _gain(task, c[f"shared-{p}"], c[f"personal-{p}"])), *fed,
-                      f"{eps.get(int(c['client-index']), float('inf')):.2f}")
+                      *(f"{e:.2f}" for e in epsilon_cells(summary, eps.get(int(c["client-index"]), math.inf))))
     m = summary[f"median-{p}"]
     table.add_row("[bold]median", *(f"{m[v]:.3f}" for v in variants),
                   _fmt_gain(task, summary["median-personalization-gain"]),
                   *((_fmt_gain(task, summary["median-federation-gain"]),) if local else ()),
-                  f"{statistics.median(eps.values()):.2f}" if eps else "inf")
+                  *(f"{e:.2f}" for e in epsilon_cells(summary, statistics.median(eps.values()) if eps else math.inf)))
     console.print(table)
     others = [m for m in task.metric_names if m != p and f"median-{m}" in summary]
     for metric in others:

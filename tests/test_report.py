@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import html
 import io
+import json
+import math
 import os
 import random
 import shutil
@@ -43,6 +45,11 @@ NAMES = sorted([f"{play}--{who}" for play, who in [
 ROUNDS = 3
 
 
+def user_epsilon(rnd: int) -> float:
+    """The user-level ε the server's accountant reports after round ``rnd`` in :func:`make_run`'s runs."""
+    return 2.5 * rnd / ROUNDS
+
+
 def make_run(tmp_path: Path, names: list[str] = NAMES, *, deployed: bool = False,
              **overrides: Any) -> tuple[Path, list[dict[str, Any]]]:
     """A finished text run written by the run's own writer (``RunRecorder``), as ``fedpgen simulate``
@@ -67,11 +74,15 @@ def make_run(tmp_path: Path, names: list[str] = NAMES, *, deployed: bool = False
                 row |= {"dp-accountant": "prv", "dp-attempt": 1, "dp-clip": 1.0, "dp-delta": 1e-5,
                         "dp-epsilon": 8.0 * rnd / ROUNDS - rng.uniform(0.0, 0.01), "dp-sample-rate": 0.05,
                         "dp-sigma": rng.uniform(0.5, 0.8), "dp-steps": 15}
+            elif cfg.user_dp != "off":  # what a device without DP-SGD writes in its ledger: no record-level ε
+                row |= {"dp-accountant": "none", "dp-attempt": 1, "dp-clip": 0.0, "dp-delta": 1e-5,
+                        "dp-epsilon": math.inf, "dp-sample-rate": 0.0, "dp-sigma": 0.0, "dp-steps": 0}
             rec.client_round(row)
             ledger.append(row)
         rec.round({"round": rnd, "clients": len(names), "failures": 0, "rejected": 0, "seconds": 40.0 + rnd,
                    "delta-norm": 0.44, "bytes-down-mean": 67584.0, "secure-aggregation": cfg.secure_aggregation,
-                   "epsilon-max": 8.0 * rnd / ROUNDS})
+                   "epsilon-max": 8.0 * rnd / ROUNDS,
+                   **({"user-epsilon": user_epsilon(rnd)} if cfg.user_dp != "off" else {})})
         (run / "checkpoints").mkdir(exist_ok=True)
         (run / "checkpoints" / f"round_{rnd:04d}.safetensors").touch()
     rec.final_clients([{"client-index": -1 if deployed else i, "node-id": 1000 + i, "num-heldout": 30 + i,
@@ -167,6 +178,7 @@ def test_the_run_report_is_one_self_contained_page_a_browser_renders(tmp_path: P
     lo, hi = min(last.values()), max(last.values())
     assert f"ε spent {lo:.2f}–{hi:.2f}" in page and "δ = 1e-05" in page and "PRV accountant" in page
     assert "SecAgg+ on: the server saw only the sum" in page and "NOT PRIVATE" not in page
+    assert summary["user-epsilon"] is None  # no user-level DP in this run
     # self-contained: no scripts, no external resources, the three plots embedded
     assert "http:" not in page and "https:" not in page and "<script" not in page and "<link" not in page
     assert "url(" not in page and "@import" not in page
@@ -267,6 +279,33 @@ def test_user_level_dp_without_dp_sgd_is_not_called_not_private(tmp_path: Path) 
     # Assert: no false alarm, and the guarantee that does hold is named
     assert "NOT PRIVATE" not in page and "carry no noise" not in page
     assert "User-level DP (distributed DP-FedAvg" in page and "protected only by the user-level guarantee" in page
+
+
+@pytest.mark.parametrize("dp", ["off", "epsilon"])
+def test_a_user_level_run_gives_each_user_the_user_level_epsilon_not_the_records_infinity(tmp_path: Path,
+                                                                                         dp: str) -> None:
+    # Prepare: user-level DP-FedAvg on the server, with or without DP-SGD on the devices (without it,
+    # every device's ledger says ε = inf for its records)
+    run, ledger = make_run(tmp_path, names=["a", "b", "c"], dp=dp, **{"user-dp": "distributed"})
+    assert dp == "epsilon" or all(row["dp-epsilon"] == math.inf for row in ledger)
+    out = io.StringIO()
+    # Execute
+    summary = print_summary(run, console=Console(file=out, width=200))
+    # Assert: summary.json names the user-level ε beside the record-level one
+    want = f"{user_epsilon(ROUNDS):.2f}"
+    assert json.loads((run / "summary.json").read_text())["user-epsilon"] == pytest.approx(user_epsilon(ROUNDS))
+    # the terminal table and the page's users table give each user the user-level ε in its own column;
+    # the record-level column is there only when the devices ran DP-SGD
+    page = (run / REPORT).read_text(encoding="utf-8")
+    rows = parse(page).rows["users"]
+    assert [r[-1] for r in rows] == [want] * 3
+    table = [line for line in out.getvalue().splitlines() if line.strip().startswith("│ a ")]
+    assert len(table) == 1 and table[0].rstrip(" │").endswith(want)
+    if dp == "off":
+        assert "<th>user ε</th>" in page and "record ε" not in page and "inf" not in table[0]
+    else:
+        assert [r[-2] for r in rows] == [f"{row['dp-epsilon']:.2f}" for row in ledger[-3:]]
+        assert "<th>record ε</th><th>user ε</th>" in page
 
 
 def test_a_deployments_users_are_its_nodes(tmp_path: Path) -> None:
