@@ -188,3 +188,38 @@ def test_the_server_view_of_a_run_without_dp_says_not_private() -> None:
     assert (check.name, check.status) == ("server view: not private", "pass")
     rows[1]["dp-epsilon"] = 0.5  # a noiseless round claiming a finite ε
     assert audit_server_view(rows, cfg={})[0].status == "fail"
+
+
+def user_level_rounds(z: float, q: float, rounds: int) -> list[dict[str, float]]:
+    """rounds.jsonl's user-level rows as the server writes them: the accountant's ε after each round."""
+    from fedpgen.shared.privacy.user_level import user_epsilon
+
+    return [{"round": r, "client-sample-rate": q,
+             "user-epsilon": user_epsilon(noise_multiplier=z, sample_rate=q, rounds=r, delta=1e-5, accountant="prv")}
+            for r in range(1, rounds + 1)]
+
+
+def test_the_user_level_epsilon_of_rounds_and_of_the_summary_is_recomputed_and_a_lie_fails() -> None:
+    from fedpgen.audit.accounting import audit_summary_user_level, audit_user_level
+
+    # Prepare: a distributed DP-FedAvg run's config and the server's honest rows (z = 0.77, q = 0.2, 10 rounds)
+    cfg = {"user-dp": "distributed", "user-noise-multiplier": 0.77, "dp-delta": 1e-5, "dp-accountant": "prv"}
+    rounds = user_level_rounds(0.77, 0.2, 10)
+    honest = rounds[-1]["user-epsilon"]
+    assert 7.5 < honest < 8.5  # the wide text cohort's ε = 8 point
+    # Execute / Assert: honest rows pass every recomputation (3 accountants, each round)
+    checks = audit_user_level(rounds, cfg=cfg)
+    assert len(checks) == 30 and {c.status for c in checks} == {"pass"}
+    # a round's ε understated: that round's same-accountant recomputation fails
+    lied = [dict(r) for r in rounds]
+    lied[-1]["user-epsilon"] = honest / 2
+    assert [c.subject for c in audit_user_level(lied, cfg=cfg) if c.status == "fail"] == ["round 10"]
+    # the summary's user-level ε must be the accountant's after the last round
+    (ok,) = audit_summary_user_level({"user-epsilon": honest}, rounds, cfg=cfg)
+    assert ok.status == "pass"
+    for claim in (honest / 2, None, rounds[0]["user-epsilon"]):
+        (bad,) = audit_summary_user_level({"user-epsilon": claim}, rounds, cfg=cfg)
+        assert bad.status == "fail" and f"{honest:.4f}" in bad.detail
+    (old,) = audit_summary_user_level({"epsilon-by-client": {}}, rounds, cfg=cfg)  # written before the field
+    assert old.status == "not-checked" and "fedpgen summary" in old.detail
+    assert audit_summary_user_level({"user-epsilon": None}, rounds, cfg={"user-dp": "off"}) == []

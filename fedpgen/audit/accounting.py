@@ -195,6 +195,24 @@ def audit_user_level(rounds: list[dict[str, Any]], *, cfg: dict[str, Any]) -> li
     return checks
 
 
+def audit_summary_user_level(summary: dict[str, Any], rounds: list[dict[str, Any]], *,
+                             cfg: dict[str, Any]) -> list[Check]:
+    """The summary's user-level ε must be the server's accountant's after its last round (each
+    round's figure is recomputed by :func:`audit_user_level`): a summary may not understate it."""
+    if cfg.get("user-dp", "off") == "off":
+        return []
+    if "user-epsilon" not in summary:
+        return [Check("summary vs user-level accountant", "summary.json", "not-checked",
+                      "summary.json predates its user-epsilon field: write it again with `fedpgen summary RUN_DIR`")]
+    rows = [r for r in rounds if "user-epsilon" in r]
+    last = float(max(rows, key=lambda r: int(r["round"]))["user-epsilon"]) if rows else 0.0
+    claimed = summary["user-epsilon"]
+    ok = claimed is not None and _close(float(claimed), last, SAME)
+    return [Check("summary vs user-level accountant", "summary.json", "pass" if ok else "fail",
+                  f"summary's user-level ε {claimed}; the server's after round "
+                  f"{max((int(r['round']) for r in rows), default=0)}: {last:.4f}")]
+
+
 def audit_summary(summary: dict[str, Any], ledger_eps: dict[int, list[float]]) -> list[Check]:
     """The summary's ε per client must be one its ledger recorded (the last the server received)."""
     claimed = {int(k): float(v) for k, v in summary.get("epsilon-by-client", {}).items()}

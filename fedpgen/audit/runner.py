@@ -8,8 +8,8 @@ import logging
 from pathlib import Path
 from typing import Any
 
-from fedpgen.audit.accounting import (Check, audit_device, audit_server_view, audit_summary, audit_user_level,
-                                      load_json)
+from fedpgen.audit.accounting import (Check, audit_device, audit_server_view, audit_summary,
+                                      audit_summary_user_level, audit_user_level, load_json)
 from fedpgen.audit.canaries import Exposure
 from fedpgen.audit.membership import MembershipResult
 from fedpgen.audit.whitebox import WhiteboxResult, audit_mechanism
@@ -202,9 +202,13 @@ def _accounting(run_dir: Path, cfg: dict[str, Any], rows: list[dict[str, Any]], 
         checks.append(Check("device ledgers", "run", "not-checked",
                             "no device state-dirs given (--devices): auditing what the server saw only"))
     checks += audit_server_view(rows, cfg=cfg)
-    checks += audit_user_level(_read_jsonl(run_dir / "rounds.jsonl"), cfg=cfg)
-    if (run_dir / "summary.json").is_file() and ledger_eps:
-        checks += audit_summary(load_json(run_dir / "summary.json"), ledger_eps)
+    rounds = _read_jsonl(run_dir / "rounds.jsonl")
+    checks += audit_user_level(rounds, cfg=cfg)
+    if (run_dir / "summary.json").is_file():
+        summary = load_json(run_dir / "summary.json")
+        checks += audit_summary_user_level(summary, rounds, cfg=cfg)
+        if ledger_eps:
+            checks += audit_summary(summary, ledger_eps)
     return checks
 
 
