@@ -83,12 +83,34 @@ def rounds_figure(run_dir: Path) -> Figure | None:
 
 
 def privacy_figure(run_dir: Path, names: Mapping[int, str] | None = None) -> Figure | None:
-    """Record-level ε per user: over rounds (left) and spent at the end, by user name (right).
+    """Record-level ε per user: over rounds (left) and spent at the end, by user name (right);
+    under user-level DP also the server's user-level ε over rounds (the same for every user),
+    alone when the devices ran no DP-SGD.
 
-    ``None`` when no device reported a finite ε (no DP, or no ledger events)."""
+    ``None`` when nothing reported a finite ε (no DP, or no ledger events and no rounds)."""
     rows = [r for r in read_jsonl(Path(run_dir) / "client_rounds.jsonl") if "dp-epsilon" in r]
-    if not rows or any(r["dp-epsilon"] == float("inf") for r in rows):
+    user = sorted((int(r["round"]), float(r["user-epsilon"])) for r in read_jsonl(Path(run_dir) / "rounds.jsonl")
+                  if "user-epsilon" in r)
+    record = bool(rows) and all(r["dp-epsilon"] != float("inf") for r in rows)
+    if not record and not user:
         return None
+    if record:
+        fig = _record_level_figure(run_dir, rows, names)
+    else:
+        fig, ax = plt.subplots(figsize=(7, 4))
+        ax.set(xlabel="round", ylabel="ε (cumulative)", title="Privacy spent over rounds (no DP-SGD on devices)")
+        _integer_rounds(ax)
+    if user:
+        over = fig.axes[0]
+        over.plot([u[0] for u in user], [u[1] for u in user], marker="s", color="tab:purple",
+                  label="user-level ε (every user; server's accountant)")
+        over.legend(fontsize=8)
+    fig.tight_layout()
+    return fig
+
+
+def _record_level_figure(run_dir: Path, rows: list[dict[str, Any]], names: Mapping[int, str] | None) -> Figure:
+    """:func:`privacy_figure`'s record-level panels, from the devices' ledger rows."""
     names = dict(names if names is not None else user_names(run_dir))
     budget = read_config(run_dir).dp_epsilon
     by_user: dict[int | str, list[tuple[int, float]]] = {}
@@ -126,7 +148,6 @@ def privacy_figure(run_dir: Path, names: Mapping[int, str] | None = None) -> Fig
         final.hist(spent, bins=30, color="tab:green")
         final.set(xlabel="ε spent", ylabel="users", title=f"ε of {n} users (budget {budget:g})")
     final.axvline(budget, color="grey", ls="--", lw=0.8)
-    fig.tight_layout()
     return fig
 
 

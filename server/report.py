@@ -364,7 +364,9 @@ def build_report(run_dir: Path, *, summary: Mapping[str, Any], names: Mapping[in
     parts.append("<h2 id=s-privacy>Privacy</h2><ul class=privacy>"
                  + "".join(f"<li class={kind}>{_e(text)}</li>" for kind, text in statement) + "</ul>")
     if "privacy.png" in plots:
-        parts.append(_img(plots["privacy.png"], "record-level ε spent per user"))
+        shown = ["record-level ε spent per user"] * cfg.record_dp + ["user-level ε over rounds, the same for "
+                                                                     "every user"] * (cfg.user_dp != "off")
+        parts.append(_img(plots["privacy.png"], " and ".join(shown)))
     parts.append("<h2 id=s-results>Results</h2>" + _results(summary))
     if "personalization.png" in plots:
         parts.append(_img(plots["personalization.png"], "primary metric per user and variant"))
