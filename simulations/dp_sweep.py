@@ -180,6 +180,27 @@ def plot(rows: list[dict[str, Any]], shares: list[float | None], judged: str, pa
     plt.close(fig)
 
 
+def merge_points(earlier: list[dict[str, Any]], rows: list[dict[str, Any]]) -> tuple[list[dict[str, Any]],
+                                                                                    list[float]]:
+    """This invocation's ``rows`` and the ``earlier`` points of its folder (its ``dp_sweep.json``)
+    at other ε, by ε: running ``--epsilons 8``, then ``1``, into one folder gives one table.
+
+    An earlier point joins only with the same settings (config, overrides, unit) and its run's
+    results still on disk; the ε of the others are returned, so that nothing is mixed silently."""
+    settings = json.dumps(rows[0]["settings"], sort_keys=True) if rows else None
+    new = {r["epsilon"] for r in rows}
+    kept, dropped = [], []
+    for r in earlier:
+        if r["epsilon"] in new:
+            continue
+        same = "settings" in r and json.dumps(r["settings"], sort_keys=True) == settings
+        if same and (Path(r["run-dir"]) / "clients.csv").is_file():
+            kept.append(r)
+        else:
+            dropped.append(r["epsilon"])
+    return sorted(kept + rows, key=lambda r: r["epsilon"]), sorted(dropped)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--config", type=Path, help="override file, e.g. simulations/image.toml")
@@ -220,10 +241,16 @@ def main() -> None:
         rows.append({"epsilon": eps, "spent": spent_epsilon(run_dir, summary, args.unit), "unit": args.unit,
                      "privacy": privacy, "metric": p, "higher-is-better": summary["higher-is-better"],
                      "median": summary[f"median-{p}"], "clients": summary["clients"],
-                     "wall-seconds": time.perf_counter() - started, "run-dir": str(run_dir)})
+                     "wall-seconds": time.perf_counter() - started, "run-dir": str(run_dir),
+                     "settings": {"config": base, "unit": args.unit}})
         print(f"  done in {rows[-1]['wall-seconds']:.0f} s: median {p} {rows[-1]['median']}", flush=True)
     out.mkdir(parents=True, exist_ok=True)
-    (out / "dp_sweep.json").write_text(json.dumps(rows, indent=2))
+    earlier = out / "dp_sweep.json"
+    rows, dropped = merge_points(json.loads(earlier.read_text()) if earlier.is_file() else [], rows)
+    if dropped:
+        print(f"earlier points of {out} at ε {', '.join(f'{e:g}' for e in dropped)} left out of its table: other "
+              "settings, or their runs are gone (their folders are kept)", flush=True)
+    earlier.write_text(json.dumps(rows, indent=2))
 
     render(rows, str(out), out)
 

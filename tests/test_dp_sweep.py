@@ -82,3 +82,31 @@ def test_better_than_both_uses_the_primary_where_the_task_has_no_tie_free_metric
                          tmp_path)
     assert cells["better than both"] == "2/4 (50%, ppl)"
     assert cells["pers vs local (W/T/L)"] == "2/1/1"
+
+
+def test_a_later_sweep_into_the_same_folder_keeps_the_earlier_points_of_the_same_settings(sweep,
+                                                                                          tmp_path: Path) -> None:
+    # Prepare: a folder swept at ε = 8 and ∞ earlier, then at ε = 1 (the README's three invocations)
+    settings = {"config": {"num-users": 360, "fraction-fit": 0.2}, "unit": "user"}
+    runs = {eps: write_run(tmp_path / f"eps-{eps:g}", "text", [{"base-ppl": 7.0, "shared-ppl": 6.5,
+                                                               "personal-ppl": 6.0, "local-ppl": 6.3}])
+            for eps in (1.0, 8.0, float("inf"))}
+
+    def point(eps: float, **changed: object) -> dict[str, object]:
+        return {"epsilon": eps, "run-dir": str(runs[eps]), "settings": {**settings, **changed}}
+
+    earlier = [point(8.0), point(float("inf")), point(1.0)]
+    new = [point(1.0)]
+    new[0]["wall-seconds"] = 1.0  # this invocation's ε = 1 point replaces the earlier one
+    # Execute
+    merged, dropped = sweep.merge_points(earlier, new)
+    # Assert: every ε once, by ε, the new point for the ε run again
+    assert [r["epsilon"] for r in merged] == [1.0, 8.0, float("inf")] and merged[0] is new[0]
+    assert dropped == []
+    # an earlier point of other settings, of no settings (an older sweep) or whose run is gone is not
+    # mixed in, and is named
+    (runs[8.0] / "clients.csv").unlink()
+    other = point(float("inf"), unit="record")
+    older = {"epsilon": 4.0, "run-dir": str(runs[1.0])}
+    merged, dropped = sweep.merge_points([point(8.0), other, older], new)
+    assert merged == new and dropped == [4.0, 8.0, float("inf")]
