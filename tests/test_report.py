@@ -308,7 +308,8 @@ def test_a_user_level_run_gives_each_user_the_user_level_epsilon_not_the_records
         assert "<th>record ε</th><th>user ε</th>" in page
     # privacy.png plots the user-level ε over the rounds (beside the record-level ε when both are on)
     fig = privacy_figure(run)
-    assert fig is not None and (run / "privacy.png").is_file() and "user-level ε over rounds, the same for every user' src=" in page
+    assert fig is not None and (run / "privacy.png").is_file()
+    assert "user-level ε over rounds, the same for every user' src=" in page
     (line,) = [ln for ax in fig.axes for ln in ax.get_lines() if ln.get_label().startswith("user-level ε")]
     assert list(line.get_xdata()) == list(range(1, ROUNDS + 1))
     assert list(line.get_ydata()) == pytest.approx([user_epsilon(r) for r in range(1, ROUNDS + 1)])
