@@ -308,7 +308,7 @@ def _users(run_dir: Path, summary: Mapping[str, Any], names: Mapping[int, str]) 
         rows.append(cells)
     note = (f"<p class=note>The first {MAX_USER_ROWS} of {len(clients)} users; all of them are in clients.csv.</p>"
             if len(clients) > MAX_USER_ROWS else "")
-    return (f"<p>{_e(task.primary_label)} on each user's held-out records; the best variant per user in bold"
+    return (f"<p>Per user, the {_e(task.primary_label)} of each variant, the best in bold"
             + "".join(f"; {_e(EPSILON_NOTES[column])}" for column in epsilon_columns(summary)) + ".</p>"
             + _table("users", headers, [], raw=rows) + note)
 
