@@ -205,6 +205,9 @@ class RunConfig:
              "0 (one validation split) or at least 2 folds")
         need(not (self.personal_folds and self.history_mix_fit), "personal-folds",
              "cross-validation scores the model's loss alone: not with history-mix-fit")
+        need(not (self.personal_folds and self.personal_refit == "continue"), "personal-folds",
+             'needs personal-refit = "fresh": a stored personal part has trained on the records the folds '
+             "hold out, so their scores would flatter it (docs/architecture.md)")
 
     def _check_runtime(self) -> None:
         """Where and how the run executes: folders, simulation resources, processes, logs."""

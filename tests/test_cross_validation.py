@@ -69,8 +69,8 @@ def test_the_fit_trains_on_validation_records_and_never_reads_held_out_ones(make
             records[0] = torch.roll(records[0], 1)
             d.data = dataclasses.replace(d.data, **{change: records})
         # Execute: the device's own final fit (personal-folds from config), as personalize runs it
-        d.cfg = make_cfg(dp="off", personal_folds=3, personal_lr=0.01, personal_max_steps=6,
-                         personal_eval_every=2)
+        d.cfg = make_cfg(dp="off", personal_folds=3, personal_refit="fresh", personal_lr=0.01,
+                         personal_max_steps=6, personal_eval_every=2)
         res = d.run_phase(PERSONALIZE, torch.Generator().manual_seed(3), NoPrivacy(), final=True)
         assert res.best_step > 0, "no step kept: the test would not tell what the fit trained on"
         fits.append(get_tensors(d.model, d.sets.keep))
@@ -87,8 +87,8 @@ def test_a_rounds_personal_fit_stops_on_the_validation_split_and_only_the_final_
     for folds in (3, 0):
         for final in (False, True):
             d = device(make_cfg(dp="off"))
-            d.cfg = make_cfg(dp="off", personal_folds=folds, personal_lr=0.01, personal_max_steps=6,
-                             personal_eval_every=2)
+            d.cfg = make_cfg(dp="off", personal_folds=folds, personal_refit="fresh", personal_lr=0.01,
+                             personal_max_steps=6, personal_eval_every=2)
             # Execute
             res = d.run_phase(PERSONALIZE, torch.Generator().manual_seed(3), NoPrivacy(), final=final)
             kept[folds, final] = (res.best_step, get_tensors(d.model, d.sets.keep))
@@ -104,7 +104,8 @@ def test_local_only_gets_the_same_cross_validated_final_fit(make_cfg, monkeypatc
     from fedpgen.client.evaluation import _local_only
 
     # Prepare: observe every phase local-only runs, and with which kind of early stopping
-    d = device(make_cfg(dp="off", personal_folds=3, personal_max_steps=2, personal_eval_every=1))
+    d = device(make_cfg(dp="off", personal_folds=3, personal_refit="fresh", personal_max_steps=2,
+                        personal_eval_every=1))
     calls, real = [], d.run_phase
     monkeypatch.setattr(d, "run_phase", lambda phase, gen, privacy=NoPrivacy(), final=False:
                         (calls.append(final), real(phase, gen, privacy, final=final))[1])
@@ -128,7 +129,10 @@ def test_cross_validation_is_refused_under_dp_and_with_the_users_memory(make_cfg
 @pytest.mark.parametrize(("values", "message"), [
     ({"personal-folds": 1}, "at least 2 folds"),
     ({"personal-folds": -2}, "at least 2 folds"),
-    ({"task": "behavior", "history-mix": 0.3, "history-mix-fit": True, "personal-folds": 3}, "history-mix-fit"),
+    ({"task": "behavior", "history-mix": 0.3, "history-mix-fit": True, "personal-folds": 3,
+      "personal-refit": "fresh"}, "history-mix-fit"),
+    # a stored personal part has trained on the records the folds hold out: their scores would flatter it
+    ({"personal-folds": 3, "personal-refit": "continue"}, "personal-refit"),
 ])
 def test_bad_fold_settings_are_refused(make_cfg, values: dict, message: str) -> None:
     with pytest.raises(ValueError, match=message):
@@ -146,4 +150,4 @@ def test_the_key_at_its_default_leaves_older_runs_checkpoints_theirs(make_cfg) -
     cfg = make_cfg()
     before = {k: v for k, v in cfg.to_toml_dict().items() if k not in _RESUMABLE_KEYS and k != "personal-folds"}
     assert cfg.model_hash() == hashlib.sha256(json.dumps(before, sort_keys=True).encode()).hexdigest()[:16]
-    assert make_cfg(personal_folds=3).model_hash() != cfg.model_hash()
+    assert make_cfg(personal_folds=3, personal_refit="fresh").model_hash() != cfg.model_hash()
