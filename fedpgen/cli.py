@@ -59,8 +59,13 @@ def simulate(
              "ray-address": ray_address, "client-gpus": client_gpus}
     cfg = RunConfig.from_mapping(_overrides(config, set_, flags))
     require_backend(cfg.metrics_log)  # a missing tracking library stops here, before any pre-training
-    with configure_logging(verbose):
-        summary = run(cfg, fresh=fresh, console=console, verbose=verbose)
+    try:
+        with configure_logging(verbose):
+            summary = run(cfg, fresh=fresh, console=console, verbose=verbose)
+    except KeyboardInterrupt:  # Ctrl-C or SIGTERM: the run and what it started were stopped (docs/flwr-run.md)
+        console.print(f"[red]interrupted[/]: the run and every process it started were stopped; its completed "
+                      f"rounds are saved in {cfg.run_dir} and the same command resumes from them")
+        raise typer.Exit(130) from None
     if summary["ended-short"] or summary["out-of-bounds-rounds"]:  # results exist, but not the run asked for
         raise typer.Exit(3)
 

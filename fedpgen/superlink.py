@@ -12,9 +12,10 @@ SuperLink per run (docs/flwr-run.md):
    --stream``, with a Flower home (``FLWR_HOME``) whose one connection is that SuperLink; each
    line of the run's log goes to a callback and to ``<run-dir>/flower.log``;
 3. ``flwr ls fedpgen --run-id ID --format json`` says how the run ended;
-4. the SuperLink is stopped (its process group); Flower's SuperExec and the simulation process
-   it started (ServerApp, Simulation Engine, Ray), which run in a session of their own, have
-   ended with the run, or follow their parent by Flower's own parent-process monitor.
+4. the SuperLink is stopped (its process group), and so is every process it started in a
+   session of its own (Flower's SuperExec, the simulation process: ServerApp, Simulation
+   Engine, Ray): after a completed run they have ended; after Ctrl-C or SIGTERM, which stop
+   the run first, they would otherwise train on (the simulation process has no parent monitor).
 
 The app Flower packs (its FAB) is the project's ``pyproject.toml`` alone: the ServerApp and
 ClientApp components it names are imported from the installed ``fedpgen``, the code this process
@@ -32,12 +33,14 @@ import signal
 import socket
 import subprocess
 import tempfile
+import threading
 import time
 from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
 import httpx
+import psutil
 
 from fedpgen.deploy import CONNECTION, cli_value, flower_exe, flwr_home, run_status
 from fedpgen.shared.config import PYPROJECT
@@ -95,10 +98,11 @@ class SuperLink:
                     if run_id is None and (m := _RUN_ID.search(line)):
                         run_id = int(m.group(1))
                     on_line(line.rstrip("\n"))
-            except KeyboardInterrupt:
+            except KeyboardInterrupt:  # Ctrl-C, or SIGTERM (``superlink`` turns it into this)
                 if run_id is not None:  # stop the run, not only the stream
                     subprocess.run([flower_exe("flwr"), "stop", str(run_id), CONNECTION], env=self.env,
                                    capture_output=True, timeout=60, check=False)
+                proc.terminate()  # a SIGTERM reached this process alone: the stream would go on
                 raise
         if run_id is None:
             raise SuperLinkError(f"Flower did not start the run: {log_file.read_text()[-2000:]}")
@@ -133,16 +137,56 @@ def superlink(*, cwd: Path, env: Mapping[str, str] | None = None) -> Iterator[Su
     process = subprocess.Popen(cmd, env=full_env, cwd=cwd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
                                start_new_session=True)  # its own process group: stopped as one
     try:
-        deadline = time.monotonic() + STARTUP_TIMEOUT
-        while not _healthy(port):
-            if process.poll() is not None or time.monotonic() > deadline:
-                text = log.read_text(errors="replace")[-2000:] if log.exists() else ""
-                raise SuperLinkError(f"flower-superlink did not start (exit {process.poll()}): {text}")
-            time.sleep(0.2)
-        yield SuperLink(env=full_env, process=process)
+        with _sigterm_interrupts():
+            deadline = time.monotonic() + STARTUP_TIMEOUT
+            while not _healthy(port):
+                if process.poll() is not None or time.monotonic() > deadline:
+                    text = log.read_text(errors="replace")[-2000:] if log.exists() else ""
+                    raise SuperLinkError(f"flower-superlink did not start (exit {process.poll()}): {text}")
+                time.sleep(0.2)
+            yield SuperLink(env=full_env, process=process)
     finally:
-        _stop_group(process)
+        _stop_tree(process)
         shutil.rmtree(home, ignore_errors=True)
+
+
+@contextlib.contextmanager
+def _sigterm_interrupts() -> Iterator[None]:
+    """SIGTERM (a batch scheduler, ``timeout``, ``kill``) ends the block as Ctrl-C does: the run
+    is stopped and everything it started ends with it (``_stop_tree``). Python's default would
+    end this process alone and leave the federation training. Main thread only (where Python
+    delivers signals); the previous handler is restored after."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def interrupt(signum: int, frame: object) -> None:
+        raise KeyboardInterrupt(f"signal {signal.Signals(signum).name}")
+
+    previous = signal.signal(signal.SIGTERM, interrupt)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+def _stop_tree(process: subprocess.Popen[bytes], timeout: float = 15.0) -> None:
+    """Stop the SuperLink's process group and every process it started in a session of its own
+    (Flower's SuperExec, the simulation, Ray's processes and workers): after a completed run
+    they have ended; after an interrupted one they would train on. SIGTERM, then SIGKILL."""
+    try:
+        started = psutil.Process(process.pid).children(recursive=True)  # before any of them ends
+    except psutil.NoSuchProcess:
+        started = []
+    for p in started:
+        with contextlib.suppress(psutil.Error):
+            p.terminate()
+    _stop_group(process, timeout=timeout)
+    _, left = psutil.wait_procs(started, timeout=timeout)
+    for p in left:
+        with contextlib.suppress(psutil.Error):
+            p.kill()
+    psutil.wait_procs(left, timeout=5)
 
 
 def _stop_group(process: subprocess.Popen[bytes], timeout: float = 30.0) -> None:
