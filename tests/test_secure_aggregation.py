@@ -370,24 +370,21 @@ def test_a_fraction_of_shares_is_capped(num_shares: float, cohort: int, cap: int
 
 
 def test_secure_aggregate_equals_plain_weighted_fedavg_within_the_quantization_bound(make_cfg, tmp_path: Path) -> None:
-    # Without DP, so both runs compute the very same deltas (DP noise is secret: never the same twice)
-    plain_cfg = make_cfg(num_users=5, num_server_rounds=1, min_fit_clients=2, run_dir=str(tmp_path / "plain-run"),
-                         dp="off", secure_aggregation=False)
-    simulate(plain_cfg)
-    theta0, plain = theta_before_after(plain_cfg)
+    # The plain weighted FedAvg of the very deltas the devices masked (recorded by a mod before
+    # masking; the plain path's own arithmetic: tests/test_aggregation.py), without DP.
     # Five devices, each holding shares of all others (num-shares 1.0) but for the cap of 3.
     cfg = make_cfg(num_users=5, num_server_rounds=1, min_fit_clients=2, run_dir=str(tmp_path / "secure"), dp="off",
                    secagg_num_shares=1.0, secagg_max_shares=3)
     simulate(cfg, client_mods=secagg_mods(tmp_path))
     told = [json.loads(f.read_text()) for f in sorted((tmp_path / "setup").glob("*.json"))]
     assert told == [{"shares": 3, "threshold": 2}] * 5  # round(0.6 * 3) = 2 of 3, not 5 shares
-    _, secure = theta_before_after(cfg)
+    theta0, secure = theta_before_after(cfg)
     expected, weights, max_abs = plain_mean(tmp_path / "plain")
     bound = error_bound(num_clients=len(weights), weights=weights, clipping_range=cfg.secagg_clipping_range,
                         quantization_range=cfg.secagg_quantization, max_weight=cfg.secagg_max_weight,
                         max_abs_delta=max_abs)
-    for t0, p, s, e in zip(theta0, plain, secure, expected):
-        np.testing.assert_allclose(p - t0, e, atol=1e-6)  # the plain run saw the very same deltas
+    assert len(weights) == 5
+    for t0, s, e in zip(theta0, secure, expected):
         assert float(np.abs((s - t0) - e).max()) <= bound
     assert max(float(np.abs(s - t0).max()) for t0, s in zip(theta0, secure)) > 10 * bound, "a real update"
 
