@@ -53,7 +53,7 @@ def test_sigterm_ends_the_whole_run_not_only_the_launcher(tmp_path: Path) -> Non
         os.kill(launcher.pid, signal.SIGTERM)
         out, _ = launcher.communicate(timeout=120)
         _, left = psutil.wait_procs(tree, timeout=30)
-        # Assert: the launcher says it stopped and exits non-zero; nothing it started runs on
+        # Assert: the launcher says it stopped and how to resume, exits 130; nothing it started runs on
         said = out.decode(errors="replace")
         assert launcher.returncode == 130 and "interrupted" in said and "resumes" in said, said[-2000:]
         assert not left, f"left running: {[' '.join(p.cmdline())[:80] for p in left if p.is_running()]}"
