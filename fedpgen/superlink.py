@@ -190,7 +190,8 @@ def _stop_tree(process: subprocess.Popen[bytes], timeout: float = 15.0) -> None:
 
 
 def _stop_group(process: subprocess.Popen[bytes], timeout: float = 30.0) -> None:
-    """SIGTERM to the SuperLink's process group (the simulation it started included), then SIGKILL."""
+    """SIGTERM to the SuperLink's process group, then SIGKILL. Flower's SuperExec and the
+    simulation run in sessions of their own, outside this group: ``_stop_tree`` ends them."""
     for sig in (signal.SIGTERM, signal.SIGKILL):
         try:
             os.killpg(process.pid, sig)

@@ -14,6 +14,7 @@ from pathlib import Path
 
 import psutil
 import pytest
+import tomli_w
 
 from conftest import TINY
 
@@ -43,7 +44,7 @@ def test_sigterm_ends_the_whole_run_not_only_the_launcher(tmp_path: Path) -> Non
     # Prepare: a run long enough to be interrupted while its devices train
     config = tmp_path / "run.toml"
     values = {**TINY, "num-server-rounds": 50, "run-dir": str(tmp_path / "run")}
-    config.write_text("".join(f"{k} = {v!r}\n".replace("'", '"') for k, v in values.items()))
+    config.write_text(tomli_w.dumps(values))
     launcher = subprocess.Popen([str(BIN / "fedpgen"), "simulate", "--config", str(config)], cwd=tmp_path,
                                 stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
     tree: list[psutil.Process] = []
