@@ -26,7 +26,7 @@ from fedpgen.shared.privacy.accounting import compose, epsilon
 from fedpgen.shared.privacy.ledger import PrivacyEvent, PrivacyLedger
 from fedpgen.shared.privacy.mechanism import NoPrivacy, RecordDP
 from fedpgen.shared.privacy.plan import BudgetExhaustedError, DPPlan, check_stored_budget
-from fedpgen.shared.privacy.user_level import add_noise_share, clip_delta
+from fedpgen.shared.privacy.user_level import add_noise_share, clip_delta, noise_survivors
 from fedpgen.shared.sealing import TamperedStateError
 from fedpgen.shared.store import DeviceStore, device_sealer
 from fedpgen.shared.tasks import NoUsableDataError, get_task
@@ -265,9 +265,10 @@ class Device:
         delta = [new - old for new, old in zip(get_arrays(self.model, self.sets.send), shared, strict=True)]
         if cfg.user_dp != "off":  # DP-FedAvg: bound this user's influence, add a noise share if distributed
             delta = clip_delta(delta, cfg.user_clip)
-            if cfg.user_dp == "distributed":
+            if cfg.user_dp == "distributed":  # sized for the survivors the server must see (else it refuses)
                 delta = add_noise_share(delta, std=cfg.user_noise_multiplier * cfg.user_clip,
-                                        num_clients=sampled_clients, rng=np.random.default_rng())
+                                        num_clients=noise_survivors(sampled_clients, cfg.user_noise_dropouts),
+                                        rng=np.random.default_rng())
         # Every element within the clipping range C: the server holds every device to it (server/bounds.py:
         # without SecAgg+ it clips, with SecAgg+ it refuses an aggregate whose mean leaves [-C, C]).
         bound = cfg.secagg_clipping_range

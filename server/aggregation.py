@@ -14,7 +14,7 @@ from typing import Any
 import numpy as np
 
 from fedpgen.server.bounds import check_secure_aggregate
-from fedpgen.shared.privacy.user_level import user_level_mean
+from fedpgen.shared.privacy.user_level import check_noise_survivors, user_level_mean
 
 
 class RoundFailedError(RuntimeError):
@@ -28,9 +28,12 @@ def aggregate(deltas: list[list[np.ndarray]], weights: list[float], *, declared:
     Under SecAgg+ every delta is the same unmasked aggregate (``declared``: the weights the
     devices declared, for its bounds check; ``OutOfBoundsError`` if it fails). Under
     user-level DP the devices sent weight 1 and the mean has the fixed denominator
-    ``sampled``; the server adds N(0, (z·S)²) when central.
+    ``sampled``; the server adds N(0, (z·S)²) when central; when distributed, fewer
+    contributors than the devices' shares were sized for raise ``TooFewNoiseShares``.
     """
     central = cfg.user_noise_multiplier * cfg.user_clip if cfg.user_dp == "central" else 0.0
+    if cfg.user_dp == "distributed":  # the devices' shares carry the noise: enough of them must be in the sum
+        check_noise_survivors(len(deltas), num_sampled=sampled, dropouts=cfg.user_noise_dropouts)
     if cfg.secure_aggregation:
         check_secure_aggregate(deltas[0], weights=declared, clipping_range=cfg.secagg_clipping_range,
                                quantization_range=cfg.secagg_quantization, max_weight=cfg.secagg_max_weight)

@@ -249,6 +249,9 @@ class _SecAggPlus(SecAggPlusWorkflow):
     holds no mask in anyone's vector: it is removed from the sampled set and from every
     neighbourhood once key sharing is over.
 
+    Under distributed user-level DP, a round whose masked sum holds fewer devices than their
+    noise shares were sized for is refused before the unmask stage asks for any key share.
+
     And at the unmask stage each device's secret is reconstructed from ``threshold`` distinct
     shares, not from all it collected; repeated shares, and shares of devices that are not the
     sender's neighbours, are dropped (:func:`keep_threshold_shares`).
@@ -295,6 +298,8 @@ class _SecAggPlus(SecAggPlusWorkflow):
         return super().collect_masked_vectors_stage(checked, context, state)  # type: ignore[arg-type]
 
     def unmask_stage(self, grid: Grid, context: Context, state: WorkflowState) -> bool:  # type: ignore[override]
+        if self.strategy.refuse_if_noise_short(len(state.active_node_ids)):
+            return False  # distributed DP: too few noise shares in the masked sum; it is never unmasked
         wrapped = _ThresholdShares(grid, state)
         with reconstructed(wrapped.secrets):
             return super().unmask_stage(wrapped, context, state)  # type: ignore[arg-type]

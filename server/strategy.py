@@ -37,7 +37,7 @@ from fedpgen.server.aggregation import RoundFailedError, aggregate, make_server_
 from fedpgen.server.bounds import OutOfBoundsError, cap_weight, check_weight, clip_elements
 from fedpgen.server.results import RunRecorder
 from fedpgen.shared.config import RunConfig
-from fedpgen.shared.privacy.user_level import clip_delta, user_epsilon
+from fedpgen.shared.privacy.user_level import TooFewNoiseShares, check_noise_survivors, clip_delta, user_epsilon
 from fedpgen.shared.tasks import TASKS
 from fedpgen.shared.wire import (
     BUDGET_EXHAUSTED,
@@ -220,6 +220,8 @@ class SharedDeltaStrategy(Strategy):
                                                sampled=self._sampled, rng=np.random.default_rng())
         except OutOfBoundsError as exc:
             return self.refuse_round(r, f"the unmasked aggregate is out of bounds: {exc}")
+        except TooFewNoiseShares as exc:
+            return self.refuse_round(r, f"too little noise: {exc}")
         except RoundFailedError as exc:
             raise RoundFailedError(f"round {r}: {exc}") from None
         theta = self.optimizer.step(self.theta, mean_delta)
@@ -284,7 +286,8 @@ class SharedDeltaStrategy(Strategy):
                "seconds": time.perf_counter() - self._round_started,
                "delta-norm": float(np.sqrt(sum(float((d * d).sum()) for d in mean_delta))),
                "bytes-down-mean": float(self._bytes_down), "secure-aggregation": cfg.secure_aggregation,
-               "client-sample-rate": self._sampled / self._population}  # user-level accounting; the audit recomputes it
+               "client-sample-rate": self._sampled / self._population,  # user-level accounting; the audit recomputes it
+               "sampled": self._sampled}  # how many devices shared a distributed noise (the audit's check)
         if not cfg.secure_aggregation:
             row["bytes-up-mean"] = float(np.mean([a.nbytes for a in accepted]))
         if cfg.user_dp != "off":
@@ -332,6 +335,20 @@ class SharedDeltaStrategy(Strategy):
         """A SecAgg+ reply that did not fit the schema, dropped before the sum (a dropout)."""
         log.warning("round %d: rejected masked update from node %s: %s", self.last_configured_round, node_id, why)
         self._rejected_before_sum += 1
+
+    def refuse_if_noise_short(self, contributed: int) -> bool:
+        """Under distributed user-level DP, refuse the round just configured (True) when fewer
+        devices contributed than their noise shares were sized for. SecAgg+ asks this before
+        it unmasks anything, so the server never learns a sum carrying less than z·S noise."""
+        if self.cfg.user_dp != "distributed":
+            return False
+        try:
+            check_noise_survivors(contributed, num_sampled=self._sampled,
+                                  dropouts=self.cfg.user_noise_dropouts)
+        except TooFewNoiseShares as exc:
+            self.refuse_round(self.last_configured_round, f"too little noise, nothing unmasked: {exc}")
+            return True
+        return False
 
     def refuse_round(self, r: int, why: str) -> tuple[Parameters, dict[str, Scalar]]:
         """Keep the base as it was, write no checkpoint, record the refused round, go on."""

@@ -30,7 +30,7 @@ _RESUMABLE_KEYS = frozenset({"num-server-rounds", "run-dir", "client-cpus", "cli
 
 # Keys added after runs were made with this schema: at these values they leave model_hash as it
 # was without them, so older runs' checkpoints stay theirs (resume, simulations/reevaluate.py).
-_LATER_KEYS = {"personal-folds": 0}
+_LATER_KEYS = {"personal-folds": 0, "user-noise-dropouts": 0.0}
 
 METRICS_LOGS = ("none", "tensorboard", "mlflow")  # metrics-log: where the server logs its per-round aggregates
 
@@ -116,6 +116,7 @@ class RunConfig:
     user_dp: str
     user_clip: float
     user_noise_multiplier: float
+    user_noise_dropouts: float
     secure_aggregation: bool
     secagg_num_shares: float
     secagg_max_shares: int
@@ -236,6 +237,9 @@ class RunConfig:
         need(self.user_dp in {"off", "central", "distributed"}, "user-dp", "valid: off, central, distributed")
         need(self.user_clip > 0.0, "user-clip", "must be > 0")
         need(self.user_noise_multiplier >= 0.0, "user-noise-multiplier", "must be >= 0")
+        need(0.0 <= self.user_noise_dropouts < 1.0, "user-noise-dropouts", "must be in [0, 1)")
+        need(self.user_noise_dropouts == 0.0 or self.user_dp == "distributed", "user-noise-dropouts",
+             "sizes the devices' noise shares: set it only with user-dp = \"distributed\"")
         shares, threshold = self.secagg_num_shares, self.secagg_threshold
         need(shares > 0 and (shares <= 1 or (shares.is_integer() and int(shares) % 2 == 1 and shares >= 3)),
              "secagg-num-shares", "a fraction in (0, 1] or an odd integer >= 3 (an even integer makes SecAgg+ "

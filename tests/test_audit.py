@@ -224,3 +224,23 @@ def test_the_user_level_epsilon_of_rounds_and_of_the_summary_is_recomputed_and_a
     (old,) = audit_summary_user_level({"epsilon-by-client": {}}, rounds, cfg=cfg)  # written before the field
     assert old.status == "not-checked" and "fedpgen summary" in old.detail
     assert audit_summary_user_level({"user-epsilon": None}, rounds, cfg={"user-dp": "off"}) == []
+
+
+def test_a_distributed_round_applied_with_fewer_noise_shares_than_sized_for_fails_the_audit() -> None:
+    from fedpgen.audit.accounting import audit_noise_shares
+
+    # Prepare: distributed DP-FedAvg, 48 sampled per round, 4 may drop out (0.1: shares sized for 44)
+    cfg = {"user-dp": "distributed", "user-noise-multiplier": 0.77, "user-noise-dropouts": 0.1}
+    rounds = [{**row, "sampled": 48, "clients": 48 - row["round"]} for row in user_level_rounds(0.77, 0.2, 4)]
+    # Execute / Assert: 47, 46, 45, 44 contributors: every round carried at least the accounted noise
+    (ok,) = audit_noise_shares(rounds, cfg=cfg)
+    assert ok.status == "pass" and "4 rounds" in ok.detail
+    # a round applied with 43 (a server that went on after too many dropouts): named, and how short
+    rounds[2]["clients"] = 43
+    (short,) = audit_noise_shares(rounds, cfg=cfg)
+    assert short.status == "fail" and "round 3: 43 of 48" in short.detail and short.values == {"3": 43 / 44}
+    # rows written before the field, central noise (the server adds all of it), no user-level DP
+    (old,) = audit_noise_shares([{k: v for k, v in r.items() if k != "sampled"} for r in rounds], cfg=cfg)
+    assert old.status == "not-checked"
+    assert audit_noise_shares(rounds, cfg={**cfg, "user-dp": "central"}) == []
+    assert audit_noise_shares(rounds, cfg={"user-dp": "off"}) == []

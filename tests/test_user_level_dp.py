@@ -23,7 +23,7 @@ from fedpgen.server.results import RunRecorder, read_jsonl
 from fedpgen.server.strategy import SharedDeltaStrategy
 from fedpgen.shared.config import RunConfig
 from fedpgen.shared.privacy.user_level import (add_noise_share, calibrate_user_noise, clip_delta, cohort_sample_rate,
-                                               user_epsilon, user_level_mean)
+                                               noise_survivors, user_epsilon, user_level_mean)
 from fedpgen.shared.wire import keys_digest
 
 from conftest import Proxy, device, error_bound, secagg_mean
@@ -210,12 +210,12 @@ def test_under_distributed_dp_the_server_neither_clips_nor_adds_noise(make_cfg, 
     # Prepare: deltas of norm 1 > S = 0.5, as devices send them (clipped, plus their noise shares)
     shapes = [(2, 3), (3,)]
     strategy = strategy_for(make_cfg, tmp_path, shapes=shapes, user_dp="distributed", user_noise_multiplier=1.0,
-                            user_clip=0.5, secure_aggregation=False, fraction_fit=0.5)
+                            user_clip=0.5, secure_aggregation=False, fraction_fit=0.5, user_noise_dropouts=0.2)
     proxies, n = sample(strategy, 1, population=10)
     rng = np.random.default_rng(0)
     raw = [[rng.normal(size=s) for s in shapes] for _ in range(4)]
     deltas = [[(x / math.sqrt(sum(float((y**2).sum()) for y in d))).astype(np.float32) for x in d] for d in raw]
-    # Execute: 4 of the 5 sampled devices reply
+    # Execute: 4 of the 5 sampled devices reply (one dropout tolerated: user-noise-dropouts = 0.2)
     params, _ = strategy.aggregate_fit(1, [(p, reply(d)) for p, d in zip(proxies, deltas)], [])
     # Assert: exactly their sum over the n = 5 sampled; the shares carry the noise already
     for i, got in enumerate(parameters_to_ndarrays(params)):
@@ -224,29 +224,32 @@ def test_under_distributed_dp_the_server_neither_clips_nor_adds_noise(make_cfg, 
 
 def test_a_distributed_dp_device_clips_to_s_and_adds_its_share_of_the_noise(make_cfg, tmp_path: Path) -> None:
     # Prepare: the same user on two devices, without record-level DP (so both train identically):
-    # one adds its noise share (distributed), the other does not (central: the server would)
+    # one adds its noise share (distributed), the other does not (central: the server would).
+    # n = 4 sampled, half may drop out: the share is sized for t = 2 survivors.
     z, clip, n = 1.0, 0.05, 4
     settings = {"dp": "off", "user_noise_multiplier": z, "user_clip": clip, "personal_max_steps": 0}
-    noisy = device(make_cfg(user_dp="distributed", **settings), state=tmp_path / "distributed")
+    noisy = device(make_cfg(user_dp="distributed", user_noise_dropouts=0.5, **settings), state=tmp_path / "distributed")
     plain = device(make_cfg(user_dp="central", **settings), state=tmp_path / "central")
     # Execute
     with_share, _, _ = noisy.fit(noisy.init_send, server_round=1, sampled_clients=n)
     clipped, weight, _ = plain.fit(plain.init_send, server_round=1, sampled_clients=n)
     # Assert: the delta is clipped to S (training moved it further), weight 1; the difference is
-    # this device's share N(0, z²S²/n) of the noise on the sum
+    # this device's share N(0, z²S²/t) of the noise on the sum, t = 2 of the n = 4
     assert math.sqrt(sum(float((c.astype(np.float64) ** 2).sum()) for c in clipped)) == pytest.approx(clip, rel=1e-4)
     assert weight == 1
-    assert_gaussian_around(with_share, [c.astype(np.float64) for c in clipped], std=z * clip / math.sqrt(n))
+    assert_gaussian_around(with_share, [c.astype(np.float64) for c in clipped], std=z * clip / math.sqrt(2))
 
 
 @pytest.mark.parametrize("mode", ["central", "distributed"])
 def test_secagg_with_user_level_dp_divides_the_aggregate_sum_by_the_sampled_n(make_cfg, tmp_path: Path,
                                                                                mode: str) -> None:
     # Prepare: SecAgg+ hands every reply the same unmasked mean of the k = 4 replies (weight 1 each);
-    # 5 devices were sampled. Two deltas at norm S along one array, two at S/2 along the other.
+    # 5 devices were sampled (distributed: one dropout tolerated). Two deltas at norm S along one
+    # array, two at S/2 along the other.
     z, clip, k = 0.1, 1.0, 4
+    tolerated = {"user_noise_dropouts": 0.2} if mode == "distributed" else {}
     strategy = strategy_for(make_cfg, tmp_path, shapes=WIDE, user_dp=mode, user_noise_multiplier=z, user_clip=clip,
-                            secure_aggregation=True, fraction_fit=0.5)
+                            secure_aggregation=True, fraction_fit=0.5, **tolerated)
     cfg = strategy.cfg
     proxies, n = sample(strategy, 1, population=10)
     deltas = [[a.astype(np.float64) for a in d] for d in
@@ -269,3 +272,87 @@ def test_secagg_with_user_level_dp_divides_the_aggregate_sum_by_the_sampled_n(ma
         for g, e in zip(got, expected, strict=True):
             np.testing.assert_allclose(g, e, rtol=1e-6, atol=1e-9)
     assert read_jsonl(tmp_path / "run" / "rounds.jsonl")[-1]["user-epsilon"] < math.inf
+
+
+# -- Dropouts under distributed noise: n devices are told to share the noise, fewer may answer ----
+# Each share is N(0, z²S²/t), sized for t = n − ⌊dropouts·n⌋ survivors (``user-noise-dropouts``):
+# k ≥ t shares sum to noise of std ≥ z·S; with k < t the sum carries z·S·√(k/t) only, and the
+# round's ε, accounted at z, would be understated. Such a round is refused, never applied.
+
+
+def test_a_distributed_round_with_fewer_devices_than_its_noise_was_sized_for_is_refused(make_cfg,
+                                                                                      tmp_path: Path) -> None:
+    # Prepare: 5 of 10 devices sampled, each adds its share sized for all 5 (dropouts 0, the default)
+    z, clip, shapes = 1.0, 0.5, [(2, 3), (3,)]
+    strategy = strategy_for(make_cfg, tmp_path, shapes=shapes, user_dp="distributed", user_noise_multiplier=z,
+                            user_clip=clip, secure_aggregation=False, fraction_fit=0.5)
+    proxies, n = sample(strategy, 1, population=10)
+    rng = np.random.default_rng(0)
+    deltas = [add_noise_share(along(shapes, 0, clip), std=z * clip, num_clients=n, rng=rng) for _ in range(4)]
+    # Execute: one device drops out, 4 shares of 5 reach the server
+    params, _ = strategy.aggregate_fit(1, [(p, reply(d)) for p, d in zip(proxies, deltas)], [])
+    # Assert: the base is unchanged, the round is refused and says why; no user-level ε is charged for it
+    for got in parameters_to_ndarrays(params):
+        np.testing.assert_array_equal(got, 0.0)
+    assert strategy.refused_rounds == [1] and strategy.user_rounds == 0
+    row = read_jsonl(tmp_path / "run" / "rounds.jsonl")[-1]
+    assert "4 of 5" in row["out-of-bounds"] and "user-noise-dropouts" in row["out-of-bounds"]
+
+
+def test_shares_sized_for_the_tolerated_dropouts_keep_the_noise_on_the_mean_at_z_s_over_n(make_cfg,
+                                                                                        tmp_path: Path) -> None:
+    # Prepare: 5 sampled, 2 may drop out (0.4): shares sized for t = 3; exactly 3 answer with zero deltas
+    z, clip = 1.0, 1.0
+    strategy = strategy_for(make_cfg, tmp_path, shapes=WIDE, user_dp="distributed", user_noise_multiplier=z,
+                            user_clip=clip, secure_aggregation=False, fraction_fit=0.5, user_noise_dropouts=0.4)
+    proxies, n = sample(strategy, 1, population=10)
+    survivors = noise_survivors(n, strategy.cfg.user_noise_dropouts)
+    assert (n, survivors) == (5, 3)
+    rng = np.random.default_rng(1)
+    zero = [np.zeros(s, np.float32) for s in WIDE]
+    deltas = [add_noise_share(zero, std=z * clip, num_clients=survivors, rng=rng) for _ in range(survivors)]
+    # Execute
+    params, _ = strategy.aggregate_fit(1, [(p, reply(d)) for p, d in zip(proxies, deltas)], [])
+    # Assert: applied, with the calibrated noise z·S on the sum, over the fixed denominator n
+    assert strategy.user_rounds == 1
+    assert_gaussian_around(parameters_to_ndarrays(params), [np.zeros(s) for s in WIDE], std=z * clip / n)
+
+
+def test_user_noise_dropouts_is_validated_and_only_means_something_for_distributed_noise(make_cfg) -> None:
+    for bad in (-0.1, 1.0):
+        with pytest.raises(ValueError, match="'user-noise-dropouts'"):
+            make_cfg(user_dp="distributed", user_noise_dropouts=bad)
+    with pytest.raises(ValueError, match="'user-noise-dropouts'.*distributed"):
+        make_cfg(user_dp="central", user_noise_dropouts=0.2)
+    assert [noise_survivors(n, 0.1) for n in (1, 9, 10, 48)] == [1, 9, 9, 44]
+    assert make_cfg().model_hash() == make_cfg(user_noise_dropouts=0.0).model_hash()  # older runs resume
+
+
+class NoGrid:
+    """A grid no message may go through: the refusal comes before any key share is asked for."""
+
+    def __getattr__(self, name: str) -> object:
+        raise AssertionError(f"the grid was used ({name}) for a sum that must not be unmasked")
+
+
+def test_under_secagg_a_masked_sum_with_too_few_noise_shares_is_never_unmasked(make_cfg, tmp_path: Path) -> None:
+    from flwr.server.workflow.secure_aggregation.secaggplus_workflow import WorkflowState
+
+    from fedpgen.server.secure_aggregation import _SecAggPlus, secagg_parameters
+
+    # Prepare: 5 sampled under SecAgg+ with distributed noise; 4 masked vectors reached the sum
+    strategy = strategy_for(make_cfg, tmp_path, shapes=WIDE, user_dp="distributed", secure_aggregation=True,
+                            fraction_fit=0.5)
+    proxies, n = sample(strategy, 1, population=10)
+    workflow = _SecAggPlus(strategy, max_shares=strategy.cfg.secagg_max_shares, **secagg_parameters(strategy.cfg))
+    state = WorkflowState(sampled_node_ids={p.node_id for p in proxies},
+                          active_node_ids={p.node_id for p in proxies[:4]})
+    # Execute: the unmask stage, which would ask the survivors for the dropout's key shares
+    unmasked = workflow.unmask_stage(NoGrid(), None, state)  # type: ignore[arg-type]
+    # Assert: SecAgg+ halts with the round refused (not a failure), the grid untouched, the base kept
+    assert unmasked is False and strategy.refused_rounds == [1] and strategy.user_rounds == 0
+    assert "nothing unmasked" in read_jsonl(tmp_path / "run" / "rounds.jsonl")[-1]["out-of-bounds"]
+    tolerant = strategy_for(make_cfg, tmp_path / "tolerant", shapes=WIDE, user_dp="distributed",
+                            secure_aggregation=True, fraction_fit=0.5, user_noise_dropouts=0.2)
+    sample(tolerant, 1, population=10)
+    assert not tolerant.refuse_if_noise_short(4) and tolerant.refuse_if_noise_short(3)

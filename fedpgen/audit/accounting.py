@@ -26,6 +26,7 @@ from typing import Any
 import dp_accounting
 
 from fedpgen.shared.privacy.accounting import History, compose, epsilon
+from fedpgen.shared.privacy.user_level import noise_survivors
 
 SAME, PLD_REL, PLD_ABS, RDP_SLACK = 1e-6, 0.03, 0.02, 0.01
 
@@ -194,6 +195,28 @@ def audit_user_level(rounds: list[dict[str, Any]], *, cfg: dict[str, Any]) -> li
                             claimed=float(row["user-epsilon"]), subject=f"round {row['round']}", what="user-level")
     return checks
 
+
+def audit_noise_shares(rounds: list[dict[str, Any]], *, cfg: dict[str, Any]) -> list[Check]:
+    """Distributed user-level DP: every applied round summed at least the t noise shares its
+    devices sized theirs for (``noise_survivors``), else its noise was below the z·S accounted."""
+    if cfg.get("user-dp", "off") != "distributed":
+        return []
+    rows = [r for r in rounds if "user-epsilon" in r]
+    if any("sampled" not in r or "clients" not in r for r in rows):
+        return [Check("distributed noise shares", "server", "not-checked",
+                      "rounds.jsonl predates its sampled field: how many devices shared the noise is unknown")]
+    dropouts = float(cfg.get("user-noise-dropouts", 0.0))
+    short = {int(r["round"]): (int(r["clients"]), int(r["sampled"]), noise_survivors(int(r["sampled"]), dropouts))
+             for r in rows if int(r["clients"]) < noise_survivors(int(r["sampled"]), dropouts)}
+    if not short:
+        return [Check("distributed noise shares", "server", "pass",
+                      f"{len(rows)} rounds, each summed at least the noise shares its devices sized theirs for "
+                      f"(user-noise-dropouts = {dropouts:g})")]
+    return [Check("distributed noise shares", "server", "fail",
+                  "; ".join(f"round {r}: {k} of {n} sampled devices, shares sized for {t}: noise std "
+                            f"{math.sqrt(k / t):.2f}·z·S, below the accounted z·S"
+                            for r, (k, n, t) in sorted(short.items())),
+                  values={str(r): k / t for r, (k, _, t) in short.items()})]
 
 def audit_summary_user_level(summary: dict[str, Any], rounds: list[dict[str, Any]], *,
                              cfg: dict[str, Any]) -> list[Check]:

@@ -8,7 +8,7 @@ import logging
 from pathlib import Path
 from typing import Any
 
-from fedpgen.audit.accounting import (Check, audit_device, audit_server_view, audit_summary,
+from fedpgen.audit.accounting import (Check, audit_device, audit_noise_shares, audit_server_view, audit_summary,
                                       audit_summary_user_level, audit_user_level, load_json)
 from fedpgen.audit.canaries import Exposure
 from fedpgen.audit.membership import MembershipResult
@@ -204,6 +204,7 @@ def _accounting(run_dir: Path, cfg: dict[str, Any], rows: list[dict[str, Any]], 
     checks += audit_server_view(rows, cfg=cfg)
     rounds = _read_jsonl(run_dir / "rounds.jsonl")
     checks += audit_user_level(rounds, cfg=cfg)
+    checks += audit_noise_shares(rounds, cfg=cfg)
     if (run_dir / "summary.json").is_file():
         summary = load_json(run_dir / "summary.json")
         checks += audit_summary_user_level(summary, rounds, cfg=cfg)

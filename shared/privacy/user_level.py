@@ -2,8 +2,9 @@
 
 Each device clips its delta to norm S. Gaussian noise of std z·S on the *sum* is added
 either by the server after aggregation (central: trusts the server with the noise) or as
-n shares N(0, z²S²/n) by the n sampled devices (distributed). The mean uses the fixed
-denominator n, so one user changes it by at most S/n. Accounted with client sampling
+shares N(0, z²S²/t) by the n sampled devices (distributed), t of which must reach the sum
+(t = n unless ``user-noise-dropouts`` tolerates dropouts: :func:`noise_survivors`). The mean
+uses the fixed denominator n, so one user changes it by at most S/n. Accounted with client sampling
 q = n / N over rounds, separately from record-level ε.
 """
 
@@ -30,6 +31,32 @@ def add_noise_share(delta: list[np.ndarray], *, std: float, num_clients: int,
         raise ValueError(f"num_clients must be >= 1, got {num_clients}")
     share = std / math.sqrt(num_clients)
     return [(d + rng.normal(0.0, share, size=d.shape)).astype(d.dtype) for d in delta]
+
+
+def noise_survivors(num_sampled: int, dropouts: float) -> int:
+    """t = n − ⌊dropouts·n⌋ (at least 1): how many of the n sampled devices' noise shares must
+    reach the sum. Each share is N(0, z²S²/t), so k ≥ t shares sum to noise of std z·S·√(k/t) ≥ z·S;
+    a round with k < t would carry less than the accounted noise and is refused, never applied
+    (``server/aggregation.py``, and before unmasking under SecAgg+: ``server/secure_aggregation.py``)."""
+    if num_sampled < 1:
+        raise ValueError(f"num_sampled must be >= 1, got {num_sampled}")
+    return max(1, num_sampled - math.floor(dropouts * num_sampled + 1e-9))
+
+
+class TooFewNoiseShares(ValueError):
+    """A distributed user-level round in which fewer devices contributed than their noise needs."""
+
+
+def check_noise_survivors(contributed: int, *, num_sampled: int, dropouts: float) -> None:
+    """Raise :class:`TooFewNoiseShares` unless ``contributed`` devices carry the calibrated noise."""
+    need = noise_survivors(num_sampled, dropouts)
+    if contributed < need:
+        raise TooFewNoiseShares(
+            f"{contributed} of {num_sampled} sampled devices contributed; their noise shares were sized for at "
+            f"least {need} (user-noise-dropouts = {dropouts:g}), so the sum carries noise of std "
+            f"{math.sqrt(contributed / need):.2f}·z·S, below the accounted z·S. Raise user-noise-dropouts to "
+            "tolerate more dropouts (each share grows as 1/√t)")
+
 
 
 def user_level_mean(deltas: list[list[np.ndarray]], *, num_sampled: int, central_std: float,
