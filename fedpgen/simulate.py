@@ -32,7 +32,7 @@ from fedpgen.server.progress import EVENTS_FILE, replay
 from fedpgen.server.summary import render_summary
 from fedpgen.shared.config import RunConfig
 from fedpgen.shared.locking import SHARE_ENV, exclusive
-from fedpgen.superlink import RunOutcome, app_folder, superlink
+from fedpgen.superlink import RunOutcome, app_folder, sigterm_interrupts, superlink
 
 if TYPE_CHECKING:
     from flwr.clientapp.typing import Mod
@@ -110,21 +110,29 @@ def prepare(cfg: RunConfig, *, fresh: bool, share: str, say: Callable[[str], Non
     child.start()
     theirs.close()
     try:
-        while True:
-            try:
-                message = ours.recv()
-            except EOFError:
-                child.join()
-                raise RuntimeError(f"preparing the run failed: its process ended with exit code {child.exitcode} "
-                                   "and no reply") from None
-            if message[0] == "say":
-                say(message[1])
-            elif message[0] == "error":
-                raise message[1]
-            else:
-                return RunConfig.from_mapping(message[1]), [Path(u) for u in message[2]]
+        with sigterm_interrupts():  # SIGTERM here would end this launcher alone, the child preparing on
+            return _replies(ours, child, say)
     finally:
+        if child.is_alive():  # interrupted: the child is not left writing into a folder no lock guards
+            child.terminate()
         child.join()
+
+
+def _replies(ours: Connection, child: Any, say: Callable[[str], None]) -> tuple[RunConfig, list[Path]]:
+    """The preparing child's lines (to ``say``) until its outcome: raised, or returned."""
+    while True:
+        try:
+            message = ours.recv()
+        except EOFError:
+            child.join()
+            raise RuntimeError(f"preparing the run failed: its process ended with exit code {child.exitcode} "
+                               "and no reply") from None
+        if message[0] == "say":
+            say(message[1])
+        elif message[0] == "error":
+            raise message[1]
+        else:
+            return RunConfig.from_mapping(message[1]), [Path(u) for u in message[2]]
 
 
 def simulate(cfg: RunConfig, *, fresh: bool = False, console: Console | None = None,

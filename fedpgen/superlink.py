@@ -137,7 +137,7 @@ def superlink(*, cwd: Path, env: Mapping[str, str] | None = None) -> Iterator[Su
     process = subprocess.Popen(cmd, env=full_env, cwd=cwd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
                                start_new_session=True)  # its own process group: stopped as one
     try:
-        with _sigterm_interrupts():
+        with sigterm_interrupts():
             deadline = time.monotonic() + STARTUP_TIMEOUT
             while not _healthy(port):
                 if process.poll() is not None or time.monotonic() > deadline:
@@ -151,7 +151,7 @@ def superlink(*, cwd: Path, env: Mapping[str, str] | None = None) -> Iterator[Su
 
 
 @contextlib.contextmanager
-def _sigterm_interrupts() -> Iterator[None]:
+def sigterm_interrupts() -> Iterator[None]:
     """SIGTERM (a batch scheduler, ``timeout``, ``kill``) ends the block as Ctrl-C does: the run
     is stopped and everything it started ends with it (``_stop_tree``). Python's default would
     end this process alone and leave the federation training. Main thread only (where Python

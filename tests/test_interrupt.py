@@ -64,3 +64,33 @@ def test_sigterm_ends_the_whole_run_not_only_the_launcher(tmp_path: Path) -> Non
                 p.kill()
             except psutil.Error:
                 pass
+
+
+def test_sigterm_while_preparing_ends_the_preparing_process_too(tmp_path: Path) -> None:
+    # Prepare: a run whose base pre-training (in a spawned process, before any SuperLink) takes long
+    config = tmp_path / "run.toml"
+    config.write_text(tomli_w.dumps({**TINY, "pretrain-steps": 100_000, "run-dir": str(tmp_path / "run")}))
+    launcher = subprocess.Popen([str(BIN / "fedpgen"), "simulate", "--config", str(config)], cwd=tmp_path,
+                                stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    children: list[psutil.Process] = []
+    try:
+        deadline = time.monotonic() + 120
+        while not children and time.monotonic() < deadline and launcher.poll() is None:
+            time.sleep(0.5)
+            children = psutil.Process(launcher.pid).children(recursive=True)
+        assert children, f"no preparing process started (exit {launcher.poll()})"
+        time.sleep(3)  # into the pre-training
+        # Execute
+        os.kill(launcher.pid, signal.SIGTERM)
+        out, _ = launcher.communicate(timeout=60)
+        _, left = psutil.wait_procs(children, timeout=30)
+        # Assert: the launcher says it stopped, exits 130; the pre-training does not go on without it
+        said = out.decode(errors="replace")
+        assert launcher.returncode == 130 and "interrupted" in said, said[-2000:]
+        assert not left, f"left running: {[' '.join(p.cmdline())[:80] for p in left if p.is_running()]}"
+    finally:
+        for p in [*children, *psutil.Process(os.getpid()).children(recursive=True)]:
+            try:
+                p.kill()
+            except psutil.Error:
+                pass
