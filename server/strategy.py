@@ -194,7 +194,8 @@ class SharedDeltaStrategy(Strategy):
         for c in clients:
             self.times_sampled[c.node_id] = self.times_sampled.get(c.node_id, 0) + 1
         self._round_started = time.perf_counter()
-        self._sampled, self._population = len(clients), total
+        # q = n / (the devices that could be sampled): a refused or capped device never is, the others more often
+        self._sampled, self._population = len(clients), available
         self.configured_rounds += 1
         self.last_configured_round = r
         base = ndarrays_to_parameters(self.theta)

@@ -24,7 +24,7 @@ from fedpgen.server.strategy import SharedDeltaStrategy
 from fedpgen.shared.config import RunConfig
 from fedpgen.shared.privacy.user_level import (add_noise_share, calibrate_user_noise, clip_delta, cohort_sample_rate,
                                                noise_survivors, user_epsilon, user_level_mean)
-from fedpgen.shared.wire import keys_digest
+from fedpgen.shared.wire import NO_USABLE_DATA, STATE_TAMPERED, keys_digest
 
 from conftest import Proxy, device, error_bound, secagg_mean
 
@@ -145,6 +145,22 @@ def test_each_rounds_user_epsilon_is_at_q_sampled_over_population_and_survives_a
         want = reference_epsilon(z=1.0, q=0.2, rounds=row["round"], delta=1e-5, accountant="prv")
         assert row["user-epsilon"] == pytest.approx(want, rel=0.02)
 
+
+
+def test_q_is_over_the_devices_that_can_be_sampled_not_over_all_registered(make_cfg, tmp_path: Path) -> None:
+    # Prepare: 10 registered, 2 of them refused in an earlier round (never sampled again)
+    strategy = strategy_for(make_cfg, tmp_path, shapes=[(2, 3), (3,)], user_dp="central", fraction_fit=0.2,
+                            secure_aggregation=False)
+    strategy.mark_refused({0: NO_USABLE_DATA, 1: STATE_TAMPERED}, 0)
+    # Execute: round 1 samples ceil(0.2 * 8) = 2 of the 8 that can be sampled
+    proxies, n = sample(strategy, 1, population=10)
+    strategy.aggregate_fit(1, [(p, reply(along([(2, 3), (3,)], 0, 0.1))) for p in proxies], [])
+    # Assert: each of the 8 was in the cohort with probability 2/8, not 2/10: that q is accounted
+    assert n == 2 and not {p.node_id for p in proxies} & {0, 1}
+    row = read_jsonl(tmp_path / "run" / "rounds.jsonl")[-1]
+    assert row["client-sample-rate"] == 0.25
+    assert row["user-epsilon"] == pytest.approx(reference_epsilon(z=1.0, q=0.25, rounds=1, delta=1e-5,
+                                                                  accountant="prv"), rel=0.02)
 
 @pytest.mark.parametrize(("target", "population", "fraction", "rounds"), [(8.0, 300, 0.1, 10), (1.0, 1000, 0.1, 10)])
 def test_calibrated_user_noise_spends_the_target_by_another_accountant(target: float, population: int,

@@ -75,7 +75,8 @@ def user_epsilon(*, noise_multiplier: float, sample_rate: float, rounds: int, de
 
 def cohort_sample_rate(*, population: int, fraction: float, min_clients: int) -> float:
     """q = n / N for the cohort the server samples each round: n = max(min-fit-clients,
-    ⌈fraction-fit · N⌉) of N registered devices (``server/strategy.py``, ``configure_fit``)."""
+    ⌈fraction-fit · N⌉) of the N devices it can sample: registered, less those that refused
+    or reached their participation cap (``server/strategy.py``, ``configure_fit``)."""
     if population < 1:
         raise ValueError(f"population must be >= 1, got {population}")
     n = max(min_clients, math.ceil(fraction * population))
