@@ -22,14 +22,15 @@ class RoundFailedError(RuntimeError):
 
 
 def aggregate(deltas: list[list[np.ndarray]], weights: list[float], *, declared: list[int], cfg: Any,
-              sampled: int, rng: np.random.Generator) -> tuple[list[np.ndarray], bool]:
+              sampled: int, denominator: int, rng: np.random.Generator) -> tuple[list[np.ndarray], bool]:
     """``(the round's mean delta, whether it was a user-level DP round)`` of accepted updates.
 
     Under SecAgg+ every delta is the same unmasked aggregate (``declared``: the weights the
     devices declared, for its bounds check; ``OutOfBoundsError`` if it fails). Under
-    user-level DP the devices sent weight 1 and the mean has the fixed denominator
-    ``sampled``; the server adds N(0, (z·S)²) when central; when distributed, fewer
-    contributors than the devices' shares were sized for raise ``TooFewNoiseShares``.
+    user-level DP the devices sent weight 1 and the mean has the fixed ``denominator`` (the
+    expected cohort q·N, not the ``sampled`` count a Poisson draw gave); the server adds
+    N(0, (z·S)²) when central; when distributed, fewer contributors than the ``sampled``
+    devices sized their shares for raise ``TooFewNoiseShares``.
     """
     central = cfg.user_noise_multiplier * cfg.user_clip if cfg.user_dp == "central" else 0.0
     if cfg.user_dp == "distributed":  # the devices' shares carry the noise: enough of them must be in the sum
@@ -42,11 +43,11 @@ def aggregate(deltas: list[list[np.ndarray]], weights: list[float], *, declared:
         mean = [d.astype(np.float64) for d in deltas[0]]
         if cfg.user_dp == "off":
             return mean, False
-        return user_level_mean([[d * len(deltas) for d in mean]], num_sampled=sampled, central_std=central,
+        return user_level_mean([[d * len(deltas) for d in mean]], num_sampled=denominator, central_std=central,
                                rng=rng), True
     if cfg.user_dp == "off":
         return weighted_mean(deltas, weights), False
-    return user_level_mean(deltas, num_sampled=sampled, central_std=central, rng=rng), True
+    return user_level_mean(deltas, num_sampled=denominator, central_std=central, rng=rng), True
 
 
 def weighted_mean(deltas: list[list[np.ndarray]], weights: list[float]) -> list[np.ndarray]:

@@ -11,6 +11,8 @@ from __future__ import annotations
 import dataclasses
 import logging
 import math
+import random
+import secrets
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -37,7 +39,8 @@ from fedpgen.server.aggregation import RoundFailedError, aggregate, make_server_
 from fedpgen.server.bounds import OutOfBoundsError, cap_weight, check_weight, clip_elements
 from fedpgen.server.results import RunRecorder
 from fedpgen.shared.config import RunConfig
-from fedpgen.shared.privacy.user_level import TooFewNoiseShares, check_noise_survivors, clip_delta, user_epsilon
+from fedpgen.shared.privacy.user_level import (TooFewNoiseShares, check_noise_survivors, clip_delta, user_epsilon,
+                                               user_level_mean)
 from fedpgen.shared.tasks import TASKS
 from fedpgen.shared.wire import (
     BUDGET_EXHAUSTED,
@@ -82,6 +85,17 @@ class _NotRefused(Criterion):
         return client.node_id not in self.refused
 
 
+def poisson_cohort(client_manager: ClientManager, excluded: set[int], *, rate: float,
+                   coin: random.Random) -> list[ClientProxy]:
+    """Each device that can be sampled, independently with probability ``rate``: the client
+    sampling the user-level accountant assumes (Poisson). A fixed-size cohort is not: adding a
+    user to it swaps another out, a change of the sum of up to 2·S, and the ε of z at q = n/N
+    understates it (docs/privacy.md). ``coin`` draws from OS entropy: no one can recompute the
+    cohort from public values."""
+    nodes = [c for c in client_manager.all().values() if c.node_id not in excluded]
+    return [c for c in nodes if coin.random() < rate]
+
+
 class SharedDeltaStrategy(Strategy):
     """Weighted FedAvg (or FedAdam) of shared-adapter deltas, over the wire allowlist only."""
 
@@ -104,7 +118,8 @@ class SharedDeltaStrategy(Strategy):
         self.eval_schema = eval_schema(TASKS[cfg.task].metric_names)
         self.user_rounds = completed  # DP-FedAvg rounds so far (user-level accounting)
         self.configured_rounds = self.aggregated_rounds = self.last_configured_round = 0  # loud-failure checks
-        self._sampled = self._population = 1
+        self._sampled = self._expected = self._population = 1  # this round's cohort, its expected size, N
+        self.coin: random.Random = secrets.SystemRandom()  # user-level cohorts (poisson_cohort)
         self._bytes_down = 0
         self.stopped: str = ""
         self.refused_round = 0
@@ -190,12 +205,18 @@ class SharedDeltaStrategy(Strategy):
             return []
         if n > available:
             raise RoundFailedError(f"round {r}: {available} clients available, need {n} (min-fit-clients)")
-        clients = client_manager.sample(num_clients=n, min_num_clients=n, criterion=_NotRefused(excluded))
+        if self.cfg.user_dp != "off":  # what user-level accounting assumes: n is the expected cohort
+            clients = poisson_cohort(client_manager, excluded, rate=n / available, coin=self.coin)
+        else:
+            clients = client_manager.sample(num_clients=n, min_num_clients=n, criterion=_NotRefused(excluded))
         for c in clients:
             self.times_sampled[c.node_id] = self.times_sampled.get(c.node_id, 0) + 1
         self._round_started = time.perf_counter()
         # q = n / (the devices that could be sampled): a refused or capped device never is, the others more often
-        self._sampled, self._population = len(clients), available
+        self._sampled, self._expected, self._population = len(clients), n, available
+        if not clients:  # a Poisson draw of nobody: the round releases the noise alone
+            self._noise_only_round(r)
+            return []
         self.configured_rounds += 1
         self.last_configured_round = r
         base = ndarrays_to_parameters(self.theta)
@@ -218,7 +239,8 @@ class SharedDeltaStrategy(Strategy):
         try:
             mean_delta, user_round = aggregate([a.delta for a in accepted], [a.weight for a in accepted],
                                                declared=[int(a.res.num_examples) for a in accepted], cfg=cfg,
-                                               sampled=self._sampled, rng=np.random.default_rng())
+                                               sampled=self._sampled, denominator=self._expected,
+                                               rng=np.random.default_rng())
         except OutOfBoundsError as exc:
             return self.refuse_round(r, f"the unmasked aggregate is out of bounds: {exc}")
         except TooFewNoiseShares as exc:
@@ -266,8 +288,12 @@ class SharedDeltaStrategy(Strategy):
 
     def _enough(self, r: int, accepted: list[_Accepted], rejected: int, failures: list[Any], refused_now: int) -> bool:
         """Enough valid updates to aggregate? Too few after refusals stops training (the final
-        evaluation still runs); too few otherwise fails the run loudly."""
-        if len(accepted) >= self.cfg.min_fit_clients:
+        evaluation still runs); too few otherwise fails the run loudly. A Poisson cohort (user-level
+        DP) may draw fewer than min-fit-clients: then every device it drew must answer."""
+        need = self.cfg.min_fit_clients
+        if self.cfg.user_dp != "off":
+            need = min(need, self._sampled)
+        if len(accepted) >= need:
             return True
         if refused_now:
             self.stop(r, f"{refused_now} devices refused ({self._refusal_text()}); training stopped")
@@ -287,13 +313,13 @@ class SharedDeltaStrategy(Strategy):
                "seconds": time.perf_counter() - self._round_started,
                "delta-norm": float(np.sqrt(sum(float((d * d).sum()) for d in mean_delta))),
                "bytes-down-mean": float(self._bytes_down), "secure-aggregation": cfg.secure_aggregation,
-               "client-sample-rate": self._sampled / self._population,  # user-level accounting; the audit recomputes it
+               "client-sample-rate": self._expected / self._population,  # user-level accounting; the audit recomputes it
                "sampled": self._sampled}  # how many devices shared a distributed noise (the audit's check)
-        if not cfg.secure_aggregation:
+        if not cfg.secure_aggregation and accepted:
             row["bytes-up-mean"] = float(np.mean([a.nbytes for a in accepted]))
         if cfg.user_dp != "off":
             row["user-epsilon"] = user_epsilon(noise_multiplier=cfg.user_noise_multiplier,
-                                               sample_rate=self._sampled / self._population,
+                                               sample_rate=self._expected / self._population,
                                                rounds=self.user_rounds, delta=cfg.dp_delta,
                                                accountant=cfg.dp_accountant)
         eps = [float(a.res.metrics["dp-epsilon"]) for a in accepted if "dp-epsilon" in a.res.metrics]
@@ -336,6 +362,18 @@ class SharedDeltaStrategy(Strategy):
         """A SecAgg+ reply that did not fit the schema, dropped before the sum (a dropout)."""
         log.warning("round %d: rejected masked update from node %s: %s", self.last_configured_round, node_id, why)
         self._rejected_before_sum += 1
+
+    def _noise_only_round(self, r: int) -> None:
+        """A user-level round whose Poisson cohort is empty: θ moves by N(0, (z·S)²) / n, what the
+        mechanism releases for an empty sum (the server adds it: no device's data is in it), and
+        the round is accounted like any other."""
+        cfg = self.cfg
+        noise = user_level_mean([[np.zeros(t.shape) for t in self.theta]], num_sampled=self._expected,
+                                central_std=cfg.user_noise_multiplier * cfg.user_clip, rng=np.random.default_rng())
+        log.info("round %d: the Poisson draw sampled no device; the base takes the noise alone", r)
+        self.theta = self.optimizer.step(self.theta, noise)
+        self.user_rounds += 1
+        self._record(r, [], 0, [], noise)
 
     def refuse_if_noise_short(self, contributed: int) -> bool:
         """Under distributed user-level DP, refuse the round just configured (True) when fewer

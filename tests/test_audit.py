@@ -237,6 +237,7 @@ def test_a_distributed_round_applied_with_fewer_noise_shares_than_sized_for_fail
     assert ok.status == "pass" and "4 rounds" in ok.detail
     # a round applied with 43 (a server that went on after too many dropouts): named, and how short
     rounds[2]["clients"] = 43
+    rounds.append({**rounds[-1], "round": 5, "sampled": 0, "clients": 0})  # an empty draw: the server's noise
     (short,) = audit_noise_shares(rounds, cfg=cfg)
     assert short.status == "fail" and "round 3: 43 of 48" in short.detail and short.values == {"3": 43 / 44}
     # rows written before the field, central noise (the server adds all of it), no user-level DP

@@ -11,6 +11,9 @@ errors: a correct implementation fails one such check about once in two million 
 from __future__ import annotations
 
 import math
+import random
+import statistics
+from collections import Counter
 from collections.abc import Callable
 from pathlib import Path
 
@@ -51,11 +54,29 @@ def strategy_for(make_cfg: Callable[..., RunConfig], tmp_path: Path, *, shapes: 
                                completed=completed, opt_state={}, recorder=RunRecorder(tmp_path / "run", cfg))
 
 
+class ExpectedCohort(random.Random):
+    """A stand-in for the strategy's coin where a test is about what follows the sampling: of the
+    ``available`` devices asked in a round, the first ``n`` are drawn (the expected cohort)."""
+
+    def __init__(self, n: int, available: int) -> None:
+        super().__init__()
+        self.n, self.available, self.asked = n, available, 0
+
+    def random(self) -> float:
+        self.asked += 1
+        return 0.0 if (self.asked - 1) % self.available < self.n else 1.0
+
+
 def sample(strategy: SharedDeltaStrategy, server_round: int, population: int) -> tuple[list[Proxy], int]:
-    """Configure a round over ``population`` devices: the sampled ones and the n they are told."""
+    """Configure a round over ``population`` devices, drawing the expected cohort n = q·N (under
+    user-level DP the real draw is Poisson: test_user_level_cohorts_are_poisson_sampled...):
+    the sampled ones and the n they are told."""
     manager = SimpleClientManager()
     for i in range(population):
         manager.register(Proxy(i))  # type: ignore[arg-type]
+    available = population - len(strategy.refused)
+    cfg = strategy.cfg
+    strategy.coin = ExpectedCohort(max(cfg.min_fit_clients, math.ceil(cfg.fraction_fit * available)), available)
     configured = strategy.configure_fit(server_round, None, manager)  # type: ignore[arg-type]
     return [p for p, _ in configured], int(configured[0][1].config["sampled-clients"])  # type: ignore[misc]
 
@@ -372,3 +393,78 @@ def test_under_secagg_a_masked_sum_with_too_few_noise_shares_is_never_unmasked(m
                             secure_aggregation=True, fraction_fit=0.5, user_noise_dropouts=0.2)
     sample(tolerant, 1, population=10)
     assert not tolerant.refuse_if_noise_short(4) and tolerant.refuse_if_noise_short(3)
+
+
+# -- Client sampling under user-level DP: Poisson, as the accountant assumes ----------------------
+# A fixed-size cohort of n is not Poisson: adding a user swaps another out (the sum moves by up to
+# 2·S), and the ε of z at q = n/N understates it (at z = 0.77, q = 0.2, 10 rounds: 8.0 stated,
+# 30.0 by the same accountant at sensitivity 2·S). Each device is drawn with probability q.
+
+
+def test_user_level_cohorts_are_poisson_sampled_from_a_secret_coin(make_cfg, tmp_path: Path) -> None:
+    # Prepare: q = 0.2 of 50 devices (n = 10 expected)
+    strategy = strategy_for(make_cfg, tmp_path, shapes=[(2,)], user_dp="central", fraction_fit=0.2,
+                            secure_aggregation=False)
+    manager = SimpleClientManager()
+    for i in range(50):
+        manager.register(Proxy(i))  # type: ignore[arg-type]
+    # Execute: 400 draws (round 1 configured again and again: nothing else changes between them)
+    sizes, drawn = [], Counter()
+    for _ in range(400):
+        configured = strategy.configure_fit(1, None, manager)  # type: ignore[arg-type]
+        sizes.append(len(configured))
+        drawn.update(p.node_id for p, _ in configured)
+        assert all(int(ins.config["sampled-clients"]) == len(configured) for _, ins in configured)
+    # Assert: the size is Binomial(50, 0.2) (mean 10, variance 8; a fixed-size cohort's variance is 0)
+    # and each device is drawn with probability 0.2, each to 5 standard errors
+    assert abs(statistics.mean(sizes) - 10) < 5 * math.sqrt(8 / 400)
+    assert abs(statistics.variance(sizes) - 8) < 5 * 8 * math.sqrt(2 / 399)
+    assert all(abs(drawn[i] / 400 - 0.2) < 5 * math.sqrt(0.16 / 400) for i in range(50))
+    # the coin is not Python's seeded generator: the same seed does not give the same cohort
+    cohorts = []
+    for _ in range(2):
+        random.seed(0)
+        cohorts.append(sorted(p.node_id for p, _ in strategy.configure_fit(1, None, manager)))  # type: ignore[arg-type]
+    assert cohorts[0] != cohorts[1]
+
+
+def test_the_mean_divides_by_the_expected_cohort_not_by_the_draw(make_cfg, tmp_path: Path) -> None:
+    # Prepare: q = 0.5 of 10 (n = 5 expected); the draw gives 3, all answer (their shares carry the noise)
+    shapes = [(2, 3), (3,)]
+    strategy = strategy_for(make_cfg, tmp_path, shapes=shapes, user_dp="distributed", user_clip=1.0,
+                            secure_aggregation=False, fraction_fit=0.5)
+    manager = SimpleClientManager()
+    for i in range(10):
+        manager.register(Proxy(i))  # type: ignore[arg-type]
+    strategy.coin = ExpectedCohort(3, 10)
+    configured = strategy.configure_fit(1, None, manager)  # type: ignore[arg-type]
+    assert [int(ins.config["sampled-clients"]) for _, ins in configured] == [3, 3, 3]  # shares sized for 3
+    deltas = [along(shapes, i % 2, 0.5) for i in range(3)]
+    # Execute
+    params, _ = strategy.aggregate_fit(1, [(p, reply(d)) for (p, _), d in zip(configured, deltas)], [])
+    # Assert: the sum over the fixed n = 5, whatever the draw (one user moves the mean by S/5 at most)
+    for i, got in enumerate(parameters_to_ndarrays(params)):
+        np.testing.assert_allclose(got, sum(d[i].astype(np.float64) for d in deltas) / 5, rtol=1e-6)
+    row = read_jsonl(tmp_path / "run" / "rounds.jsonl")[-1]
+    assert (row["sampled"], row["clients"], row["client-sample-rate"]) == (3, 3, 0.5)
+
+
+def test_a_draw_of_nobody_releases_the_noise_alone_and_is_accounted(make_cfg, tmp_path: Path) -> None:
+    # Prepare: q = 0.5 of 10, z = 0.3, S = 1; the draw is empty
+    z, clip = 0.3, 1.0
+    strategy = strategy_for(make_cfg, tmp_path, shapes=WIDE, user_dp="distributed", user_noise_multiplier=z,
+                            user_clip=clip, secure_aggregation=True, fraction_fit=0.5)
+    manager = SimpleClientManager()
+    for i in range(10):
+        manager.register(Proxy(i))  # type: ignore[arg-type]
+    strategy.coin = ExpectedCohort(0, 10)
+    # Execute
+    configured = strategy.configure_fit(1, None, manager)  # type: ignore[arg-type]
+    # Assert: no device asked; θ (from 0) = N(0, (z·S)²) / 5, a checkpoint, and the round's ε at q = 0.5
+    assert configured == [] and strategy.user_rounds == 1
+    assert_gaussian_around(strategy.theta, [np.zeros(s) for s in WIDE], std=z * clip / 5)
+    row = read_jsonl(tmp_path / "run" / "rounds.jsonl")[-1]
+    assert (row["round"], row["clients"], row["sampled"]) == (1, 0, 0)
+    assert row["user-epsilon"] == pytest.approx(reference_epsilon(z=z, q=0.5, rounds=1, delta=1e-5,
+                                                                  accountant="prv"), rel=0.02)
+    assert (tmp_path / "run" / "checkpoints" / "round_0001.safetensors").is_file()

@@ -198,10 +198,11 @@ def audit_user_level(rounds: list[dict[str, Any]], *, cfg: dict[str, Any]) -> li
 
 def audit_noise_shares(rounds: list[dict[str, Any]], *, cfg: dict[str, Any]) -> list[Check]:
     """Distributed user-level DP: every applied round summed at least the t noise shares its
-    devices sized theirs for (``noise_survivors``), else its noise was below the z·S accounted."""
+    devices sized theirs for (``noise_survivors``), else its noise was below the z·S accounted.
+    A round whose Poisson draw was empty (``sampled`` 0) took the server's noise alone."""
     if cfg.get("user-dp", "off") != "distributed":
         return []
-    rows = [r for r in rounds if "user-epsilon" in r]
+    rows = [r for r in rounds if "user-epsilon" in r and r.get("sampled") != 0]
     if any("sampled" not in r or "clients" not in r for r in rows):
         return [Check("distributed noise shares", "server", "not-checked",
                       "rounds.jsonl predates its sampled field: how many devices shared the noise is unknown")]
