@@ -313,7 +313,7 @@ class SharedDeltaStrategy(Strategy):
                "seconds": time.perf_counter() - self._round_started,
                "delta-norm": float(np.sqrt(sum(float((d * d).sum()) for d in mean_delta))),
                "bytes-down-mean": float(self._bytes_down), "secure-aggregation": cfg.secure_aggregation,
-               "client-sample-rate": self._expected / self._population,  # user-level accounting; the audit recomputes it
+               "client-sample-rate": self._expected / self._population,  # user-level q; the audit recomputes ε
                "sampled": self._sampled}  # how many devices shared a distributed noise (the audit's check)
         if not cfg.secure_aggregation and accepted:
             row["bytes-up-mean"] = float(np.mean([a.nbytes for a in accepted]))
