@@ -47,6 +47,35 @@ def user_level_epsilon(rounds: list[dict[str, Any]], cfg: RunConfig) -> float | 
     return spent[-1] if spent else 0.0
 
 
+def user_epsilon_vs_server(run_dir: Path, rounds: list[dict[str, Any]], cfg: RunConfig) -> tuple[float, int] | None:
+    """``(ε, rounds)`` of the user the server saw most, against the server itself: it drew the
+    cohorts, so each training reply it received (``client_rounds.jsonl``) is a Gaussian mechanism
+    without amplification (``server_view_multiplier``); ``None`` without user-level DP. Gaussian
+    mechanisms of multipliers z_i compose exactly into one of multiplier (Σ 1/z_i²)^(-1/2)."""
+    if cfg.user_dp == "off":
+        return None
+    from fedpgen.shared.privacy.accounting import epsilon  # torch: not in the launcher before it is needed
+    from fedpgen.shared.privacy.user_level import noise_survivors, server_view_multiplier
+
+    sampled = {int(r["round"]): int(r["sampled"]) for r in rounds if "sampled" in r}
+    seen: dict[Any, list[float]] = {}
+    for row in read_jsonl(Path(run_dir) / "client_rounds.jsonl"):
+        t = noise_survivors(max(1, sampled.get(int(row["round"]), 1)), cfg.user_noise_dropouts)
+        seen.setdefault(row.get("node-id"), []).append(server_view_multiplier(
+            mode=cfg.user_dp, secure_aggregation=cfg.secure_aggregation,
+            noise_multiplier=cfg.user_noise_multiplier, survivors=t))
+    if not seen:
+        return 0.0, 0
+    worst = max(seen.values(), key=lambda zs: math.inf if min(zs) <= 0 else sum(z**-2 for z in zs))
+    if min(worst) <= 0:
+        return math.inf, len(worst)
+    z = sum(z**-2 for z in worst) ** -0.5
+    import numpy as np
+
+    with np.errstate(divide="ignore"):  # Opacus' PRV takes log(1 - q) = log(0) at q = 1, harmlessly
+        return epsilon([(z, 1.0, 1)], delta=cfg.dp_delta, accountant=cfg.dp_accountant), len(worst)
+
+
 def epsilon_columns(summary: Mapping[str, Any]) -> list[str]:
     """The ε columns of a per-user table: ``record ε`` (the device's ledger) when the devices ran
     DP-SGD, ``user ε`` under user-level DP; a bare ``ε`` (∞) when neither protects anything.
@@ -121,7 +150,12 @@ def privacy_lines(run_dir: Path, rounds: list[dict[str, Any]], *, cfg: RunConfig
     user_eps = user_level_epsilon(rounds, cfg)
     if user_eps is not None:
         lines.append(f"user-level DP ({cfg.user_dp} DP-FedAvg, S={cfg.user_clip}, "
-                     f"z={cfg.user_noise_multiplier}): ε = {user_eps:.2f} per user")
+                     f"z={cfg.user_noise_multiplier}, Poisson-sampled cohorts): ε = {user_eps:.2f} per user "
+                     "against anyone who sees the shared bases but not who was sampled")
+        vs_server, times = user_epsilon_vs_server(run_dir, rounds, cfg) or (math.inf, 0)
+        lines.append(f"against the server, which draws the cohorts (no amplification by sampling): ε = "
+                     f"{vs_server:.2f} for the user it saw most ({times} rounds)"
+                     + (": it sees the deltas before it adds the noise" if cfg.user_dp == "central" else ""))
     if cfg.secure_aggregation:
         cap = f" capped at {cfg.secagg_max_shares}" if cfg.secagg_num_shares <= 1 and cfg.secagg_max_shares else ""
         lines.append(f"secure aggregation (Flower SecAgg+, num-shares {cfg.secagg_num_shares:g}{cap}, threshold "
@@ -200,6 +234,7 @@ def summarize(run_dir: Path) -> dict[str, Any]:
         "epsilon-by-client": epsilon_by_client(run_dir),  # record-level: ∞ on devices without DP-SGD
         "record-dp": cfg.record_dp,
         "user-epsilon": user_level_epsilon(all_rounds, cfg),  # covers all of a user's data at once
+        "user-epsilon-vs-server": (user_epsilon_vs_server(run_dir, all_rounds, cfg) or (None,))[0],
         "delta": cfg.dp_delta,
         "privacy": privacy_lines(run_dir, all_rounds, cfg=cfg),
         "instrument": get_task(cfg.task).instrument(),

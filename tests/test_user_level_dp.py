@@ -10,6 +10,7 @@ errors: a correct implementation fails one such check about once in two million 
 
 from __future__ import annotations
 
+import json
 import math
 import random
 import statistics
@@ -468,3 +469,40 @@ def test_a_draw_of_nobody_releases_the_noise_alone_and_is_accounted(make_cfg, tm
     assert row["user-epsilon"] == pytest.approx(reference_epsilon(z=z, q=0.5, rounds=1, delta=1e-5,
                                                                   accountant="prv"), rel=0.02)
     assert (tmp_path / "run" / "checkpoints" / "round_0001.safetensors").is_file()
+
+
+def test_against_the_server_which_draws_the_cohorts_the_user_level_epsilon_is_not_amplified(make_cfg,
+                                                                                          tmp_path: Path) -> None:
+    from fedpgen.server.summary import privacy_lines, user_epsilon_vs_server
+
+    # Prepare: 3 rounds of 4 sampled devices each; node 7 took part in all three, node 8 in one
+    run, z = tmp_path / "run", 0.77
+    run.mkdir()
+    rounds = [{"round": r, "sampled": 4, "client-sample-rate": 0.2,
+               "user-epsilon": reference_epsilon(z=z, q=0.2, rounds=r, delta=1e-5, accountant="prv")}
+              for r in (1, 2, 3)]
+    replies = [{"round": r, "node-id": 7} for r in (1, 2, 3)] + [{"round": 1, "node-id": 8}]
+    (run / "client_rounds.jsonl").write_text("".join(json.dumps(row) + "\n" for row in replies))
+
+    def vs_server(**settings: object) -> tuple[float, int]:
+        got = user_epsilon_vs_server(run, rounds, make_cfg(user_noise_multiplier=z, **settings))
+        assert got is not None
+        return got
+
+    # Execute / Assert: distributed under SecAgg+: three Gaussian mechanisms at z, no sampling
+    # (the server knew node 7 was in), by another accountant; far above the amplified ε of q = 0.2
+    eps, times = vs_server(user_dp="distributed", secure_aggregation=True)
+    assert times == 3 and eps == pytest.approx(reference_epsilon(z=z, q=1.0, rounds=3, delta=1e-5, accountant="prv"),
+                                               rel=0.02)
+    assert eps > 2 * rounds[-1]["user-epsilon"]
+    # without SecAgg+ the server sees each delta with its own share: z / sqrt(4) per round
+    eps, _ = vs_server(user_dp="distributed", secure_aggregation=False)
+    assert eps == pytest.approx(reference_epsilon(z=z / 2, q=1.0, rounds=3, delta=1e-5, accountant="prv"), rel=0.02)
+    # central: the server sees the deltas before it adds the noise
+    assert vs_server(user_dp="central", secure_aggregation=True)[0] == math.inf
+    assert user_epsilon_vs_server(run, rounds, make_cfg(user_dp="off")) is None
+    # and the run's privacy lines say both, plainly
+    cfg = make_cfg(user_dp="distributed", user_noise_multiplier=z, secure_aggregation=True, dp="off")
+    lines = privacy_lines(run, rounds, cfg=cfg)
+    said = vs_server(user_dp="distributed", secure_aggregation=True)[0]
+    assert any("against the server" in line and f"{said:.2f}" in line and "3 rounds" in line for line in lines)

@@ -93,3 +93,18 @@ def calibrate_user_noise(*, target_epsilon: float, sample_rate: float, rounds: i
     accounts and reports the ε of the rounds it actually ran."""
     return calibrate_sigma(target_epsilon=target_epsilon, delta=delta, sample_rate=sample_rate, steps=rounds,
                            accountant=accountant)
+
+
+def server_view_multiplier(*, mode: str, secure_aggregation: bool, noise_multiplier: float, survivors: int) -> float:
+    """The noise multiplier of one participation as the server sees it. The server draws the
+    cohorts, so it knows who took part: no amplification by sampling holds against it, and each
+    participation is a Gaussian mechanism of its own. Central: it sees the clipped deltas (or,
+    under SecAgg+, their sum) before it adds the noise (0: no protection). Distributed under
+    SecAgg+: the sum with at least the calibrated noise (z). Distributed without SecAgg+: each
+    delta with its own share, std z·S/√t (z/√t)."""
+    if mode == "central":
+        return 0.0
+    if secure_aggregation:
+        return noise_multiplier
+    return noise_multiplier / math.sqrt(max(1, survivors))
+
