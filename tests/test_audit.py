@@ -245,3 +245,33 @@ def test_a_distributed_round_applied_with_fewer_noise_shares_than_sized_for_fail
     assert old.status == "not-checked"
     assert audit_noise_shares(rounds, cfg={**cfg, "user-dp": "central"}) == []
     assert audit_noise_shares(rounds, cfg={"user-dp": "off"}) == []
+
+
+def test_the_user_level_epsilon_against_the_server_is_recomputed_and_an_amplified_one_in_its_place_fails() -> None:
+    import dp_accounting
+
+    from fedpgen.audit.accounting import audit_user_level_vs_server
+
+    # Prepare: distributed DP-FedAvg under SecAgg+ at z = 0.77, 10 rounds at q = 0.2 (amplified ε 8.0);
+    # the server received replies from node 7 in 3 rounds, from node 8 in 1
+    cfg = {"user-dp": "distributed", "user-noise-multiplier": 0.77, "dp-delta": 1e-5, "dp-accountant": "prv",
+           "secure-aggregation": True}
+    rounds = [{**row, "sampled": 48} for row in user_level_rounds(0.77, 0.2, 10)]
+    replies = [{"round": r, "node-id": 7} for r in (1, 4, 9)] + [{"round": 2, "node-id": 8}]
+    honest = dp_accounting.pld.PLDAccountant(value_discretization_interval=1e-4).compose(
+        dp_accounting.GaussianDpEvent(0.77), 3).get_epsilon(1e-5)
+    assert 11.0 < honest < 12.0
+    # Execute / Assert: the summary's figure (the server's PRV) passes; the amplified ε in its place fails
+    (ok,) = audit_user_level_vs_server({"user-epsilon-vs-server": honest * 1.001}, rounds, replies, cfg=cfg)
+    assert ok.status == "pass" and "node 7, 3 replies" in ok.detail
+    (bad,) = audit_user_level_vs_server({"user-epsilon-vs-server": rounds[-1]["user-epsilon"]}, rounds, replies,
+                                        cfg=cfg)
+    assert bad.status == "fail"
+    # central noise: the server saw the deltas before its noise; only ∞ passes
+    central = {**cfg, "user-dp": "central"}
+    (central_fails,) = audit_user_level_vs_server({"user-epsilon-vs-server": honest}, rounds, replies, cfg=central)
+    assert central_fails.status == "fail"
+    assert audit_user_level_vs_server({"user-epsilon-vs-server": math.inf}, rounds, replies,
+                                      cfg=central)[0].status == "pass"
+    (old,) = audit_user_level_vs_server({}, rounds, replies, cfg=cfg)
+    assert old.status == "not-checked"

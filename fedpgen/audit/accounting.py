@@ -17,6 +17,7 @@ than 1%.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import math
 from collections import defaultdict
@@ -236,6 +237,47 @@ def audit_summary_user_level(summary: dict[str, Any], rounds: list[dict[str, Any
                   f"summary's user-level ε {claimed}; the server's after round "
                   f"{max((int(r['round']) for r in rows), default=0)}: {last:.4f}")]
 
+
+def audit_user_level_vs_server(summary: dict[str, Any], rounds: list[dict[str, Any]], rows: list[dict[str, Any]], *,
+                               cfg: dict[str, Any]) -> list[Check]:
+    """The summary's user-level ε against the server (which drew the cohorts: no amplification)
+    may not understate the PLD ε of the user the server received most replies from, each reply
+    a Gaussian mechanism: multiplier z (distributed, SecAgg+), z/√t (distributed, no SecAgg+;
+    t the survivors its share was sized for), no noise at all (central)."""
+    mode = cfg.get("user-dp", "off")
+    if mode == "off":
+        return []
+    if "user-epsilon-vs-server" not in summary:
+        return [Check("user-level ε against the server", "summary.json", "not-checked",
+                      "summary.json predates the field: write it again with `fedpgen summary RUN_DIR`")]
+    z, dropouts = float(cfg["user-noise-multiplier"]), float(cfg.get("user-noise-dropouts", 0.0))
+    sampled = {int(r["round"]): int(r["sampled"]) for r in rounds if "sampled" in r}
+    seen: dict[Any, list[float]] = defaultdict(list)
+    for row in rows:
+        t = noise_survivors(max(1, sampled.get(int(row["round"]), 1)), dropouts)
+        seen[row.get("node-id")].append(0.0 if mode == "central" else z if cfg.get("secure-aggregation", True)
+                                        else z / math.sqrt(t))
+    worst, who = 0.0, None
+    for node, multipliers in seen.items():
+        eps = math.inf if min(multipliers) <= 0 else _pld_of_gaussians(tuple(sorted(multipliers)),
+                                                                      delta=float(cfg["dp-delta"]))
+        if eps > worst:
+            worst, who = eps, node
+    claimed = summary["user-epsilon-vs-server"]
+    claimed_f = math.inf if claimed is None else float(claimed)
+    ok = claimed is not None and (math.isinf(worst) and math.isinf(claimed_f)
+                                  or claimed_f >= worst * (1 - PLD_REL) - PLD_ABS)
+    return [Check("user-level ε against the server", "summary.json", "pass" if ok else "fail",
+                  f"claimed {claimed}; PLD of the user the server saw most (node {who}, "
+                  f"{len(seen.get(who, []))} replies): {worst:.4f}", {"claimed": claimed_f, "pld": worst})]
+
+
+@functools.lru_cache(maxsize=256)
+def _pld_of_gaussians(multipliers: tuple[float, ...], *, delta: float) -> float:
+    acc = dp_accounting.pld.PLDAccountant(value_discretization_interval=1e-4)
+    for m in multipliers:
+        acc.compose(dp_accounting.GaussianDpEvent(m))
+    return float(acc.get_epsilon(delta))
 
 def audit_summary(summary: dict[str, Any], ledger_eps: dict[int, list[float]]) -> list[Check]:
     """The summary's ε per client must be one its ledger recorded (the last the server received)."""

@@ -9,7 +9,8 @@ from pathlib import Path
 from typing import Any
 
 from fedpgen.audit.accounting import (Check, audit_device, audit_noise_shares, audit_server_view, audit_summary,
-                                      audit_summary_user_level, audit_user_level, load_json)
+                                      audit_summary_user_level, audit_user_level, audit_user_level_vs_server,
+                                      load_json)
 from fedpgen.audit.canaries import Exposure
 from fedpgen.audit.membership import MembershipResult
 from fedpgen.audit.whitebox import WhiteboxResult, audit_mechanism
@@ -208,6 +209,7 @@ def _accounting(run_dir: Path, cfg: dict[str, Any], rows: list[dict[str, Any]], 
     if (run_dir / "summary.json").is_file():
         summary = load_json(run_dir / "summary.json")
         checks += audit_summary_user_level(summary, rounds, cfg=cfg)
+        checks += audit_user_level_vs_server(summary, rounds, rows, cfg=cfg)
         if ledger_eps:
             checks += audit_summary(summary, ledger_eps)
     return checks
