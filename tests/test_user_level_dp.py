@@ -498,6 +498,10 @@ def test_against_the_server_which_draws_the_cohorts_the_user_level_epsilon_is_no
     # without SecAgg+ the server sees each delta with its own share: z / sqrt(4) per round
     eps, _ = vs_server(user_dp="distributed", secure_aggregation=False)
     assert eps == pytest.approx(reference_epsilon(z=z / 2, q=1.0, rounds=3, delta=1e-5, accountant="prv"), rel=0.02)
+    # ... unless its rounds predate the sampled field: the share size is unknown, no protection is shown
+    unsized = [{k: v for k, v in r.items() if k != "sampled"} for r in rounds]
+    cfg = make_cfg(user_dp="distributed", user_noise_multiplier=z, secure_aggregation=False)
+    assert user_epsilon_vs_server(run, unsized, cfg) == (math.inf, 3)
     # central: the server sees the deltas before it adds the noise
     assert vs_server(user_dp="central", secure_aggregation=True)[0] == math.inf
     assert user_epsilon_vs_server(run, rounds, make_cfg(user_dp="off")) is None

@@ -254,9 +254,10 @@ def audit_user_level_vs_server(summary: dict[str, Any], rounds: list[dict[str, A
     sampled = {int(r["round"]): int(r["sampled"]) for r in rounds if "sampled" in r}
     seen: dict[Any, list[float]] = defaultdict(list)
     for row in rows:
-        t = noise_survivors(max(1, sampled.get(int(row["round"]), 1)), dropouts)
+        n = sampled.get(int(row["round"]), 0)  # 0: rows before the field; without SecAgg+ no noise is shown
+        shared = z / math.sqrt(noise_survivors(n, dropouts)) if n else 0.0
         seen[row.get("node-id")].append(0.0 if mode == "central" else z if cfg.get("secure-aggregation", True)
-                                        else z / math.sqrt(t))
+                                        else shared)
     worst, who = 0.0, None
     for node, multipliers in seen.items():
         eps = math.inf if min(multipliers) <= 0 else _pld_of_gaussians(tuple(sorted(multipliers)),
