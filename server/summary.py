@@ -150,9 +150,14 @@ def privacy_lines(run_dir: Path, rounds: list[dict[str, Any]], *, cfg: RunConfig
         lines = ["NOT PRIVATE at record level: no DP-SGD (dp = off or σ = 0)"]
     user_eps = user_level_epsilon(rounds, cfg)
     if user_eps is not None:
+        poisson = all("sampled" in r for r in rounds if "user-epsilon" in r)  # rows since Poisson cohorts
         lines.append(f"user-level DP ({cfg.user_dp} DP-FedAvg, S={cfg.user_clip}, "
                      f"z={cfg.user_noise_multiplier}, Poisson-sampled cohorts): ε = {user_eps:.2f} per user "
-                     "against anyone who sees the shared bases but not who was sampled")
+                     "against anyone who sees the shared bases but not who was sampled" if poisson else
+                     f"user-level DP ({cfg.user_dp} DP-FedAvg, S={cfg.user_clip}, z={cfg.user_noise_multiplier}): "
+                     f"ε = {user_eps:.2f} per user as accounted, which holds for Poisson-sampled cohorts only; this "
+                     "run drew fixed-size cohorts (before Poisson sampling), for which the bound is the accountant's "
+                     "at sensitivity 2·S (docs/privacy.md)")
         vs_server, times = user_epsilon_vs_server(run_dir, rounds, cfg) or (math.inf, 0)
         lines.append(f"against the server, which draws the cohorts (no amplification by sampling): ε = "
                      f"{vs_server:.2f} for the user it saw most ({times} rounds)"

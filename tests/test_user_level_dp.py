@@ -510,3 +510,6 @@ def test_against_the_server_which_draws_the_cohorts_the_user_level_epsilon_is_no
     lines = privacy_lines(run, rounds, cfg=cfg)
     said = vs_server(user_dp="distributed", secure_aggregation=True)[0]
     assert any("against the server" in line and f"{said:.2f}" in line and "3 rounds" in line for line in lines)
+    assert any("Poisson-sampled cohorts)" in line for line in lines)
+    # a run written before Poisson cohorts (no sampled field) is not said to have had them
+    assert any("fixed-size cohorts" in line and "2·S" in line for line in privacy_lines(run, unsized, cfg=cfg))
