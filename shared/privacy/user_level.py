@@ -2,10 +2,11 @@
 
 Each device clips its delta to norm S. Gaussian noise of std z·S on the *sum* is added
 either by the server after aggregation (central: trusts the server with the noise) or as
-shares N(0, z²S²/t) by the n sampled devices (distributed), t of which must reach the sum
-(t = n unless ``user-noise-dropouts`` tolerates dropouts: :func:`noise_survivors`). The mean
-uses the fixed denominator n, so one user changes it by at most S/n. Accounted with client sampling
-q = n / N over rounds, separately from record-level ε.
+shares N(0, z²S²/t) by the k devices the round drew (distributed), t of which must reach the
+sum (t = k unless ``user-noise-dropouts`` tolerates dropouts: :func:`noise_survivors`). The
+cohort is a Poisson draw, each device with probability q = n / N (``server/strategy.py``,
+``poisson_cohort``), and the mean uses the fixed denominator n, its expected size, so one user
+changes it by at most S/n. Accounted over rounds at q, separately from record-level ε.
 """
 
 from __future__ import annotations
@@ -58,10 +59,9 @@ def check_noise_survivors(contributed: int, *, num_sampled: int, dropouts: float
             "tolerate more dropouts (each share grows as 1/√t)")
 
 
-
 def user_level_mean(deltas: list[list[np.ndarray]], *, num_sampled: int, central_std: float,
                     rng: np.random.Generator) -> list[np.ndarray]:
-    """(Σ clipped Δ_i + N(0, central_std²)) / n, with n the number of sampled devices."""
+    """(Σ clipped Δ_i + N(0, central_std²)) / n, with n the expected cohort (not the drawn one)."""
     total = [sum(d[i].astype(np.float64) for d in deltas) for i in range(len(deltas[0]))]
     if central_std > 0:
         total = [t + rng.normal(0.0, central_std, size=t.shape) for t in total]
