@@ -203,7 +203,8 @@ def test_the_summary_reads_config_json_as_a_run_config(tmp_path: Path) -> None:
     assert summary["primary-metric"] == "ppl" and summary["personal-beats-shared"] == 2
     assert summary["privacy"][0].startswith("record-level DP (DP-SGD, RDP accountant")
     assert summary["privacy"][1].startswith("user-level DP (central DP-FedAvg")
-    assert summary["privacy"][2].startswith("secure aggregation")
+    assert summary["privacy"][2].startswith("against the server")  # central: it sees the deltas, ε = ∞
+    assert summary["privacy"][3].startswith("secure aggregation")
 
 
 @pytest.mark.parametrize(
