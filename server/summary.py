@@ -55,16 +55,11 @@ def user_epsilon_vs_server(run_dir: Path, rounds: list[dict[str, Any]], cfg: Run
     if cfg.user_dp == "off":
         return None
     from fedpgen.shared.privacy.accounting import epsilon  # torch: not in the launcher before it is needed
-    from fedpgen.shared.privacy.user_level import noise_survivors, server_view_multiplier
+    from fedpgen.shared.privacy.user_level import server_view_by_node
 
-    sampled = {int(r["round"]): int(r["sampled"]) for r in rounds if "sampled" in r}
-    seen: dict[Any, list[float]] = {}
-    for row in read_jsonl(Path(run_dir) / "client_rounds.jsonl"):
-        n = sampled.get(int(row["round"]), 0)  # unknown (rows before the field): no share size to show, no noise
-        z = server_view_multiplier(mode=cfg.user_dp, secure_aggregation=cfg.secure_aggregation,
-                                   noise_multiplier=cfg.user_noise_multiplier,
-                                   survivors=noise_survivors(n, cfg.user_noise_dropouts) if n else 1)
-        seen.setdefault(row.get("node-id"), []).append(z if n or cfg.secure_aggregation else 0.0)
+    seen = server_view_by_node(read_jsonl(Path(run_dir) / "client_rounds.jsonl"), rounds, mode=cfg.user_dp,
+                               secure_aggregation=cfg.secure_aggregation,
+                               noise_multiplier=cfg.user_noise_multiplier, dropouts=cfg.user_noise_dropouts)
     if not seen:
         return 0.0, 0
     worst = max(seen.values(), key=lambda zs: math.inf if min(zs) <= 0 else sum(z**-2 for z in zs))

@@ -77,7 +77,8 @@ def sample(strategy: SharedDeltaStrategy, server_round: int, population: int) ->
         manager.register(Proxy(i))  # type: ignore[arg-type]
     available = population - len(strategy.refused)
     cfg = strategy.cfg
-    strategy.coin = ExpectedCohort(max(cfg.min_fit_clients, math.ceil(cfg.fraction_fit * available)), available)
+    q = cohort_sample_rate(population=available, fraction=cfg.fraction_fit, min_clients=cfg.min_fit_clients)
+    strategy.coin = ExpectedCohort(round(q * available), available)
     configured = strategy.configure_fit(server_round, None, manager)  # type: ignore[arg-type]
     return [p for p, _ in configured], int(configured[0][1].config["sampled-clients"])  # type: ignore[misc]
 

@@ -27,7 +27,7 @@ from typing import Any
 import dp_accounting
 
 from fedpgen.shared.privacy.accounting import History, compose, epsilon
-from fedpgen.shared.privacy.user_level import noise_survivors
+from fedpgen.shared.privacy.user_level import noise_survivors, server_view_by_node
 
 SAME, PLD_REL, PLD_ABS, RDP_SLACK = 1e-6, 0.03, 0.02, 0.01
 
@@ -250,14 +250,9 @@ def audit_user_level_vs_server(summary: dict[str, Any], rounds: list[dict[str, A
     if "user-epsilon-vs-server" not in summary:
         return [Check("user-level ε against the server", "summary.json", "not-checked",
                       "summary.json predates the field: write it again with `fedpgen summary RUN_DIR`")]
-    z, dropouts = float(cfg["user-noise-multiplier"]), float(cfg.get("user-noise-dropouts", 0.0))
-    sampled = {int(r["round"]): int(r["sampled"]) for r in rounds if "sampled" in r}
-    seen: dict[Any, list[float]] = defaultdict(list)
-    for row in rows:
-        n = sampled.get(int(row["round"]), 0)  # 0: rows before the field; without SecAgg+ no noise is shown
-        shared = z / math.sqrt(noise_survivors(n, dropouts)) if n else 0.0
-        seen[row.get("node-id")].append(0.0 if mode == "central" else z if cfg.get("secure-aggregation", True)
-                                        else shared)
+    seen = server_view_by_node(rows, rounds, mode=mode, secure_aggregation=bool(cfg.get("secure-aggregation", True)),
+                               noise_multiplier=float(cfg["user-noise-multiplier"]),
+                               dropouts=float(cfg.get("user-noise-dropouts", 0.0)))
     worst, who = 0.0, None
     for node, multipliers in seen.items():
         eps = math.inf if min(multipliers) <= 0 else _pld_of_gaussians(tuple(sorted(multipliers)),

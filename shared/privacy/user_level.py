@@ -12,6 +12,7 @@ changes it by at most S/n. Accounted over rounds at q, separately from record-le
 from __future__ import annotations
 
 import math
+from typing import Any
 
 import numpy as np
 
@@ -107,4 +108,20 @@ def server_view_multiplier(*, mode: str, secure_aggregation: bool, noise_multipl
     if secure_aggregation:
         return noise_multiplier
     return noise_multiplier / math.sqrt(max(1, survivors))
+
+
+def server_view_by_node(replies: list[dict[str, Any]], rounds: list[dict[str, Any]], *, mode: str,
+                        secure_aggregation: bool, noise_multiplier: float, dropouts: float) -> dict[Any, list[float]]:
+    """Per node, the multiplier (:func:`server_view_multiplier`) of each training reply the server
+    received (rows of ``client_rounds.jsonl``), the share size from each round's ``sampled``
+    (``rounds.jsonl``). A round written before that field leaves a no-SecAgg+ share size unknown:
+    no noise is credited for it (0). Read by the summary and, with another accountant, the audit."""
+    sampled = {int(r["round"]): int(r["sampled"]) for r in rounds if "sampled" in r}
+    seen: dict[Any, list[float]] = {}
+    for row in replies:
+        n = sampled.get(int(row["round"]), 0)
+        z = server_view_multiplier(mode=mode, secure_aggregation=secure_aggregation, noise_multiplier=noise_multiplier,
+                                   survivors=noise_survivors(n, dropouts) if n else 1)
+        seen.setdefault(row.get("node-id"), []).append(z if n or secure_aggregation or mode == "central" else 0.0)
+    return seen
 
