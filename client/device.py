@@ -25,7 +25,7 @@ from fedpgen.shared.presets import PERSONAL, PERSONALIZE, SHARED, Phase
 from fedpgen.shared.privacy.accounting import compose, epsilon
 from fedpgen.shared.privacy.ledger import PrivacyEvent, PrivacyLedger
 from fedpgen.shared.privacy.mechanism import NoPrivacy, RecordDP
-from fedpgen.shared.privacy.plan import BudgetExhaustedError, DPPlan, check_stored_budget
+from fedpgen.shared.privacy.plan import BudgetExhaustedError, DPPlan, check_stored_budget, check_user_plan
 from fedpgen.shared.privacy.user_level import add_noise_share, clip_delta, noise_survivors
 from fedpgen.shared.sealing import TamperedStateError
 from fedpgen.shared.store import DeviceStore, device_sealer
@@ -247,6 +247,7 @@ class Device:
              sampled_clients: int) -> tuple[list[np.ndarray], int, dict[str, object]]:
         cfg = self.cfg
         privacy, plan = self._privacy()
+        check_user_plan(cfg, self.ledger, save=True)  # user-level: its parameters fixed, its cap held here
         if plan is not None:  # refuse before touching anything: never exceed a budget silently
             plan.check_budget(self.ledger.history(), spent=len(self.ledger.events()), delta=cfg.dp_delta,
                               accountant=cfg.dp_accountant, budget=cfg.dp_epsilon)

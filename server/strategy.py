@@ -156,8 +156,9 @@ class SharedDeltaStrategy(Strategy):
         """Devices sampled ``dp-max-participations`` times: they would refuse (a device spends its
         budget when sampled, even if its update is then lost), so they are not sampled again.
         Under SecAgg+ a refusal is a dropout, and too many of them halt the round. The device
-        enforces its cap itself (across server restarts too); this only avoids asking."""
-        cap = self.cfg.dp_max_participations if self.cfg.record_dp else 0
+        enforces its cap itself (across server restarts too); this only avoids asking. The cap
+        holds under record-level and user-level DP alike (``shared/privacy/plan.py``)."""
+        cap = self.cfg.dp_max_participations if self.cfg.record_dp or self.cfg.user_dp != "off" else 0
         return {node for node, k in self.times_sampled.items() if cap and k >= cap}
 
     def stop(self, r: int, why: str) -> None:

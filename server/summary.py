@@ -72,6 +72,20 @@ def user_epsilon_vs_server(run_dir: Path, rounds: list[dict[str, Any]], cfg: Run
         return epsilon([(z, 1.0, 1)], delta=cfg.dp_delta, accountant=cfg.dp_accountant), len(worst)
 
 
+def user_epsilon_vs_server_bound(cfg: RunConfig) -> float | None:
+    """The ε against the server that holds for every user before any cohort is drawn: at most
+    ``dp-max-participations`` rounds each (enforced by each device), else ``num-server-rounds``
+    (``epsilon_vs_server_bound``); ``None`` without user-level DP."""
+    if cfg.user_dp == "off":
+        return None
+    from fedpgen.shared.privacy.user_level import epsilon_vs_server_bound
+
+    return epsilon_vs_server_bound(mode=cfg.user_dp, secure_aggregation=cfg.secure_aggregation,
+                                   noise_multiplier=cfg.user_noise_multiplier,
+                                   participations=cfg.planned_participations, delta=cfg.dp_delta,
+                                   accountant=cfg.dp_accountant)
+
+
 def epsilon_columns(summary: Mapping[str, Any]) -> list[str]:
     """The ε columns of a per-user table: ``record ε`` (the device's ledger) when the devices ran
     DP-SGD, ``user ε`` under user-level DP; a bare ``ε`` (∞) when neither protects anything.
@@ -157,6 +171,12 @@ def privacy_lines(run_dir: Path, rounds: list[dict[str, Any]], *, cfg: RunConfig
         lines.append(f"against the server, which draws the cohorts (no amplification by sampling): ε = "
                      f"{vs_server:.2f} for the user it saw most ({times} rounds)"
                      + (": it sees the deltas before it adds the noise" if cfg.user_dp == "central" else ""))
+        if cfg.dp_max_participations:
+            bound = user_epsilon_vs_server_bound(cfg) or math.inf
+            lines.append(f"at most {cfg.planned_participations} rounds per user (dp-max-participations, each device "
+                         "refuses past it): " + (f"against the server ε ≤ {bound:.2f} for every user, however often "
+                                                 "it draws one" if math.isfinite(bound) else "no bound against the "
+                                                 "server follows (it needs distributed noise under SecAgg+)"))
     if cfg.secure_aggregation:
         cap = f" capped at {cfg.secagg_max_shares}" if cfg.secagg_num_shares <= 1 and cfg.secagg_max_shares else ""
         lines.append(f"secure aggregation (Flower SecAgg+, num-shares {cfg.secagg_num_shares:g}{cap}, threshold "
@@ -236,6 +256,7 @@ def summarize(run_dir: Path) -> dict[str, Any]:
         "record-dp": cfg.record_dp,
         "user-epsilon": user_level_epsilon(all_rounds, cfg),  # covers all of a user's data at once
         "user-epsilon-vs-server": (user_epsilon_vs_server(run_dir, all_rounds, cfg) or (None,))[0],
+        "user-epsilon-vs-server-bound": user_epsilon_vs_server_bound(cfg),  # every user, by the participation cap
         "delta": cfg.dp_delta,
         "privacy": privacy_lines(run_dir, all_rounds, cfg=cfg),
         "instrument": get_task(cfg.task).instrument(),

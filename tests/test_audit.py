@@ -104,6 +104,22 @@ def test_a_ledger_rewritten_and_resealed_with_the_key_is_caught_by_recomputation
     assert not [c for c in audit_device(honest, cfg=cfg) if c.status == "fail"]
 
 
+def test_a_user_level_ledger_past_its_participation_cap_fails_the_audit(tmp_path: Path) -> None:
+    # Prepare: user-level DP only; one device's sealed plan says at most 2 rounds, its ledger holds 3
+    # (a device built without the check, or a plan rewritten with the key: the auditor counts)
+    run = fake_run(tmp_path, rounds=3, num_users=2, dp="off", user_dp="distributed", dp_max_participations=3)
+    cfg = json.loads((run / "config.json").read_text())
+    honest, lying = sorted((run / "devices").iterdir())[:2]
+    ledger = PrivacyLedger(lying, device_sealer(lying, create=False))
+    ledger.save_user_plan({**ledger.user_plan(), "dp-max-participations": 2})
+    # Execute
+    checks = {c.subject: c for c in audit_device(lying, cfg=cfg) + audit_device(honest, cfg=cfg)
+              if c.name == "never past the participation cap"}
+    # Assert
+    assert checks[lying.name].status == "fail" and "3 participations" in checks[lying.name].detail
+    assert checks[honest.name].status == "pass"
+
+
 def test_the_audit_command_passes_an_honest_run_and_names_what_fails(run_copy: Path) -> None:
     run = run_copy
     ok = CliRunner().invoke(cli, ["audit", str(run), "--attacks", "accounting,whitebox", "--canaries", "200"])

@@ -516,3 +516,69 @@ def test_against_the_server_which_draws_the_cohorts_the_user_level_epsilon_is_no
     assert any("Poisson-sampled cohorts)" in line for line in lines)
     # a run written before Poisson cohorts (no sampled field) is not said to have had them
     assert any("fixed-size cohorts" in line and "2·S" in line for line in privacy_lines(run, unsized, cfg=cfg))
+
+
+def test_under_user_level_dp_a_device_refuses_past_its_participation_cap_whatever_the_server_asks(
+        make_cfg, tmp_path: Path) -> None:
+    from fedpgen.client.device import preflight
+    from fedpgen.shared.population import ensure_population
+    from fedpgen.shared.privacy.plan import BudgetExhaustedError
+
+    # Prepare: user-level DP only (no DP-SGD), at most 2 participations in 10 rounds. A server
+    # that ignores the cap (or lies about it) asks the device a third time.
+    settings = {"dp": "off", "user_dp": "distributed", "user_noise_multiplier": 0.8, "num_server_rounds": 10,
+                "personal_max_steps": 0}
+    cfg = make_cfg(dp_max_participations=2, **settings)
+    d = device(cfg, state=tmp_path / "capped")
+    # Execute / Assert: it trains twice, then refuses, naming the cap and its bound against the server
+    for r in (1, 5):
+        d.fit(d.init_send, server_round=r, sampled_clients=4)
+    with pytest.raises(BudgetExhaustedError, match=r"participation cap reached: trained 2 of at most 2 .*server"):
+        d.fit(d.init_send, server_round=9, sampled_clients=4)
+    assert len(d.ledger.events()) == 2
+    with pytest.raises(BudgetExhaustedError, match="participation cap"):  # the cheap pre-round check as well
+        preflight(cfg, user_dir=ensure_population(cfg)[0], state_dir=tmp_path / "capped")
+    # the cap and the user-level parameters it trained with cannot change mid-run (a server's new run config)
+    for changed in ({"dp_max_participations": 3}, {"dp_max_participations": 0},
+                    {"dp_max_participations": 2, "user_noise_multiplier": 0.4}):
+        later = device(make_cfg(**{**settings, **changed}), state=tmp_path / "capped")
+        with pytest.raises(ValueError, match="cannot change mid-run"):
+            later.fit(later.init_send, server_round=9, sampled_clients=4)
+    assert len(d.ledger.events()) == 2
+
+
+def test_under_user_level_dp_the_server_never_samples_a_device_past_its_participation_cap(make_cfg,
+                                                                                         tmp_path: Path) -> None:
+    # Prepare: 6 devices, q = 0.5 Poisson cohorts, at most 2 participations each, no DP-SGD
+    strategy = strategy_for(make_cfg, tmp_path, shapes=[(2,), (2,)], dp="off", user_dp="distributed",
+                            dp_max_participations=2, fraction_fit=0.5)
+    manager = SimpleClientManager()
+    for i in range(6):
+        manager.register(Proxy(i))  # type: ignore[arg-type]
+    # Execute
+    sampled = [[c.node_id for c, _ in strategy.configure_fit(r, None, manager)] for r in range(1, 11)]  # type: ignore[arg-type]
+    # Assert: nobody past the cap; the rate q stays over the devices that can still be sampled
+    counts = Counter(node for cohort in sampled for node in cohort)
+    assert max(counts.values()) <= 2, counts
+    assert strategy.capped() == {node for node, k in counts.items() if k == 2}
+
+
+def test_the_participation_cap_bounds_the_user_level_epsilon_against_the_server(make_cfg, tmp_path: Path) -> None:
+    from fedpgen.server.summary import privacy_lines, user_epsilon_vs_server_bound
+
+    # Prepare: distributed noise under SecAgg+, z = 0.77, at most 2 of 10 rounds per user
+    z, run = 0.77, tmp_path / "run"
+    run.mkdir()
+    capped = make_cfg(dp="off", user_dp="distributed", user_noise_multiplier=z, secure_aggregation=True,
+                      dp_max_participations=2)
+    # Execute / Assert: two Gaussian mechanisms at z, by another accountant, whoever is drawn how often
+    bound = user_epsilon_vs_server_bound(capped)
+    assert bound == pytest.approx(reference_epsilon(z=z, q=1.0, rounds=2, delta=1e-5, accountant="prv"), rel=0.02)
+    assert any("at most 2 rounds per user" in line and f"{bound:.2f}" in line
+               for line in privacy_lines(run, [], cfg=capped))
+    # no cap: no bound below the rounds run; central noise: the server sees the deltas; no user-level DP: None
+    assert user_epsilon_vs_server_bound(make_cfg(**{**capped.to_toml_dict(), "dp-max-participations": 0})) == \
+        pytest.approx(reference_epsilon(z=z, q=1.0, rounds=capped.num_server_rounds, delta=1e-5, accountant="prv"),
+                      rel=0.02)
+    assert user_epsilon_vs_server_bound(make_cfg(user_dp="central", dp_max_participations=2)) == math.inf
+    assert user_epsilon_vs_server_bound(make_cfg(user_dp="off")) is None

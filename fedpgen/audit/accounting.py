@@ -102,6 +102,7 @@ def audit_device(state_dir: Path, *, cfg: dict[str, Any], key_file: Path | None 
         ledger = PrivacyLedger(Path(state_dir), sealer)
         events = ledger.events()
         plan, meta = ledger.plan(), DeviceStore(Path(state_dir), sealer).load_meta()
+        user_plan = ledger.user_plan()
     except FileNotFoundError as exc:
         return [Check("ledger chain", subject, "not-checked", f"no device key: {exc}")]
     except TamperedStateError as exc:
@@ -123,8 +124,8 @@ def audit_device(state_dir: Path, *, cfg: dict[str, Any], key_file: Path | None 
     over = [e for e in private if e.epsilon > budget * (1 + 1e-6)] if cfg.get("dp") == "epsilon" else []
     checks.append(Check("never past the budget", subject, "fail" if over else "pass",
                         f"budget {budget:g}; events over it: {[(e.round, e.epsilon) for e in over]}"))
-    cap = int(plan.get("participations", 0)) if plan else 0
-    if cap:
+    cap = int(plan.get("participations", 0)) if plan else int(user_plan.get("dp-max-participations", 0))
+    if cap:  # the record-level plan's, else the user-level one's (shared/privacy/plan.py)
         checks.append(Check("never past the participation cap", subject, "pass" if len(events) <= cap else "fail",
                             f"{len(events)} participations (ledger events), planned for at most {cap}"))
     trained = int(meta.get("rounds_trained", len(events)))

@@ -51,6 +51,7 @@ class PrivacyLedger(SealedFiles):
     EVENTS = "ledger.jsonl"
     STATE = "accountant.json"
     PLAN = "dp_plan.json"
+    USER_PLAN = "user_dp_plan.json"  # user-level DP: what the device first trained with (plan.check_user_plan)
 
     def _lines(self) -> list[str]:
         self.refuse_plaintext(self.EVENTS)
@@ -95,3 +96,9 @@ class PrivacyLedger(SealedFiles):
 
     def save_plan(self, plan: dict[str, Any]) -> None:
         self.write_json(self.PLAN, plan)
+
+    def user_plan(self) -> dict[str, Any]:
+        return self.read_json(self.USER_PLAN) or {}
+
+    def save_user_plan(self, plan: dict[str, Any]) -> None:
+        self.write_json(self.USER_PLAN, plan)

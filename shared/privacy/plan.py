@@ -1,5 +1,7 @@
 """The device's DP plan for the whole run: σ for the private steps its preset's schedule takes,
-in each of the rounds it may train in (``dp-max-participations``, else every round)."""
+in each of the rounds it may train in (``dp-max-participations``, else every round). Under
+user-level DP the device keeps the parameters it first trained with and its participation cap
+(:func:`check_user_plan`): the server draws the cohorts, so only the device can hold the cap."""
 
 from __future__ import annotations
 
@@ -71,11 +73,48 @@ class DPPlan:
         return nxt
 
 
-def check_stored_budget(cfg: RunConfig, ledger: PrivacyLedger) -> None:
-    """Raise ``BudgetExhaustedError`` if this device's stored plan cannot afford another round.
+def user_plan(cfg: RunConfig) -> dict[str, object]:
+    """The user-level parameters a device trains with, and its cap (0: every round)."""
+    return {"user-dp": cfg.user_dp, "user-clip": cfg.user_clip, "user-noise-multiplier": cfg.user_noise_multiplier,
+            "user-noise-dropouts": cfg.user_noise_dropouts,
+            "dp-max-participations": cfg.planned_participations if cfg.dp_max_participations else 0}
 
-    Cheap (no model, no data): reads the device's plan and accountant history only.
+
+def check_user_plan(cfg: RunConfig, ledger: PrivacyLedger, *, save: bool = False) -> None:
+    """User-level DP: raise ``ValueError`` if ``cfg`` changes the parameters this device first
+    trained with (stored sealed; ``save`` stores them the first time), ``BudgetExhaustedError``
+    once it has trained in ``dp-max-participations`` rounds (its ledger's events, retries
+    included). Enforced here, on the device: the server draws the cohorts and sends the run
+    config, so a cap it kept itself would bound nothing against it (docs/privacy.md)."""
+    if cfg.user_dp == "off":
+        return
+    want, stored = user_plan(cfg), ledger.user_plan()
+    changed = sorted(k for k in want if stored and stored.get(k) != want[k])
+    if changed:
+        raise ValueError(f"config {', '.join(repr(k) for k in changed)}: {[want[k] for k in changed]} differs from "
+                         f"the {[stored.get(k) for k in changed]} this device trained with; user-level privacy "
+                         "parameters cannot change mid-run")
+    cap, spent = int(want["dp-max-participations"]), len(ledger.events())
+    if cap and spent >= cap:
+        from fedpgen.shared.privacy.user_level import epsilon_vs_server_bound
+
+        bound = epsilon_vs_server_bound(mode=cfg.user_dp, secure_aggregation=cfg.secure_aggregation,
+                                        noise_multiplier=cfg.user_noise_multiplier, participations=cap,
+                                        delta=cfg.dp_delta, accountant=cfg.dp_accountant)
+        raise BudgetExhaustedError(f"participation cap reached: trained {spent} of at most {cap} rounds "
+                                   f"(dp-max-participations; user-level ε against the server, which knows whom it "
+                                   f"sampled, ≤ {bound:.3f}, δ={cfg.dp_delta:g}); refusing to train")
+    if save and not stored:
+        ledger.save_user_plan(want)
+
+
+def check_stored_budget(cfg: RunConfig, ledger: PrivacyLedger) -> None:
+    """Raise ``BudgetExhaustedError`` if this device's stored plan cannot afford another round
+    (record level), or its user-level participation cap is reached (:func:`check_user_plan`).
+
+    Cheap (no model, no data): reads the device's plans and accountant history only.
     """
+    check_user_plan(cfg, ledger)
     if not cfg.record_dp:
         return
     stored = ledger.plan()

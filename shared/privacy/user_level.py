@@ -110,6 +110,19 @@ def server_view_multiplier(*, mode: str, secure_aggregation: bool, noise_multipl
     return noise_multiplier / math.sqrt(max(1, survivors))
 
 
+def epsilon_vs_server_bound(*, mode: str, secure_aggregation: bool, noise_multiplier: float, participations: int,
+                            delta: float, accountant: str) -> float:
+    """ε against the server of any user who takes part in at most ``participations`` rounds
+    (``dp-max-participations``, enforced by each device): that many Gaussian mechanisms at the
+    multiplier the server sees (:func:`server_view_multiplier`), which compose exactly into one
+    at z/√participations. ∞ where no bound holds before the cohorts are drawn: central noise (the
+    server sees the deltas), or distributed noise without SecAgg+ (z/√t, t the cohort's survivors)."""
+    if mode == "central" or not secure_aggregation or noise_multiplier <= 0:
+        return math.inf
+    with np.errstate(divide="ignore"):  # Opacus' PRV takes log(1 - q) = log(0) at q = 1, harmlessly
+        return epsilon([(noise_multiplier / math.sqrt(participations), 1.0, 1)], delta=delta, accountant=accountant)
+
+
 def server_view_by_node(replies: list[dict[str, Any]], rounds: list[dict[str, Any]], *, mode: str,
                         secure_aggregation: bool, noise_multiplier: float, dropouts: float) -> dict[Any, list[float]]:
     """Per node, the multiplier (:func:`server_view_multiplier`) of each training reply the server
