@@ -556,8 +556,9 @@ def test_under_user_level_dp_the_server_never_samples_a_device_past_its_particip
     for i in range(6):
         manager.register(Proxy(i))  # type: ignore[arg-type]
     # Execute
-    sampled = [[c.node_id for c, _ in strategy.configure_fit(r, None, manager)] for r in range(1, 11)]  # type: ignore[arg-type]
-    # Assert: nobody past the cap; the rate q stays over the devices that can still be sampled
+    configure = strategy.configure_fit
+    sampled = [[c.node_id for c, _ in configure(r, None, manager)] for r in range(1, 11)]  # type: ignore[arg-type]
+    # Assert: nobody past the cap, and the server knows whom it stopped asking
     counts = Counter(node for cohort in sampled for node in cohort)
     assert max(counts.values()) <= 2, counts
     assert strategy.capped() == {node for node, k in counts.items() if k == 2}
