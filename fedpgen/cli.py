@@ -215,7 +215,8 @@ def ledger(state_dir: Path,
 
     if not state_dir.is_dir():
         raise FileNotFoundError(f"state dir not found: {state_dir}")
-    events = PrivacyLedger(state_dir, device_sealer(state_dir, key_file, create=False)).events()
+    ledger_ = PrivacyLedger(state_dir, device_sealer(state_dir, key_file, create=False))
+    events, user_plan = ledger_.events(), ledger_.user_plan()
     table = Table(title=f"Privacy ledger of {state_dir} ({len(events)} events, chain verified)")
     for col in ("round", "unit", "mechanism", "σ", "C", "q", "steps", "δ", "ε (cumulative)", "accountant"):
         table.add_column(col)
@@ -224,6 +225,12 @@ def ledger(state_dir: Path,
                       f"{e.sample_rate:.4g}", str(e.steps), f"{e.delta:g}",
                       f"{e.epsilon:.3f}" if e.private else "inf (NOT PRIVATE)", e.accountant)
     console.print(table)
+    if user_plan:  # the events above are record-level; the user-level parameters the device holds fixed
+        cap = int(user_plan.get("dp-max-participations", 0))
+        console.print(f"user-level DP ({user_plan['user-dp']} DP-FedAvg, S={user_plan['user-clip']}, "
+                      f"z={user_plan['user-noise-multiplier']}, dropouts {user_plan['user-noise-dropouts']}), fixed "
+                      f"since this device first trained: {len(events)} participations"
+                      + (f" of at most {cap} (dp-max-participations)" if cap else " (no cap)"))
 
 
 deploy_cli = typer.Typer(no_args_is_help=True, help="A real federation: Flower's Deployment Engine with TLS and "
