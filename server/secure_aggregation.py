@@ -44,6 +44,8 @@ from fedpgen.shared import secagg_keys
 from fedpgen.shared.config import RunConfig
 from fedpgen.shared.wire import FIT_SCHEMA, check_metrics
 
+FITINS = "fitins"  # Flower's record names of a FitIns (recorddict_compat): fitins.config, fitins.parameters
+
 log = logging.getLogger(__name__)
 # Flower's workflow module: its unmask stage calls this module's ``combine_shares`` by name
 _flower_workflow = importlib.import_module("flwr.server.workflow.secure_aggregation.secaggplus_workflow")
@@ -309,7 +311,19 @@ class _SecAggPlus(SecAggPlusWorkflow):
         state.sampled_node_ids = set(state.active_node_ids)
         for neighbours in state.nid_to_neighbours.values():
             neighbours &= state.active_node_ids
+        self._size_noise_shares(state)
         return ok
+
+    def _size_noise_shares(self, state: WorkflowState) -> None:
+        """Nobody has trained yet: tell the devices that will (those left after setup and key
+        sharing) how many they are, so that distributed noise shares are sized for them. A device
+        that refused at setup (its participation cap or budget reached, after a server restart
+        that forgot whom it sampled) would otherwise leave the others' shares sized for one more,
+        and the round would be refused for too little noise."""
+        training = len(state.active_node_ids)
+        for nid in state.active_node_ids:
+            state.nid_to_fitins[nid].config_records[f"{FITINS}.config"]["sampled-clients"] = training
+        self.strategy.shares_sized_for(training)
 
 
 class LoudSecAggPlus:

@@ -376,6 +376,11 @@ class SharedDeltaStrategy(Strategy):
         self.user_rounds += 1
         self._record(r, [], 0, [], noise)
 
+    def shares_sized_for(self, devices: int) -> None:
+        """The devices of this round told to size their noise shares for ``devices`` (SecAgg+,
+        once setup has dropped those that refused): the count a distributed round must reach."""
+        self._sampled = devices
+
     def refuse_if_noise_short(self, contributed: int) -> bool:
         """Under distributed user-level DP, refuse the round just configured (True) when fewer
         devices contributed than their noise shares were sized for. SecAgg+ asks this before

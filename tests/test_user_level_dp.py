@@ -399,6 +399,36 @@ def test_under_secagg_a_masked_sum_with_too_few_noise_shares_is_never_unmasked(m
     assert not tolerant.refuse_if_noise_short(4) and tolerant.refuse_if_noise_short(3)
 
 
+def test_under_secagg_a_device_that_refuses_at_setup_leaves_the_others_shares_sized_for_those_that_train(
+        make_cfg, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from flwr.common import FitIns
+    from flwr.compat.common import recorddict_compat as compat
+    from flwr.server.workflow import SecAggPlusWorkflow
+    from flwr.server.workflow.secure_aggregation.secaggplus_workflow import WorkflowState
+
+    from fedpgen.server.secure_aggregation import _SecAggPlus, secagg_parameters
+
+    # Prepare: 5 drawn under SecAgg+ with distributed noise and no dropout tolerated; one refuses
+    # at setup (its participation cap reached, drawn by a server restarted without its counts).
+    # Flower's own key-sharing stage is stood in for: what is tested is what follows it.
+    strategy = strategy_for(make_cfg, tmp_path, shapes=WIDE, user_dp="distributed", secure_aggregation=True,
+                            fraction_fit=0.5)
+    proxies, n = sample(strategy, 1, population=10)
+    ins = FitIns(ndarrays_to_parameters([np.zeros(2, np.float32)]), {"server-round": 1, "sampled-clients": n})
+    state = WorkflowState(nid_to_fitins={p.node_id: compat.fitins_to_recorddict(ins, True) for p in proxies},
+                          active_node_ids={p.node_id for p in proxies[1:]})
+    workflow = _SecAggPlus(strategy, max_shares=strategy.cfg.secagg_max_shares, **secagg_parameters(strategy.cfg))
+    monkeypatch.setattr(SecAggPlusWorkflow, "share_keys_stage", lambda self, grid, context, state: True)
+    # Execute
+    workflow.share_keys_stage(NoGrid(), None, state)  # type: ignore[arg-type]
+    # Assert: the 4 that will train are told 4 before they train (each share N(0, z²S²/4)), so their
+    # sum carries z·S and is unmasked; a dropout during training is still one too many
+    fit_configs = [state.nid_to_fitins[nid].config_records["fitins.config"] for nid in state.active_node_ids]
+    told = {config["sampled-clients"] for config in fit_configs}
+    assert n == 5 and told == {4}
+    assert not strategy.refuse_if_noise_short(4) and strategy.refuse_if_noise_short(3)
+
+
 # -- Client sampling under user-level DP: Poisson, as the accountant assumes ----------------------
 # A fixed-size cohort of n is not Poisson: adding a user swaps another out (the sum moves by up to
 # 2·S), and the ε of z at q = n/N understates it (at z = 0.77, q = 0.2, 10 rounds: 8.0 stated,
