@@ -9,6 +9,7 @@ aggregation plugs in as the fit workflow.
 from __future__ import annotations
 
 import dataclasses
+import json
 import logging
 import math
 import random
@@ -39,8 +40,8 @@ from fedpgen.server.aggregation import RoundFailedError, aggregate, make_server_
 from fedpgen.server.bounds import OutOfBoundsError, cap_weight, check_weight, clip_elements
 from fedpgen.server.results import RunRecorder
 from fedpgen.shared.config import RunConfig
-from fedpgen.shared.privacy.user_level import (TooFewNoiseShares, check_noise_survivors, clip_delta, user_epsilon,
-                                               user_level_mean)
+from fedpgen.shared.privacy.user_level import (TooFewNoiseShares, check_noise_survivors, clip_delta,
+                                               user_epsilon_of_rounds, user_level_mean)
 from fedpgen.shared.tasks import TASKS
 from fedpgen.shared.wire import (
     BUDGET_EXHAUSTED,
@@ -96,6 +97,23 @@ def poisson_cohort(client_manager: ClientManager, excluded: set[int], *, rate: f
     return [c for c in nodes if coin.random() < rate]
 
 
+def past_user_rates(rounds_file: Path, completed: int) -> list[float | None]:
+    """The client sampling rate of each DP-FedAvg round up to the checkpoint ``completed``, from
+    ``rounds.jsonl`` (a restarted server resumes its accounting). A round without such a row (a
+    refused round, which the checkpoint's count includes, or a lost file) is ``None``: charged,
+    at the q of the round that asks, as every round was before per-round rates."""
+    rows = []
+    for line in (rounds_file.read_text(encoding="utf-8").splitlines() if rounds_file.is_file() else []):
+        try:
+            rows.append(json.loads(line))
+        except ValueError:  # a line torn by the crash being resumed from: its round is charged as unknown
+            log.warning("%s: an unreadable line skipped: %.80s", rounds_file, line)
+    rates = {int(r["round"]): float(r["client-sample-rate"]) for r in rows
+             if "user-epsilon" in r and "client-sample-rate" in r and int(r["round"]) <= completed}
+    known: list[float | None] = [rates[r] for r in sorted(rates)]
+    return known + [None] * (completed - len(known))
+
+
 class SharedDeltaStrategy(Strategy):
     """Weighted FedAvg (or FedAdam) of shared-adapter deltas, over the wire allowlist only."""
 
@@ -116,7 +134,8 @@ class SharedDeltaStrategy(Strategy):
         self.refused: dict[int, str] = {}  # devices that refused, and why (shared.wire.REFUSALS)
         self.times_sampled: dict[int, int] = {}  # per node, this server process (dp-max-participations)
         self.eval_schema = eval_schema(TASKS[cfg.task].metric_names)
-        self.user_rounds = completed  # DP-FedAvg rounds so far (user-level accounting)
+        # DP-FedAvg rounds so far, each its q (user-level accounting); None: before a restart, q unknown
+        self.user_rates: list[float | None] = past_user_rates(recorder.dir / "rounds.jsonl", completed)
         self.configured_rounds = self.aggregated_rounds = self.last_configured_round = 0  # loud-failure checks
         self._sampled = self._expected = self._population = 1  # this round's cohort, its expected size, N
         self.coin: random.Random = secrets.SystemRandom()  # user-level cohorts (poisson_cohort)
@@ -126,6 +145,11 @@ class SharedDeltaStrategy(Strategy):
         self._rejected_before_sum = 0
         self.refused_rounds: list[int] = []  # rounds whose updates were out of bounds: base kept, no checkpoint
         self._round_started = time.perf_counter()
+
+    @property
+    def user_rounds(self) -> int:
+        """DP-FedAvg rounds accounted so far (this process's and those before a restart)."""
+        return len(self.user_rates)
 
     def _write_round(self, row: dict[str, Any]) -> None:
         """Record a row of ``rounds.jsonl`` and hand it to ``on_round_row`` (server/metrics_log.py)."""
@@ -252,7 +276,8 @@ class SharedDeltaStrategy(Strategy):
         if not all(np.all(np.isfinite(t)) for t in theta):  # never reached with the bounds above; never written
             return self.refuse_round(r, "the updated base is not finite")
         self.theta = theta
-        self.user_rounds += int(user_round)
+        if user_round:
+            self.user_rates.append(self._expected / self._population)
         self._record(r, accepted, rejected, failures, mean_delta)
         return ndarrays_to_parameters(self.theta), {}
 
@@ -319,10 +344,10 @@ class SharedDeltaStrategy(Strategy):
         if not cfg.secure_aggregation and accepted:
             row["bytes-up-mean"] = float(np.mean([a.nbytes for a in accepted]))
         if cfg.user_dp != "off":
-            row["user-epsilon"] = user_epsilon(noise_multiplier=cfg.user_noise_multiplier,
-                                               sample_rate=self._expected / self._population,
-                                               rounds=self.user_rounds, delta=cfg.dp_delta,
-                                               accountant=cfg.dp_accountant)
+            now = self._expected / self._population  # a round of unknown q is charged at this one (as before)
+            rates = [now if q is None else q for q in self.user_rates]
+            row["user-epsilon"] = user_epsilon_of_rounds(noise_multiplier=cfg.user_noise_multiplier, sample_rates=rates,
+                                                         delta=cfg.dp_delta, accountant=cfg.dp_accountant)
         eps = [float(a.res.metrics["dp-epsilon"]) for a in accepted if "dp-epsilon" in a.res.metrics]
         if eps:
             row["epsilon-max"] = max(eps)
@@ -373,7 +398,7 @@ class SharedDeltaStrategy(Strategy):
                                 central_std=cfg.user_noise_multiplier * cfg.user_clip, rng=np.random.default_rng())
         log.info("round %d: the Poisson draw sampled no device; the base takes the noise alone", r)
         self.theta = self.optimizer.step(self.theta, noise)
-        self.user_rounds += 1
+        self.user_rates.append(self._expected / self._population)
         self._record(r, [], 0, [], noise)
 
     def shares_sized_for(self, devices: int) -> None:

@@ -170,6 +170,48 @@ def test_each_rounds_user_epsilon_is_at_q_sampled_over_population_and_survives_a
 
 
 
+def test_each_round_is_accounted_at_its_own_q_when_refusals_change_it_and_after_a_resume(make_cfg,
+                                                                                        tmp_path: Path) -> None:
+    # Prepare: 11 devices, fraction 0.2: round 1 draws at q = 3/11; then a device refuses, and
+    # from round 2 on q = 2/10 (a cap reached, a spent budget or a refusal moves q either way)
+    settings = {"user_dp": "central", "user_noise_multiplier": 1.0, "secure_aggregation": False,
+                "fraction_fit": 0.2}
+    shapes = [(2, 3), (3,)]
+    strategy = strategy_for(make_cfg, tmp_path, shapes=shapes, **settings)
+    proxies, _ = sample(strategy, 1, population=11)
+    strategy.aggregate_fit(1, [(p, reply(along(shapes, 0, 0.1))) for p in proxies], [])
+    strategy.mark_refused({10: NO_USABLE_DATA}, 1)
+    proxies, _ = sample(strategy, 2, population=11)
+    strategy.aggregate_fit(2, [(p, reply(along(shapes, 0, 0.1))) for p in proxies], [])
+    # Execute: a server restarted from the round-2 checkpoint runs round 3
+    resumed = strategy_for(make_cfg, tmp_path, shapes=shapes, completed=2, **settings)
+    resumed.mark_refused({10: NO_USABLE_DATA}, 2)
+    proxies, _ = sample(resumed, 1, population=11)
+    resumed.aggregate_fit(1, [(p, reply(along(shapes, 0, 0.1))) for p in proxies], [])
+    # Assert: ε composes each round at its own q, by another accountant (not every round at the last q)
+    rows = read_jsonl(tmp_path / "run" / "rounds.jsonl")
+    assert [(row["round"], row["client-sample-rate"]) for row in rows] == [(1, 3 / 11), (2, 0.2), (3, 0.2)]
+    for row in rows:
+        rates = [3 / 11] + [0.2] * (row["round"] - 1)
+        gaussian = dp_accounting.GaussianDpEvent(1.0)
+        event = dp_accounting.ComposedDpEvent([dp_accounting.PoissonSampledDpEvent(q, gaussian) for q in rates])
+        want = dp_accounting.pld.PLDAccountant(value_discretization_interval=1e-4).compose(event).get_epsilon(1e-5)
+        assert row["user-epsilon"] == pytest.approx(want, rel=0.02), row["round"]
+
+
+def test_a_restarted_server_reads_past_rates_past_a_torn_line_and_charges_what_it_cannot_read(tmp_path: Path) -> None:
+    from fedpgen.server.strategy import past_user_rates
+
+    rows = [{"round": 1, "client-sample-rate": 0.3, "user-epsilon": 1.0},
+            {"round": 2, "out-of-bounds": "refused"},  # a refused round: no row of ε, counted in the checkpoint
+            {"round": 3, "client-sample-rate": 0.2, "user-epsilon": 1.5},
+            {"round": 5, "client-sample-rate": 0.2, "user-epsilon": 2.0}]  # after the checkpoint: not yet
+    path = tmp_path / "rounds.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows) + '{"round": 4, "client-sam')
+    assert past_user_rates(path, 4) == [0.3, 0.2, None, None]
+    assert past_user_rates(tmp_path / "none.jsonl", 2) == [None, None]
+
+
 def test_q_is_over_the_devices_that_can_be_sampled_not_over_all_registered(make_cfg, tmp_path: Path) -> None:
     # Prepare: 10 registered, 2 of them refused in an earlier round (never sampled again)
     strategy = strategy_for(make_cfg, tmp_path, shapes=[(2, 3), (3,)], user_dp="central", fraction_fit=0.2,

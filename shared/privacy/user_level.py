@@ -16,7 +16,7 @@ from typing import Any
 
 import numpy as np
 
-from fedpgen.shared.privacy.accounting import calibrate_sigma, epsilon
+from fedpgen.shared.privacy.accounting import History, calibrate_sigma, compose, epsilon
 
 
 def clip_delta(delta: list[np.ndarray], bound: float) -> list[np.ndarray]:
@@ -72,6 +72,16 @@ def user_level_mean(deltas: list[list[np.ndarray]], *, num_sampled: int, central
 def user_epsilon(*, noise_multiplier: float, sample_rate: float, rounds: int, delta: float, accountant: str) -> float:
     """ε of ``rounds`` DP-FedAvg rounds with client sampling ``sample_rate``."""
     return epsilon([(noise_multiplier, sample_rate, rounds)] if rounds else [], delta=delta, accountant=accountant)
+
+
+def user_epsilon_of_rounds(*, noise_multiplier: float, sample_rates: list[float], delta: float,
+                           accountant: str) -> float:
+    """ε of DP-FedAvg rounds at multiplier z, each at its own client sampling rate: q moves
+    when devices refuse or reach their cap (q = n / the devices that can be sampled)."""
+    history: History = []
+    for q in sample_rates:
+        history = compose(history, sigma=noise_multiplier, sample_rate=q, steps=1)
+    return epsilon(history, delta=delta, accountant=accountant)
 
 
 def cohort_sample_rate(*, population: int, fraction: float, min_clients: int) -> float:
