@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import json
+import logging
 from pathlib import Path
 from typing import Any
 
@@ -56,10 +57,21 @@ def read_config(run_dir: Path) -> RunConfig:
         raise ValueError(f"{path}: not a valid run configuration: {exc}") from exc
 
 
-def read_jsonl(path: Path) -> list[dict[str, Any]]:
+def read_jsonl(path: Path, *, skip_torn: bool = False) -> list[dict[str, Any]]:
+    """The rows of a JSON-lines file ([] without one). ``skip_torn``: a line that does not parse
+    (torn by a crash mid-append) is skipped with a warning instead of raising."""
     if not path.is_file():
         return []
-    return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+    rows = []
+    for line in path.read_text(encoding="utf-8").splitlines():
+        try:
+            if line.strip():
+                rows.append(json.loads(line))
+        except ValueError:
+            if not skip_torn:
+                raise
+            logging.getLogger(__name__).warning("%s: an unreadable line skipped: %.80s", path, line)
+    return rows
 
 
 def read_clients(run_dir: Path) -> list[dict[str, Any]]:

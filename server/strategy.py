@@ -9,7 +9,6 @@ aggregation plugs in as the fit workflow.
 from __future__ import annotations
 
 import dataclasses
-import json
 import logging
 import math
 import random
@@ -38,7 +37,7 @@ from flwr.server.strategy import Strategy
 from fedpgen.server import checkpoint
 from fedpgen.server.aggregation import RoundFailedError, aggregate, make_server_optimizer
 from fedpgen.server.bounds import OutOfBoundsError, cap_weight, check_weight, clip_elements
-from fedpgen.server.results import RunRecorder
+from fedpgen.server.results import RunRecorder, read_jsonl
 from fedpgen.shared.config import RunConfig
 from fedpgen.shared.privacy.user_level import (TooFewNoiseShares, check_noise_survivors, clip_delta,
                                                user_epsilon_of_rounds, user_level_mean)
@@ -102,12 +101,7 @@ def past_user_rates(rounds_file: Path, completed: int) -> list[float | None]:
     ``rounds.jsonl`` (a restarted server resumes its accounting). A round without such a row (a
     refused round, which the checkpoint's count includes, or a lost file) is ``None``: charged,
     at the q of the round that asks, as every round was before per-round rates."""
-    rows = []
-    for line in (rounds_file.read_text(encoding="utf-8").splitlines() if rounds_file.is_file() else []):
-        try:
-            rows.append(json.loads(line))
-        except ValueError:  # a line torn by the crash being resumed from: its round is charged as unknown
-            log.warning("%s: an unreadable line skipped: %.80s", rounds_file, line)
+    rows = read_jsonl(rounds_file, skip_torn=True)  # a line torn by the crash resumed from: its round unknown
     rates = {int(r["round"]): float(r["client-sample-rate"]) for r in rows
              if "user-epsilon" in r and "client-sample-rate" in r and int(r["round"]) <= completed}
     known: list[float | None] = [rates[r] for r in sorted(rates)]
@@ -135,7 +129,8 @@ class SharedDeltaStrategy(Strategy):
         self.times_sampled: dict[int, int] = {}  # per node, this server process (dp-max-participations)
         self.eval_schema = eval_schema(TASKS[cfg.task].metric_names)
         # DP-FedAvg rounds so far, each its q (user-level accounting); None: before a restart, q unknown
-        self.user_rates: list[float | None] = past_user_rates(recorder.dir / "rounds.jsonl", completed)
+        self.user_rates: list[float | None] = (past_user_rates(recorder.dir / "rounds.jsonl", completed)
+                                               if cfg.user_dp != "off" else [])
         self.configured_rounds = self.aggregated_rounds = self.last_configured_round = 0  # loud-failure checks
         self._sampled = self._expected = self._population = 1  # this round's cohort, its expected size, N
         self.coin: random.Random = secrets.SystemRandom()  # user-level cohorts (poisson_cohort)

@@ -51,11 +51,11 @@ def user_epsilon_vs_server(run_dir: Path, rounds: list[dict[str, Any]], cfg: Run
     """``(ε, rounds)`` of the user the server saw most, against the server itself: it drew the
     cohorts, so each training reply it received (``client_rounds.jsonl``) is a Gaussian mechanism
     without amplification (``server_view_multiplier``); ``None`` without user-level DP. Gaussian
-    mechanisms of multipliers z_i compose exactly into one of multiplier (Σ 1/z_i²)^(-1/2)."""
+    mechanisms of multipliers z_i compose exactly into one (``gaussians_epsilon``)."""
     if cfg.user_dp == "off":
         return None
-    from fedpgen.shared.privacy.accounting import epsilon  # torch: not in the launcher before it is needed
-    from fedpgen.shared.privacy.user_level import server_view_by_node
+    # torch: not in the launcher before it is needed
+    from fedpgen.shared.privacy.user_level import gaussians_epsilon, server_view_by_node
 
     seen = server_view_by_node(read_jsonl(Path(run_dir) / "client_rounds.jsonl"), rounds, mode=cfg.user_dp,
                                secure_aggregation=cfg.secure_aggregation,
@@ -63,13 +63,7 @@ def user_epsilon_vs_server(run_dir: Path, rounds: list[dict[str, Any]], cfg: Run
     if not seen:
         return 0.0, 0
     worst = max(seen.values(), key=lambda zs: math.inf if min(zs) <= 0 else sum(z**-2 for z in zs))
-    if min(worst) <= 0:
-        return math.inf, len(worst)
-    z = sum(z**-2 for z in worst) ** -0.5
-    import numpy as np
-
-    with np.errstate(divide="ignore"):  # Opacus' PRV takes log(1 - q) = log(0) at q = 1, harmlessly
-        return epsilon([(z, 1.0, 1)], delta=cfg.dp_delta, accountant=cfg.dp_accountant), len(worst)
+    return gaussians_epsilon(worst, delta=cfg.dp_delta, accountant=cfg.dp_accountant), len(worst)
 
 
 def user_epsilon_vs_server_bound(cfg: RunConfig) -> float | None:

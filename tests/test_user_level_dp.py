@@ -83,6 +83,13 @@ def sample(strategy: SharedDeltaStrategy, server_round: int, population: int) ->
     return [p for p, _ in configured], int(configured[0][1].config["sampled-clients"])  # type: ignore[misc]
 
 
+def play_round(strategy: SharedDeltaStrategy, server_round: int, population: int,
+               shapes: list[tuple[int, ...]]) -> None:
+    """Sample a round (:func:`sample`) and aggregate a reply of norm 0.1 from every device drawn."""
+    proxies, _ = sample(strategy, server_round, population)
+    strategy.aggregate_fit(server_round, [(p, reply(along(shapes, 0, 0.1))) for p in proxies], [])
+
+
 def reply(arrays: list[np.ndarray]) -> FitRes:
     """A device's reply under user-level DP: its delta at weight 1."""
     return FitRes(Status(Code.OK, ""), ndarrays_to_parameters(arrays), 1, {"keys-digest": keys_digest(NAMES)})
@@ -146,20 +153,18 @@ def test_user_epsilon_agrees_with_an_independent_accountant(z: float, q: float, 
     assert got == pytest.approx(want, rel=0.02 if accountant == "prv" else 0.01)
 
 
+CENTRAL_Z1 = {"user_dp": "central", "user_noise_multiplier": 1.0, "secure_aggregation": False, "fraction_fit": 0.2}
+
+
 def test_each_rounds_user_epsilon_is_at_q_sampled_over_population_and_survives_a_resume(make_cfg,
                                                                                          tmp_path: Path) -> None:
     # Prepare: z = 1, 2 of 10 devices sampled each round (q = 0.2)
-    settings = {"user_dp": "central", "user_noise_multiplier": 1.0, "secure_aggregation": False,
-                "fraction_fit": 0.2}
-    shapes = [(2, 3), (3,)]
+    settings, shapes = CENTRAL_Z1, [(2, 3), (3,)]
     strategy = strategy_for(make_cfg, tmp_path, shapes=shapes, **settings)
     # Execute: two rounds, then a new strategy resumed after them (as from the round-2 checkpoint)
     for r in (1, 2):
-        proxies, _ = sample(strategy, r, population=10)
-        strategy.aggregate_fit(r, [(p, reply(along(shapes, 0, 0.1))) for p in proxies], [])
-    resumed = strategy_for(make_cfg, tmp_path, shapes=shapes, completed=2, **settings)
-    proxies, _ = sample(resumed, 1, population=10)
-    resumed.aggregate_fit(1, [(p, reply(along(shapes, 0, 0.1))) for p in proxies], [])
+        play_round(strategy, r, 10, shapes)
+    play_round(strategy_for(make_cfg, tmp_path, shapes=shapes, completed=2, **settings), 1, 10, shapes)
     # Assert: round r's ε is that of r subsampled Gaussian rounds at q = 0.2, by another accountant
     rows = read_jsonl(tmp_path / "run" / "rounds.jsonl")
     assert [row["round"] for row in rows] == [1, 2, 3]
@@ -174,20 +179,15 @@ def test_each_round_is_accounted_at_its_own_q_when_refusals_change_it_and_after_
                                                                                         tmp_path: Path) -> None:
     # Prepare: 11 devices, fraction 0.2: round 1 draws at q = 3/11; then a device refuses, and
     # from round 2 on q = 2/10 (a cap reached, a spent budget or a refusal moves q either way)
-    settings = {"user_dp": "central", "user_noise_multiplier": 1.0, "secure_aggregation": False,
-                "fraction_fit": 0.2}
-    shapes = [(2, 3), (3,)]
+    settings, shapes = CENTRAL_Z1, [(2, 3), (3,)]
     strategy = strategy_for(make_cfg, tmp_path, shapes=shapes, **settings)
-    proxies, _ = sample(strategy, 1, population=11)
-    strategy.aggregate_fit(1, [(p, reply(along(shapes, 0, 0.1))) for p in proxies], [])
+    play_round(strategy, 1, 11, shapes)
     strategy.mark_refused({10: NO_USABLE_DATA}, 1)
-    proxies, _ = sample(strategy, 2, population=11)
-    strategy.aggregate_fit(2, [(p, reply(along(shapes, 0, 0.1))) for p in proxies], [])
+    play_round(strategy, 2, 11, shapes)
     # Execute: a server restarted from the round-2 checkpoint runs round 3
     resumed = strategy_for(make_cfg, tmp_path, shapes=shapes, completed=2, **settings)
     resumed.mark_refused({10: NO_USABLE_DATA}, 2)
-    proxies, _ = sample(resumed, 1, population=11)
-    resumed.aggregate_fit(1, [(p, reply(along(shapes, 0, 0.1))) for p in proxies], [])
+    play_round(resumed, 1, 11, shapes)
     # Assert: ε composes each round at its own q, by another accountant (not every round at the last q)
     rows = read_jsonl(tmp_path / "run" / "rounds.jsonl")
     assert [(row["round"], row["client-sample-rate"]) for row in rows] == [(1, 3 / 11), (2, 0.2), (3, 0.2)]

@@ -11,6 +11,7 @@ from fedpgen.shared.config import RunConfig
 from fedpgen.shared.presets import Preset
 from fedpgen.shared.privacy.accounting import calibrate_sigma, compose, epsilon, poisson_sample_rate
 from fedpgen.shared.privacy.ledger import PrivacyLedger
+from fedpgen.shared.privacy.user_level import epsilon_vs_server_bound
 
 
 class BudgetExhaustedError(RuntimeError):
@@ -96,8 +97,6 @@ def check_user_plan(cfg: RunConfig, ledger: PrivacyLedger, *, save: bool = False
                          "parameters cannot change mid-run")
     cap, spent = int(want["dp-max-participations"]), len(ledger.events())
     if cap and spent >= cap:
-        from fedpgen.shared.privacy.user_level import epsilon_vs_server_bound
-
         bound = epsilon_vs_server_bound(mode=cfg.user_dp, secure_aggregation=cfg.secure_aggregation,
                                         noise_multiplier=cfg.user_noise_multiplier, participations=cap,
                                         delta=cfg.dp_delta, accountant=cfg.dp_accountant)

@@ -71,7 +71,8 @@ def user_level_mean(deltas: list[list[np.ndarray]], *, num_sampled: int, central
 
 def user_epsilon(*, noise_multiplier: float, sample_rate: float, rounds: int, delta: float, accountant: str) -> float:
     """ε of ``rounds`` DP-FedAvg rounds with client sampling ``sample_rate``."""
-    return epsilon([(noise_multiplier, sample_rate, rounds)] if rounds else [], delta=delta, accountant=accountant)
+    return user_epsilon_of_rounds(noise_multiplier=noise_multiplier, sample_rates=[sample_rate] * rounds, delta=delta,
+                                  accountant=accountant)
 
 
 def user_epsilon_of_rounds(*, noise_multiplier: float, sample_rates: list[float], delta: float,
@@ -127,10 +128,20 @@ def epsilon_vs_server_bound(*, mode: str, secure_aggregation: bool, noise_multip
     multiplier the server sees (:func:`server_view_multiplier`), which compose exactly into one
     at z/√participations. ∞ where no bound holds before the cohorts are drawn: central noise (the
     server sees the deltas), or distributed noise without SecAgg+ (z/√t, t the cohort's survivors)."""
-    if mode == "central" or not secure_aggregation or noise_multiplier <= 0:
+    if mode == "central" or not secure_aggregation:
+        return math.inf
+    return gaussians_epsilon([noise_multiplier] * participations, delta=delta, accountant=accountant)
+
+
+def gaussians_epsilon(multipliers: list[float], *, delta: float, accountant: str) -> float:
+    """ε of Gaussian mechanisms without sampling (what the server saw of one user), which
+    compose exactly into one of multiplier (Σ 1/z_i²)^(-1/2); ∞ if one carried no noise."""
+    if not multipliers:
+        return 0.0
+    if min(multipliers) <= 0:
         return math.inf
     with np.errstate(divide="ignore"):  # Opacus' PRV takes log(1 - q) = log(0) at q = 1, harmlessly
-        return epsilon([(noise_multiplier / math.sqrt(participations), 1.0, 1)], delta=delta, accountant=accountant)
+        return epsilon([(sum(z**-2 for z in multipliers) ** -0.5, 1.0, 1)], delta=delta, accountant=accountant)
 
 
 def server_view_by_node(replies: list[dict[str, Any]], rounds: list[dict[str, Any]], *, mode: str,
