@@ -22,7 +22,7 @@ class RoundFailedError(RuntimeError):
 
 
 def aggregate(deltas: list[list[np.ndarray]], weights: list[float], *, declared: list[int], cfg: Any,
-              sampled: int, denominator: int, rng: np.random.Generator) -> tuple[list[np.ndarray], bool]:
+              sampled: int, denominator: float, rng: np.random.Generator) -> tuple[list[np.ndarray], bool]:
     """``(the round's mean delta, whether it was a user-level DP round)`` of accepted updates.
 
     Under SecAgg+ every delta is the same unmasked aggregate (``declared``: the weights the

@@ -39,7 +39,7 @@ from fedpgen.server.aggregation import RoundFailedError, aggregate, make_server_
 from fedpgen.server.bounds import OutOfBoundsError, cap_weight, check_weight, clip_elements
 from fedpgen.server.results import RunRecorder, read_jsonl
 from fedpgen.shared.config import RunConfig
-from fedpgen.shared.privacy.user_level import (TooFewNoiseShares, check_noise_survivors, clip_delta,
+from fedpgen.shared.privacy.user_level import (TooFewNoiseShares, check_noise_survivors, clip_delta, expected_cohort,
                                                user_epsilon_of_rounds, user_level_mean)
 from fedpgen.shared.tasks import TASKS
 from fedpgen.shared.wire import (
@@ -217,18 +217,22 @@ class SharedDeltaStrategy(Strategy):
         total = self.wait_for_population(client_manager)
         excluded = set(self.refused) | self.capped()
         available = total - len(excluded)
-        n = max(self.cfg.min_fit_clients, math.ceil(self.cfg.fraction_fit * available))
+        if self.cfg.user_dp != "off":  # the expected Poisson cohort: q = fraction-fit whatever N (not ⌈f·N⌉/N)
+            n: float = expected_cohort(population=available, fraction=self.cfg.fraction_fit,
+                                       min_clients=self.cfg.min_fit_clients)
+        else:
+            n = max(self.cfg.min_fit_clients, math.ceil(self.cfg.fraction_fit * available))
         if excluded and n > available:
             self.stop(r, f"training stopped: {len(self.refused)} of {total} devices refused "
                          f"({self._refusal_text()}), {len(self.capped())} reached dp-max-participations; "
-                         f"{available} left < {n} needed")
+                         f"{available} left < {n:g} needed")
             return []
         if n > available:
-            raise RoundFailedError(f"round {r}: {available} clients available, need {n} (min-fit-clients)")
+            raise RoundFailedError(f"round {r}: {available} clients available, need {n:g} (min-fit-clients)")
         if self.cfg.user_dp != "off":  # what user-level accounting assumes: n is the expected cohort
             clients = poisson_cohort(client_manager, excluded, rate=n / available, coin=self.coin)
         else:
-            clients = client_manager.sample(num_clients=n, min_num_clients=n, criterion=_NotRefused(excluded))
+            clients = client_manager.sample(num_clients=int(n), min_num_clients=int(n), criterion=_NotRefused(excluded))
         for c in clients:
             self.times_sampled[c.node_id] = self.times_sampled.get(c.node_id, 0) + 1
         self._round_started = time.perf_counter()

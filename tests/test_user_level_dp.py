@@ -177,22 +177,23 @@ def test_each_rounds_user_epsilon_is_at_q_sampled_over_population_and_survives_a
 
 def test_each_round_is_accounted_at_its_own_q_when_refusals_change_it_and_after_a_resume(make_cfg,
                                                                                         tmp_path: Path) -> None:
-    # Prepare: 11 devices, fraction 0.2: round 1 draws at q = 3/11; then a device refuses, and
-    # from round 2 on q = 2/10 (a cap reached, a spent budget or a refusal moves q either way)
+    # Prepare: 9 devices, fraction 0.2, min-fit-clients 2: round 1 draws at q = 2/9; then a device
+    # refuses, and from round 2 on q = 2/8 (where min-fit-clients binds, a cap reached, a spent
+    # budget or a refusal moves q)
     settings, shapes = CENTRAL_Z1, [(2, 3), (3,)]
     strategy = strategy_for(make_cfg, tmp_path, shapes=shapes, **settings)
-    play_round(strategy, 1, 11, shapes)
-    strategy.mark_refused({10: NO_USABLE_DATA}, 1)
-    play_round(strategy, 2, 11, shapes)
+    play_round(strategy, 1, 9, shapes)
+    strategy.mark_refused({8: NO_USABLE_DATA}, 1)
+    play_round(strategy, 2, 9, shapes)
     # Execute: a server restarted from the round-2 checkpoint runs round 3
     resumed = strategy_for(make_cfg, tmp_path, shapes=shapes, completed=2, **settings)
-    resumed.mark_refused({10: NO_USABLE_DATA}, 2)
-    play_round(resumed, 1, 11, shapes)
+    resumed.mark_refused({8: NO_USABLE_DATA}, 2)
+    play_round(resumed, 1, 9, shapes)
     # Assert: ε composes each round at its own q, by another accountant (not every round at the last q)
     rows = read_jsonl(tmp_path / "run" / "rounds.jsonl")
-    assert [(row["round"], row["client-sample-rate"]) for row in rows] == [(1, 3 / 11), (2, 0.2), (3, 0.2)]
+    assert [(row["round"], row["client-sample-rate"]) for row in rows] == [(1, 2 / 9), (2, 0.25), (3, 0.25)]
     for row in rows:
-        rates = [3 / 11] + [0.2] * (row["round"] - 1)
+        rates = [2 / 9] + [0.25] * (row["round"] - 1)
         gaussian = dp_accounting.GaussianDpEvent(1.0)
         event = dp_accounting.ComposedDpEvent([dp_accounting.PoissonSampledDpEvent(q, gaussian) for q in rates])
         want = dp_accounting.pld.PLDAccountant(value_discretization_interval=1e-4).compose(event).get_epsilon(1e-5)
@@ -238,12 +239,15 @@ def test_calibrated_user_noise_spends_the_target_by_another_accountant(target: f
     assert reference_epsilon(z=z * 0.95, q=q, rounds=rounds, delta=1e-5, accountant="prv") > target
 
 
-def test_cohort_sample_rate_is_what_the_strategy_samples(make_cfg, tmp_path: Path) -> None:
-    # 7 % of 30 devices, at least 2: the server samples ceil(2.1) = 3 -> q = 0.1
-    strategy = strategy_for(make_cfg, tmp_path, shapes=[(2,)], user_dp="central", fraction_fit=0.07,
+def test_cohort_sample_rate_is_what_the_strategy_accounts(make_cfg, tmp_path: Path) -> None:
+    # 7 % of 30 devices, at least 2: each drawn with probability 0.07 (an expected 2.1), the rate accounted
+    shapes = [(2, 3), (3,)]
+    strategy = strategy_for(make_cfg, tmp_path, shapes=shapes, user_dp="central", fraction_fit=0.07,
                             secure_aggregation=False)
     proxies, _ = sample(strategy, 1, population=30)
-    assert len(proxies) / 30 == cohort_sample_rate(population=30, fraction=0.07, min_clients=2) == 0.1
+    strategy.aggregate_fit(1, [(p, reply(along(shapes, 0, 0.01))) for p in proxies], [])
+    row = read_jsonl(tmp_path / "run" / "rounds.jsonl")[-1]
+    assert row["client-sample-rate"] == cohort_sample_rate(population=30, fraction=0.07, min_clients=2) == 0.07
     assert cohort_sample_rate(population=30, fraction=0.01, min_clients=2) == 2 / 30  # min-fit-clients wins
     with pytest.raises(ValueError, match="cannot be sampled"):
         cohort_sample_rate(population=3, fraction=0.5, min_clients=5)
@@ -655,3 +659,23 @@ def test_the_participation_cap_bounds_the_user_level_epsilon_against_the_server(
                       rel=0.02)
     assert user_epsilon_vs_server_bound(make_cfg(user_dp="central", dp_max_participations=2)) == math.inf
     assert user_epsilon_vs_server_bound(make_cfg(user_dp="off")) is None
+
+
+def test_q_stays_at_fraction_fit_as_devices_leave_so_the_calibrated_epsilon_is_not_overspent(make_cfg,
+                                                                                             tmp_path: Path) -> None:
+    # Prepare: z calibrated for q = 0.1 (30 devices, fraction-fit 0.1); then 3 of them leave the
+    # population a round can sample (a cap reached, a budget spent, a refusal)
+    shapes = [(2, 3), (3,)]
+    strategy = strategy_for(make_cfg, tmp_path, shapes=shapes, user_dp="central", user_noise_multiplier=0.0,
+                            fraction_fit=0.1, secure_aggregation=False)
+    strategy.mark_refused({0: NO_USABLE_DATA, 1: NO_USABLE_DATA, 2: NO_USABLE_DATA}, 0)
+    # Execute: a round over the 27 left, every device drawn replying a delta of norm 0.1 along array 0
+    proxies, _ = sample(strategy, 1, population=30)
+    strategy.aggregate_fit(1, [(p, reply(along(shapes, 0, 0.1))) for p in proxies], [])
+    # Assert: each was drawn with probability 0.1, the rate z was calibrated for (old: ⌈2.7⌉/27 = 0.111,
+    # an ε above the target at every such round), and the mean divides by the expected cohort 0.1·27 = 2.7
+    row = read_jsonl(tmp_path / "run" / "rounds.jsonl")[-1]
+    assert row["client-sample-rate"] == pytest.approx(0.1, abs=1e-15)
+    assert cohort_sample_rate(population=27, fraction=0.1, min_clients=2) == pytest.approx(0.1, abs=1e-15)
+    norm = float(np.sqrt(sum(float((t.astype(np.float64) ** 2).sum()) for t in strategy.theta)))
+    assert norm == pytest.approx(len(proxies) * 0.1 / 2.7, rel=1e-4)

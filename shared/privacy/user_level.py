@@ -60,7 +60,7 @@ def check_noise_survivors(contributed: int, *, num_sampled: int, dropouts: float
             "tolerate more dropouts (each share grows as 1/√t)")
 
 
-def user_level_mean(deltas: list[list[np.ndarray]], *, num_sampled: int, central_std: float,
+def user_level_mean(deltas: list[list[np.ndarray]], *, num_sampled: float, central_std: float,
                     rng: np.random.Generator) -> list[np.ndarray]:
     """(Σ clipped Δ_i + N(0, central_std²)) / n, with n the expected cohort (not the drawn one)."""
     total = [sum(d[i].astype(np.float64) for d in deltas) for i in range(len(deltas[0]))]
@@ -85,15 +85,24 @@ def user_epsilon_of_rounds(*, noise_multiplier: float, sample_rates: list[float]
     return epsilon(history, delta=delta, accountant=accountant)
 
 
+def expected_cohort(*, population: int, fraction: float, min_clients: int) -> float:
+    """n, the expected size of the Poisson cohort the server draws under user-level DP:
+    ``fraction-fit · N`` of the N devices it can sample (registered, less those that refused or
+    reached their participation cap), at least ``min-fit-clients``. Not rounded up: q = n / N
+    stays at ``fraction-fit`` as devices leave, the rate the noise was calibrated for (⌈f·N⌉/N
+    drifted above it, and the ε a run spent with it; docs/privacy.md). The mean divides by n."""
+    return max(float(min_clients), fraction * population)
+
+
 def cohort_sample_rate(*, population: int, fraction: float, min_clients: int) -> float:
-    """q = n / N for the cohort the server samples each round: n = max(min-fit-clients,
-    ⌈fraction-fit · N⌉) of the N devices it can sample: registered, less those that refused
-    or reached their participation cap (``server/strategy.py``, ``configure_fit``)."""
+    """q = n / N for the cohort the server samples each round (:func:`expected_cohort`):
+    ``fraction-fit``, or ``min-fit-clients / N`` where that is larger (``server/strategy.py``,
+    ``configure_fit``)."""
     if population < 1:
         raise ValueError(f"population must be >= 1, got {population}")
-    n = max(min_clients, math.ceil(fraction * population))
+    n = expected_cohort(population=population, fraction=fraction, min_clients=min_clients)
     if n > population:
-        raise ValueError(f"a cohort of {n} devices cannot be sampled from {population}")
+        raise ValueError(f"a cohort of {n:g} devices cannot be sampled from {population}")
     return n / population
 
 
