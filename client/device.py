@@ -26,7 +26,7 @@ from fedpgen.shared.privacy.accounting import compose, epsilon
 from fedpgen.shared.privacy.ledger import PrivacyEvent, PrivacyLedger
 from fedpgen.shared.privacy.mechanism import NoPrivacy, RecordDP
 from fedpgen.shared.privacy.plan import BudgetExhaustedError, DPPlan, check_stored_budget, check_user_plan
-from fedpgen.shared.privacy.user_level import add_noise_share, clip_delta, noise_survivors
+from fedpgen.shared.privacy.user_level import add_noise_share, clip_delta, noise_survivors, server_view_multiplier
 from fedpgen.shared.sealing import TamperedStateError
 from fedpgen.shared.store import DeviceStore, device_sealer
 from fedpgen.shared.tasks import NoUsableDataError, get_task
@@ -249,7 +249,7 @@ class Device:
         privacy, plan = self._privacy()
         check_user_plan(cfg, self.ledger, save=True)  # user-level: its parameters fixed, its cap held here
         if plan is not None:  # refuse before touching anything: never exceed a budget silently
-            plan.check_budget(self.ledger.history(), spent=len(self.ledger.events()), delta=cfg.dp_delta,
+            plan.check_budget(self.ledger.history(), spent=len(self.ledger.events("record")), delta=cfg.dp_delta,
                               accountant=cfg.dp_accountant, budget=cfg.dp_epsilon)
         set_arrays(self.model, self.sets.send, shared)
         self.load_personal()
@@ -276,7 +276,7 @@ class Device:
         delta = [np.clip(d, -bound, bound).astype(d.dtype) for d in delta]
         # Account first (the noise is spent even if the reply is lost), then save the personal
         # part and the bookkeeping, all BEFORE anything is sent.
-        event = self._ledger_event(server_round, privacy, plan)
+        event = self._ledger_event(server_round, privacy, plan, sampled_clients)
         self.store.save_personal(get_tensors(self.model, self.sets.keep))
         meta = self.store.load_meta()
         meta["rounds_trained"] = int(meta.get("rounds_trained", 0)) + 1
@@ -305,13 +305,28 @@ class Device:
             return min(self.data.num_train, int(self.cfg.secagg_max_weight))
         return self.data.num_train
 
-    def _ledger_event(self, server_round: int, privacy: Mechanism, plan: DPPlan | None) -> PrivacyEvent:
-        """Append this round's privacy event to the on-device ledger (before anything is sent).
+    def _ledger_event(self, server_round: int, privacy: Mechanism, plan: DPPlan | None,
+                      sampled_clients: int) -> PrivacyEvent:
+        """Append this round's privacy events to the on-device ledger (before anything is sent):
+        record level (DP-SGD, or "none" where no unit protects the user), user level (DP-FedAvg).
+        Returns the record-level one, whose fields go on the wire (appended or not).
 
         A round this device already spent (the server crashed before checkpointing it and
         runs it again) is charged again, as a further attempt: the noise was spent both times."""
         cfg = self.cfg
-        attempt = 1 + sum(e.round == server_round for e in self.ledger.events())
+        events = self.ledger.events()
+        attempt = {unit: 1 + sum(e.round == server_round and e.unit == unit for e in events)
+                   for unit in ("record", "user")}
+        event = self._record_event(server_round, privacy, plan, attempt["record"])
+        if cfg.user_dp == "off" or cfg.record_dp:
+            self.ledger.append(event)
+        if cfg.user_dp != "off":
+            self.ledger.append(self._user_event(server_round, sampled_clients, attempt["user"]))
+        return event
+
+    def _record_event(self, server_round: int, privacy: Mechanism, plan: DPPlan | None,
+                      attempt: int) -> PrivacyEvent:
+        cfg = self.cfg
         if isinstance(privacy, RecordDP) and plan is not None:
             if any((s, q) != (plan.noise_multiplier, plan.sample_rate) for s, q, _ in privacy.spent):
                 raise RuntimeError(f"DP steps taken at {privacy.spent}, not at the planned (σ, q) of {plan}")
@@ -319,7 +334,7 @@ class Device:
             if steps != plan.steps_per_round:  # the schedule and the plan disagree: ε would be misstated
                 raise RuntimeError(f"this round took {steps} DP steps; the plan calibrated σ for "
                                    f"{plan.steps_per_round} per round")
-            event = PrivacyEvent(
+            return PrivacyEvent(
                 round=server_round, unit="record", mechanism="DP-SGD (Opacus, Poisson sampling, Gaussian)",
                 noise_multiplier=plan.noise_multiplier, clip=cfg.dp_clip, sample_rate=plan.sample_rate,
                 steps=steps, delta=cfg.dp_delta,
@@ -327,12 +342,29 @@ class Device:
                                         sample_rate=plan.sample_rate, steps=steps),
                                 delta=cfg.dp_delta, accountant=cfg.dp_accountant),
                 accountant=cfg.dp_accountant, private=True, attempt=attempt)
-        else:
-            event = PrivacyEvent(round=server_round, unit="record", mechanism="none", noise_multiplier=0.0,
-                                 clip=0.0, sample_rate=0.0, steps=0, delta=cfg.dp_delta, epsilon=math.inf,
-                                 accountant="none", private=False, attempt=attempt)
-        self.ledger.append(event)
-        return event
+        return PrivacyEvent(round=server_round, unit="record", mechanism="none", noise_multiplier=0.0,
+                            clip=0.0, sample_rate=0.0, steps=0, delta=cfg.dp_delta, epsilon=math.inf,
+                            accountant="none", private=False, attempt=attempt)
+
+    def _user_event(self, server_round: int, sampled_clients: int, attempt: int) -> PrivacyEvent:
+        """This participation in DP-FedAvg as the server sees it: it drew the cohort, so no
+        amplification holds against it (q = 1): a Gaussian at z under SecAgg+ with distributed
+        noise, at z/√t without SecAgg+ (the lone share), none with central noise (it adds the
+        noise itself). ε: composed over this device's participations, what it can prove alone;
+        the amplified ε against everyone else is the server's (docs/privacy.md)."""
+        cfg = self.cfg
+        seen = server_view_multiplier(mode=cfg.user_dp, secure_aggregation=cfg.secure_aggregation,
+                                      noise_multiplier=cfg.user_noise_multiplier,
+                                      survivors=noise_survivors(sampled_clients, cfg.user_noise_dropouts))
+        how = {"central": "central noise, added by the server", "distributed": "distributed noise shares"}
+        mechanism = (f"DP-FedAvg ({how[cfg.user_dp]}{', SecAgg+' if cfg.secure_aggregation else ''}), "
+                     "as the server sees it")
+        history = self.ledger.history("user")
+        eps = (epsilon(compose(history, sigma=seen, sample_rate=1.0, steps=1), delta=cfg.dp_delta,
+                       accountant=cfg.dp_accountant) if seen > 0 else math.inf)
+        return PrivacyEvent(round=server_round, unit="user", mechanism=mechanism, noise_multiplier=seen,
+                            clip=cfg.user_clip, sample_rate=1.0, steps=1, delta=cfg.dp_delta, epsilon=eps,
+                            accountant=cfg.dp_accountant, private=seen > 0, attempt=attempt)
 
     def evaluate(self, shared: list[np.ndarray], *, four_way: bool = True) -> dict[str, object]:
         """Held-out metrics (``client/evaluation.py``): what this device has, and with ``four_way``

@@ -223,14 +223,17 @@ def ledger(state_dir: Path,
     for e in events:
         table.add_row(str(e.round), e.unit, e.mechanism, f"{e.noise_multiplier:.4g}", f"{e.clip:g}",
                       f"{e.sample_rate:.4g}", str(e.steps), f"{e.delta:g}",
-                      f"{e.epsilon:.3f}" if e.private else "inf (NOT PRIVATE)", e.accountant)
+                      (f"{e.epsilon:.3f}" if e.private else "inf (NOT PRIVATE)")
+                      + (" vs server" if e.unit == "user" else ""), e.accountant)
     console.print(table)
-    if user_plan:  # the events above are record-level; the user-level parameters the device holds fixed
+    if user_plan:  # the user-level parameters the device holds fixed (shared/privacy/plan.py)
         cap = int(user_plan.get("dp-max-participations", 0))
         console.print(f"user-level DP ({user_plan['user-dp']} DP-FedAvg, S={user_plan['user-clip']}, "
                       f"z={user_plan['user-noise-multiplier']}, dropouts {user_plan['user-noise-dropouts']}), fixed "
-                      f"since this device first trained: {len(events)} participations"
-                      + (f" of at most {cap} (dp-max-participations)" if cap else " (no cap)"))
+                      f"since this device first trained: {ledger_.participations()} participations"
+                      + (f" of at most {cap} (dp-max-participations)" if cap else " (no cap)")
+                      + ". Its events' ε is against the server, which drew the cohorts (q = 1); the amplified ε "
+                      "against anyone who sees only the shared bases is the run's user-epsilon (summary.json)")
 
 
 deploy_cli = typer.Typer(no_args_is_help=True, help="A real federation: Flower's Deployment Engine with TLS and "

@@ -120,6 +120,32 @@ def test_a_user_level_ledger_past_its_participation_cap_fails_the_audit(tmp_path
     assert checks[honest.name].status == "pass"
 
 
+def test_user_level_ledger_events_are_recomputed_and_a_halved_one_is_caught(tmp_path: Path) -> None:
+    # Prepare: user-level DP only, 2 rounds; one device's ledger copied with each user-level ε halved,
+    # re-sealed with its key (what a device or operator holding the key could write)
+    run = fake_run(tmp_path, rounds=2, num_users=2, dp="off", user_dp="distributed", user_noise_multiplier=0.8)
+    cfg = json.loads((run / "config.json").read_text())
+    honest = sorted((run / "devices").iterdir())[0]
+    rows = [json.loads(x) for x in (run / "client_rounds.jsonl").read_text().splitlines()]
+    forged = tmp_path / "forged"
+    forged.mkdir()
+    for name in ("device.key", "device.json.sealed", "user_dp_plan.json.sealed"):
+        shutil.copy(honest / name, forged / name)
+    ledger = PrivacyLedger(forged, device_sealer(forged, create=False))
+    for e in PrivacyLedger(honest).events():
+        ledger.append(dataclasses.replace(e, epsilon=e.epsilon / 2))
+    # Execute
+    mine = [r for r in rows if r["client-index"] == 0]
+    good, bad = audit_device(honest, cfg=cfg, server_rows=mine), audit_device(forged, cfg=cfg)
+    # Assert: each participation's ε against the server is recomputed (two more accountants, one of
+    # them Google's) and agrees with the wire (no record-level mechanism: ε = ∞); halved, it fails
+    name = "user-level ledger event (vs server): ε recomputed"
+    assert [c.status for c in good if c.name == name] == ["pass", "pass"]
+    assert not [c for c in good if c.status == "fail"], [c for c in good if c.status == "fail"]
+    assert {c.name for c in good} >= {"ledger vs server rows", "user-level ledger event (vs server): PRV vs PLD"}
+    assert [c.status for c in bad if c.name == name] == ["fail", "fail"]
+
+
 def test_the_audit_command_passes_an_honest_run_and_names_what_fails(run_copy: Path) -> None:
     run = run_copy
     ok = CliRunner().invoke(cli, ["audit", str(run), "--attacks", "accounting,whitebox", "--canaries", "200"])

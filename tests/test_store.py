@@ -124,9 +124,13 @@ def test_the_ledger_command_verifies_and_prints_and_refuses_tampering(tmp_path: 
     assert out.exit_code == 0 and "chain verified" in out.output and "5.000" in out.output
     ledger.save_user_plan({"user-dp": "distributed", "user-clip": 0.5, "user-noise-multiplier": 0.77,
                            "user-noise-dropouts": 0.0, "dp-max-participations": 3})  # what check_user_plan stores
+    for r in (1, 2):  # both units protect these rounds: one event each, one participation
+        ledger.append(PrivacyEvent(round=r, unit="user", mechanism="DP-FedAvg", noise_multiplier=0.77, clip=0.5,
+                                   sample_rate=1.0, steps=1, delta=1e-5, epsilon=4.25 * r, accountant="prv",
+                                   private=True))
     out = CliRunner().invoke(cli, ["ledger", str(tmp_path / "s")], terminal_width=200)
     said = " ".join(out.output.split())  # rich wraps lines
-    assert "z=0.77" in said and "2 participations of at most 3" in said
+    assert "z=0.77" in said and "2 participations of at most 3" in said and "8.500 vs server" in said
     lines = (tmp_path / "s" / "ledger.jsonl.sealed").read_text().splitlines()
     (tmp_path / "s" / "ledger.jsonl.sealed").write_text(lines[0] + "\n")
     out = CliRunner().invoke(cli, ["ledger", str(tmp_path / "s")])

@@ -679,3 +679,29 @@ def test_q_stays_at_fraction_fit_as_devices_leave_so_the_calibrated_epsilon_is_n
     assert cohort_sample_rate(population=27, fraction=0.1, min_clients=2) == pytest.approx(0.1, abs=1e-15)
     norm = float(np.sqrt(sum(float((t.astype(np.float64) ** 2).sum()) for t in strategy.theta)))
     assert norm == pytest.approx(len(proxies) * 0.1 / 2.7, rel=1e-4)
+
+
+@pytest.mark.parametrize(("secagg", "seen"), [(True, 0.8), (False, 0.8 / math.sqrt(4))])
+def test_under_user_level_dp_the_device_ledger_charges_each_participation_at_what_the_server_sees(
+        make_cfg, tmp_path: Path, secagg: bool, seen: float) -> None:
+    # Prepare: user-level DP only (no DP-SGD): distributed noise, z = 0.8, S = 0.05, 4 devices drawn
+    cfg = make_cfg(dp="off", user_dp="distributed", user_noise_multiplier=0.8, user_clip=0.05, num_server_rounds=10,
+                   personal_max_steps=0, secure_aggregation=secagg)
+    d = device(cfg, state=tmp_path / "d")
+    # Execute: two participations
+    for r in (1, 5):
+        _, _, metrics = d.fit(d.init_send, server_round=r, sampled_clients=4)
+    # Assert: one user-level event per participation, charged as the server sees it (it drew the
+    # cohort: no amplification, q = 1): z under SecAgg+, the lone share's z/√t without (t = 4);
+    # ε composed over the participations, by another accountant (old: "none", ε = ∞ NOT PRIVATE)
+    events = d.ledger.events()
+    assert [(e.round, e.unit, e.private, e.sample_rate, e.steps, e.clip) for e in events] == [
+        (1, "user", True, 1.0, 1, 0.05), (5, "user", True, 1.0, 1, 0.05)]
+    for k, e in enumerate(events, 1):
+        assert e.noise_multiplier == pytest.approx(seen, rel=1e-12)
+        event = dp_accounting.SelfComposedDpEvent(dp_accounting.GaussianDpEvent(seen), k)
+        want = dp_accounting.pld.PLDAccountant(value_discretization_interval=1e-4).compose(event).get_epsilon(1e-5)
+        assert e.epsilon == pytest.approx(want, rel=0.02)
+    assert d.ledger.participations() == 2 and d.ledger.history() == []  # no record-level event to compose
+    # the wire is unchanged: no record-level mechanism (σ = 0, ε = ∞), user-level ε is the server's to state
+    assert (metrics["dp-sigma"], metrics["dp-epsilon"], metrics["dp-attempt"]) == (0.0, math.inf, 1)

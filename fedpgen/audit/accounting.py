@@ -92,7 +92,7 @@ def _history_of(events: list[Any]) -> list[History]:
 def audit_device(state_dir: Path, *, cfg: dict[str, Any], key_file: Path | None = None,
                  server_rows: list[dict[str, Any]] | None = None) -> list[Check]:
     """Every check on one device's sealed state; ``server_rows``: its rows of ``client_rounds.jsonl``."""
-    from fedpgen.shared.privacy.ledger import PrivacyLedger
+    from fedpgen.shared.privacy.ledger import PrivacyLedger, participations
     from fedpgen.shared.sealing import TamperedStateError
     from fedpgen.shared.store import DeviceStore, device_sealer
 
@@ -111,11 +111,15 @@ def audit_device(state_dir: Path, *, cfg: dict[str, Any], key_file: Path | None 
     if not events:
         return checks
     budget = float(cfg["dp-epsilon"])
-    private = [e for e in events if e.private]
-    for event, history in zip(events, _history_of(events), strict=True):
-        if event.private:
-            checks += recompute(history, delta=event.delta, accountant=event.accountant, claimed=event.epsilon,
-                                subject=f"{subject} round {event.round}#{event.attempt}", what="ledger event")
+    record = [e for e in events if e.unit == "record"]
+    private = [e for e in record if e.private]
+    for unit, what in (("record", "ledger event"), ("user", "user-level ledger event (vs server)")):
+        mine = [e for e in events if e.unit == unit]  # each unit composes on its own (PrivacyLedger.history)
+        for event, history in zip(mine, _history_of(mine), strict=True):
+            if event.private:
+                checks += recompute(history, delta=event.delta, accountant=event.accountant, claimed=event.epsilon,
+                                    subject=f"{subject} round {event.round}#{event.attempt}", what=what)
+    trained_in = participations(events)
     plans = {(e.noise_multiplier, e.clip, e.sample_rate) for e in private}
     stored = (plan.get("noise_multiplier"), float(cfg["dp-clip"]), plan.get("sample_rate")) if plan else None
     fixed = len(plans) <= 1 and (not private or stored is None or plans == {stored})
@@ -126,24 +130,27 @@ def audit_device(state_dir: Path, *, cfg: dict[str, Any], key_file: Path | None 
                         f"budget {budget:g}; events over it: {[(e.round, e.epsilon) for e in over]}"))
     cap = int(plan.get("participations", 0)) if plan else int(user_plan.get("dp-max-participations", 0))
     if cap:  # the record-level plan's, else the user-level one's (shared/privacy/plan.py)
-        checks.append(Check("never past the participation cap", subject, "pass" if len(events) <= cap else "fail",
-                            f"{len(events)} participations (ledger events), planned for at most {cap}"))
-    trained = int(meta.get("rounds_trained", len(events)))
-    checks.append(Check("every training round has an event", subject, "pass" if trained == len(events) else "fail",
-                        f"{trained} rounds trained, {len(events)} ledger events"))
+        checks.append(Check("never past the participation cap", subject, "pass" if trained_in <= cap else "fail",
+                            f"{trained_in} participations (ledger events), planned for at most {cap}"))
+    trained = int(meta.get("rounds_trained", trained_in))
+    checks.append(Check("every training round has an event", subject, "pass" if trained == trained_in else "fail",
+                        f"{trained} rounds trained, {trained_in} participations in the ledger"))
     if server_rows is None:
         checks.append(Check("ledger vs server rows", subject, "not-checked",
                             "no mapping from this state-dir to the server's rows (deployment: client-index -1)"))
         return checks
-    by_round: dict[int, list[Any]] = defaultdict(list)
+    by_round: dict[tuple[int, str], list[Any]] = defaultdict(list)
     for e in events:
-        by_round[e.round].append(e)
+        by_round[e.round, e.unit].append(e)
     bad = []
     for row in server_rows:
         if "dp-epsilon" not in row:
             continue
         attempt = int(row.get("dp-attempt", 1))
-        match = [e for e in by_round.get(int(row["round"]), []) if e.attempt == attempt]
+        match = [e for e in by_round.get((int(row["round"]), "record"), []) if e.attempt == attempt]
+        user = [e for e in by_round.get((int(row["round"]), "user"), []) if e.attempt == attempt]
+        if not match and user and math.isinf(float(row["dp-epsilon"])):
+            continue  # user-level DP only: no record-level event, the wire says so (σ = 0, ε = ∞)
         if not match or not _close(match[0].epsilon, float(row["dp-epsilon"]), SAME):
             bad.append((row["round"], attempt, row["dp-epsilon"], match[0].epsilon if match else None))
     checks.append(Check("ledger vs server rows", subject, "fail" if bad else "pass",

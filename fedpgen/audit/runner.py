@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import math
 from pathlib import Path
 from typing import Any
 
@@ -196,7 +197,8 @@ def _accounting(run_dir: Path, cfg: dict[str, Any], rows: list[dict[str, Any]], 
                 from fedpgen.shared.store import device_sealer
 
                 ledger = PrivacyLedger(state, device_sealer(state, key_file, create=False))
-                ledger_eps[client] = [e.epsilon for e in ledger.events()]
+                # what each reply said on the wire: the record-level ε (∞ under user-level DP only)
+                ledger_eps[client] = [e.epsilon for e in ledger.events("record")] or [math.inf]
             except Exception:  # already reported by audit_device (tampered, no key)
                 pass
     if not devices:
@@ -224,7 +226,7 @@ def _plans(cfg: dict[str, Any], rows: list[dict[str, Any]], devices: list[Path],
     plans = set()
     for state in devices:
         try:
-            events = [e for e in PrivacyLedger(state, device_sealer(state, key_file, create=False)).events()
+            events = [e for e in PrivacyLedger(state, device_sealer(state, key_file, create=False)).events("record")
                       if e.private]
         except Exception:  # reported by the accounting audit
             continue

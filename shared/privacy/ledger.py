@@ -25,7 +25,7 @@ from fedpgen.shared.store import SealedFiles
 @dataclasses.dataclass(frozen=True)
 class PrivacyEvent:
     round: int
-    unit: str            # "record" (DP-SGD on the device) | "user" (DP-FedAvg)
+    unit: str            # "record" (DP-SGD on the device) | "user" (DP-FedAvg, as the server sees it)
     mechanism: str
     noise_multiplier: float
     clip: float
@@ -44,6 +44,12 @@ class PrivacyEvent:
                 "dp-accountant": self.accountant, "dp-attempt": self.attempt}
 
 
+def participations(events: list[PrivacyEvent]) -> int:
+    """Rounds trained, retries included, from a ledger's events: each such round writes one event
+    per unit that protects it (record and user level: two; neither: one "none" at record level)."""
+    return max(sum(e.unit == "record" for e in events), sum(e.unit == "user" for e in events))
+
+
 class PrivacyLedger(SealedFiles):
     """``ledger.jsonl.sealed`` (append-only events), ``accountant.json`` (the history) and
     ``dp_plan.json`` in a state-dir, all sealed with the device key."""
@@ -58,7 +64,12 @@ class PrivacyLedger(SealedFiles):
         path = self.dir / f"{self.EVENTS}.sealed"
         return [x for x in path.read_text().splitlines() if x.strip()] if path.is_file() else []
 
-    def events(self) -> list[PrivacyEvent]:
+    def events(self, unit: str | None = None) -> list[PrivacyEvent]:
+        """The verified events, or those of one ``unit`` ("record" | "user")."""
+        events = self._verified()
+        return events if unit is None else [e for e in events if e.unit == unit]
+
+    def _verified(self) -> list[PrivacyEvent]:
         lines = self._lines()
         events = [PrivacyEvent(**json.loads(raw)) for raw in
                   self.sealer.open_lines(self.EVENTS, lines, where=str(self.dir / f"{self.EVENTS}.sealed"))]
@@ -83,13 +94,19 @@ class PrivacyLedger(SealedFiles):
             os.fsync(fh.fileno())
         self.write_json(self.STATE, {"events": len(lines) + 1})
 
-    def history(self) -> History:
-        """The accountant's history, composed from the private events (a pure function of the ledger)."""
+    def history(self, unit: str = "record") -> History:
+        """The accountant's history of one unit, composed from its private events (a pure function
+        of the ledger). Record level: DP-SGD's steps; user level: one Gaussian per participation at
+        the multiplier the server saw, q = 1 (it drew the cohort: no amplification against it)."""
         history: History = []
-        for e in self.events():
+        for e in self.events(unit):
             if e.private:
                 history = compose(history, sigma=e.noise_multiplier, sample_rate=e.sample_rate, steps=e.steps)
         return history
+
+    def participations(self) -> int:
+        """Rounds this device trained in, retries included (:func:`participations`)."""
+        return participations(self.events())
 
     def plan(self) -> dict[str, Any]:
         return self.read_json(self.PLAN) or {}

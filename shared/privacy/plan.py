@@ -95,7 +95,7 @@ def check_user_plan(cfg: RunConfig, ledger: PrivacyLedger, *, save: bool = False
         raise ValueError(f"config {', '.join(repr(k) for k in changed)}: {[want[k] for k in changed]} differs from "
                          f"the {[stored.get(k) for k in changed]} this device trained with; user-level privacy "
                          "parameters cannot change mid-run")
-    cap, spent = int(want["dp-max-participations"]), len(ledger.events())
+    cap, spent = int(want["dp-max-participations"]), ledger.participations()
     if cap and spent >= cap:
         bound = epsilon_vs_server_bound(mode=cfg.user_dp, secure_aggregation=cfg.secure_aggregation,
                                         noise_multiplier=cfg.user_noise_multiplier, participations=cap,
@@ -118,5 +118,5 @@ def check_stored_budget(cfg: RunConfig, ledger: PrivacyLedger) -> None:
         return
     stored = ledger.plan()
     if stored:
-        DPPlan(**stored).check_budget(ledger.history(), spent=len(ledger.events()), delta=cfg.dp_delta,
+        DPPlan(**stored).check_budget(ledger.history(), spent=len(ledger.events("record")), delta=cfg.dp_delta,
                                       accountant=cfg.dp_accountant, budget=cfg.dp_epsilon)
