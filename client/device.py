@@ -317,8 +317,9 @@ class Device:
         events = self.ledger.events()
         attempt = {unit: 1 + sum(e.round == server_round and e.unit == unit for e in events)
                    for unit in ("record", "user")}
-        event = self._record_event(server_round, privacy, plan, attempt["record"])
-        if cfg.user_dp == "off" or cfg.record_dp:
+        kept = cfg.user_dp == "off" or cfg.record_dp  # else the wire's "none" event is not a participation's
+        event = self._record_event(server_round, privacy, plan, attempt["record" if kept else "user"])
+        if kept:
             self.ledger.append(event)
         if cfg.user_dp != "off":
             self.ledger.append(self._user_event(server_round, sampled_clients, attempt["user"]))

@@ -705,3 +705,7 @@ def test_under_user_level_dp_the_device_ledger_charges_each_participation_at_wha
     assert d.ledger.participations() == 2 and d.ledger.history() == []  # no record-level event to compose
     # the wire is unchanged: no record-level mechanism (σ = 0, ε = ∞), user-level ε is the server's to state
     assert (metrics["dp-sigma"], metrics["dp-epsilon"], metrics["dp-attempt"]) == (0.0, math.inf, 1)
+    # a retry of round 5 (a server restarted before its checkpoint) is charged again, and says so on the wire
+    _, _, metrics = d.fit(d.init_send, server_round=5, sampled_clients=4)
+    assert [(e.round, e.attempt) for e in d.ledger.events()] == [(1, 1), (5, 1), (5, 2)]
+    assert metrics["dp-attempt"] == 2 and d.ledger.participations() == 3
