@@ -709,3 +709,27 @@ def test_under_user_level_dp_the_device_ledger_charges_each_participation_at_wha
     _, _, metrics = d.fit(d.init_send, server_round=5, sampled_clients=4)
     assert [(e.round, e.attempt) for e in d.ledger.events()] == [(1, 1), (5, 1), (5, 2)]
     assert metrics["dp-attempt"] == 2 and d.ledger.participations() == 3
+
+
+def test_with_record_and_user_level_dp_each_round_is_one_participation_with_an_event_per_unit(make_cfg,
+                                                                                               tmp_path: Path) -> None:
+    from fedpgen.shared.privacy.plan import BudgetExhaustedError
+
+    # Prepare: DP-SGD on the device and DP-FedAvg on the sum, at most 2 rounds
+    cfg = make_cfg(dp="epsilon", dp_epsilon=8.0, user_dp="distributed", user_noise_multiplier=0.8,
+                   num_server_rounds=10, dp_max_participations=2, personal_max_steps=0)
+    d = device(cfg, state=tmp_path / "both")
+    # Execute: two rounds, then a third asked for
+    for r in (1, 5):
+        _, _, metrics = d.fit(d.init_send, server_round=r, sampled_clients=4)
+    with pytest.raises(BudgetExhaustedError, match="participation cap reached"):
+        d.fit(d.init_send, server_round=9, sampled_clients=4)
+    # Assert: two events a round, one per unit, two participations (not four: the cap is of rounds);
+    # each unit composes on its own, and the wire carries the record-level one
+    events = d.ledger.events()
+    assert [(e.round, e.unit) for e in events] == [(1, "record"), (1, "user"), (5, "record"), (5, "user")]
+    assert d.ledger.participations() == 2
+    record = [e for e in events if e.unit == "record"]
+    assert d.ledger.history() == [(record[0].noise_multiplier, record[0].sample_rate, 2 * record[0].steps)]
+    assert d.ledger.history("user") == [(0.8, 1.0, 2)]  # (σ, q, steps): equal entries compose by adding steps
+    assert metrics["dp-epsilon"] == record[-1].epsilon < 8.0 * (1 + 1e-6)
