@@ -227,10 +227,10 @@ def ledger(state_dir: Path,
                       + (" vs server" if e.unit == "user" else ""), e.accountant)
     console.print(table)
     if user_plan:  # the user-level parameters the device holds fixed (shared/privacy/plan.py)
-        cap = int(user_plan.get("dp-max-participations", 0))
+        cap, times = int(user_plan.get("dp-max-participations", 0)), ledger_.participations()
         console.print(f"user-level DP ({user_plan['user-dp']} DP-FedAvg, S={user_plan['user-clip']}, "
                       f"z={user_plan['user-noise-multiplier']}, dropouts {user_plan['user-noise-dropouts']}), fixed "
-                      f"since this device first trained: {ledger_.participations()} participations"
+                      f"since this device first trained: {times} participation{'' if times == 1 else 's'}"
                       + (f" of at most {cap} (dp-max-participations)" if cap else " (no cap)")
                       + ". Its events' ε is against the server, which drew the cohorts (q = 1); the amplified ε "
                       "against anyone who sees only the shared bases is the run's user-epsilon (summary.json)")
