@@ -3,7 +3,9 @@ tool.flwr.app.config): no second config system."""
 
 from __future__ import annotations
 
+import json
 import logging
+import math
 import os
 import sys
 import time
@@ -206,8 +208,11 @@ def export_model(
 @cli.command()
 def ledger(state_dir: Path,
            key_file: Annotated[Optional[Path], typer.Option(help="device key (default <state-dir>/device.key)")] = None,
+           as_json: Annotated[bool, typer.Option("--json", help="one JSON object on stdout, for tools")] = False,
            ) -> None:
     """Verify and print a device's privacy ledger (for auditors; needs the device key)."""
+    import dataclasses
+
     from rich.table import Table
 
     from fedpgen.shared.privacy.ledger import PrivacyLedger
@@ -217,6 +222,13 @@ def ledger(state_dir: Path,
         raise FileNotFoundError(f"state dir not found: {state_dir}")
     ledger_ = PrivacyLedger(state_dir, device_sealer(state_dir, key_file, create=False))
     events, user_plan = ledger_.events(), ledger_.user_plan()
+    if as_json:  # ∞ (no noise) as null: strict JSON
+        rows = [{k: (None if isinstance(v, float) and math.isinf(v) else v) for k, v in dataclasses.asdict(e).items()}
+                for e in events]
+        typer.echo(json.dumps({"state-dir": str(state_dir), "chain": "verified", "events": rows,
+                               "participations": ledger_.participations(), "record-plan": ledger_.plan(),
+                               "user-plan": user_plan}, indent=1))
+        return
     table = Table(title=f"Privacy ledger of {state_dir} ({len(events)} events, chain verified)")
     for col in ("round", "unit", "mechanism", "σ", "C", "q", "steps", "δ", "ε (cumulative)", "accountant"):
         table.add_column(col)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import stat
 from pathlib import Path
 
@@ -131,6 +132,11 @@ def test_the_ledger_command_verifies_and_prints_and_refuses_tampering(tmp_path: 
     out = CliRunner().invoke(cli, ["ledger", str(tmp_path / "s")], terminal_width=200)
     said = " ".join(out.output.split())  # rich wraps lines
     assert "z=0.77" in said and "2 participations of at most 3" in said and "8.500 vs server" in said
+    out = CliRunner().invoke(cli, ["ledger", str(tmp_path / "s"), "--json"])
+    got = json.loads(out.output)  # strict JSON: a tool reads it
+    assert [(e["round"], e["unit"], e["epsilon"]) for e in got["events"]] == [
+        (1, "record", 2.5), (2, "record", 5.0), (1, "user", 4.25), (2, "user", 8.5)]
+    assert got["participations"] == 2 and got["user-plan"]["dp-max-participations"] == 3
     lines = (tmp_path / "s" / "ledger.jsonl.sealed").read_text().splitlines()
     (tmp_path / "s" / "ledger.jsonl.sealed").write_text(lines[0] + "\n")
     out = CliRunner().invoke(cli, ["ledger", str(tmp_path / "s")])
