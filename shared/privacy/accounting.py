@@ -10,6 +10,7 @@ import functools
 import math
 import warnings
 
+import numpy as np
 from opacus.accountants import create_accountant
 from opacus.accountants.utils import get_noise_multiplier
 
@@ -38,7 +39,8 @@ def epsilon(history: History, *, delta: float, accountant: str) -> float:
 def _epsilon(history: tuple[tuple[float, float, int], ...], delta: float, accountant: str) -> float:
     acc = create_accountant(mechanism=accountant)
     acc.history = list(history)  # a copy: never alias the caller's list
-    return float(acc.get_epsilon(delta=delta))
+    with np.errstate(divide="ignore"):  # Opacus' PRV takes log(1 - q) = log(0) at q = 1 (no sampling), harmlessly
+        return float(acc.get_epsilon(delta=delta))
 
 
 def compose(history: History, *, sigma: float, sample_rate: float, steps: int) -> History:

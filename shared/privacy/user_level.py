@@ -149,8 +149,7 @@ def gaussians_epsilon(multipliers: list[float], *, delta: float, accountant: str
         return 0.0
     if min(multipliers) <= 0:
         return math.inf
-    with np.errstate(divide="ignore"):  # Opacus' PRV takes log(1 - q) = log(0) at q = 1, harmlessly
-        return epsilon([(sum(z**-2 for z in multipliers) ** -0.5, 1.0, 1)], delta=delta, accountant=accountant)
+    return epsilon([(sum(z**-2 for z in multipliers) ** -0.5, 1.0, 1)], delta=delta, accountant=accountant)
 
 
 def server_view_by_node(replies: list[dict[str, Any]], rounds: list[dict[str, Any]], *, mode: str,
