@@ -161,3 +161,18 @@ def test_a_crash_between_a_ledger_line_and_its_count_loses_no_event(tmp_path: Pa
     assert [e.round for e in ledger.events()] == [1, 2] and ledger.history() == [(1.0, 0.1, 10)]
     ledger.append(event(3))
     assert [e.round for e in PrivacyLedger(tmp_path).events()] == [1, 2, 3]
+
+
+def test_participations_count_rounds_trained_whatever_units_wrote_them(tmp_path: Path) -> None:
+    from fedpgen.shared.privacy.ledger import participations
+
+    def event(r: int, unit: str, attempt: int = 1) -> PrivacyEvent:
+        return PrivacyEvent(round=r, unit=unit, mechanism="m", noise_multiplier=1.0, clip=1.0, sample_rate=1.0,
+                            steps=1, delta=1e-5, epsilon=1.0, accountant="prv", private=True, attempt=attempt)
+
+    # both units in round 1: one participation; a state-dir written before user-level events
+    # (round 2's "none" at record level) then one after (round 3's user-level event): two more
+    assert participations([event(1, "record"), event(1, "user"), event(2, "record"), event(3, "user")]) == 3
+    # a crash between round 4's two events, then its retry: round 4 trained twice
+    assert participations([event(4, "record"), event(4, "record", 2), event(4, "user")]) == 2
+    assert participations([]) == 0

@@ -46,8 +46,10 @@ class PrivacyEvent:
 
 def participations(events: list[PrivacyEvent]) -> int:
     """Rounds trained, retries included, from a ledger's events: each such round writes one event
-    per unit that protects it (record and user level: two; neither: one "none" at record level)."""
-    return max(sum(e.unit == "record" for e in events), sum(e.unit == "user" for e in events))
+    per unit that protects it (record and user level: two; neither: one "none" at record level),
+    all of one (round, attempt). Counted by those pairs, so a ledger begun before user-level
+    events (a "none" per round) and continued after still counts every round."""
+    return len({(e.round, e.attempt) for e in events})
 
 
 class PrivacyLedger(SealedFiles):
