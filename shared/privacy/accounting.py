@@ -60,7 +60,7 @@ def calibrate_sigma(*, target_epsilon: float, delta: float, sample_rate: float, 
 
     Costs seconds with PRV: a device computes it once for the whole run and stores it.
     """
-    with warnings.catch_warnings():
+    with warnings.catch_warnings(), np.errstate(divide="ignore"):  # PRV's log(0) at q = 1: as in _epsilon
         warnings.filterwarnings("ignore", message="Optimal order is the largest alpha")
         return float(get_noise_multiplier(target_epsilon=target_epsilon, target_delta=delta, sample_rate=sample_rate,
                                           steps=steps, accountant=check_accountant(accountant),
