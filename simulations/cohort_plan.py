@@ -14,6 +14,8 @@ rate q = n / N (the calibrator ``dp_sweep.py --unit user`` uses) and prints sign
 
 - at the config's cohort, and at other fractions of its population: at a fixed population and
   rounds z grows almost as fast as q, so more devices per round buy less than 1/n;
+- at the config's cohort, the ratio for other values of ``user-clip`` S (the quartiles of the
+  devices' delta norms): the noise grows with S, the common part only while S is below the norms;
 - the population the config's ``fraction-fit`` needs for the ratio to reach 1 (z is then fixed
   by q = fraction-fit, and the noise falls as 1/N), with its devices per round and their training
   time per round on this machine (the sample's median ``train-seconds``).
@@ -110,6 +112,30 @@ def plan(cfg: Any, stats: dict[str, float], *, epsilons: tuple[float, ...],
     return rows
 
 
+def by_clip(cfg: Any, deltas: list[np.ndarray], *, epsilons: tuple[float, ...]) -> list[dict[str, Any]]:
+    """At the config's cohort, signal / noise for other values of ``user-clip`` S, from the same
+    deltas: the config's S and the quartiles and 90th percentile of the devices' delta norms.
+    The noise grows with S; the common part only while S is below the deltas' norms, so the
+    ratio stops rising once every delta is clipped. A smaller S also shortens every update the
+    mean is made of (the shared base moves less per round)."""
+    from fedpgen.shared.privacy.user_level import expected_cohort
+
+    n = expected_cohort(population=cfg.num_users, fraction=cfg.fraction_fit, min_clients=cfg.min_fit_clients)
+    norms = np.array([float(np.linalg.norm(d)) for d in deltas])
+    quantiles = (float(f"{np.quantile(norms, p):.3g}") for p in (0.25, 0.5, 0.75, 0.9))
+    clips = sorted({float(cfg.user_clip), *(c for c in quantiles if c > 0)})
+    rows = []
+    for eps in epsilons:
+        z = multiplier(cfg, epsilon=eps, sample_rate=n / cfg.num_users)
+        for clip in clips:
+            stats = agreement(deltas, clip)
+            noise = noise_norm(multiplier=z, clip=clip, numbers=stats["numbers"], cohort=n)
+            rows.append({"epsilon": eps, "clip": clip, "config": clip == cfg.user_clip, "cohort": n,
+                         "clipped": float((norms > clip).mean()), "common": stats["common"], "noise": noise,
+                         "ratio": stats["common"] / noise})
+    return rows
+
+
 def needed_population(cfg: Any, stats: dict[str, float], *, epsilon: float) -> dict[str, Any]:
     """The population at which the config's sampling rate gives signal / noise = 1: z is fixed by
     q, the noise norm falls as 1 / (q·N). None when the devices share nothing measurable."""
@@ -159,8 +185,9 @@ def measuring_config(values: dict[str, Any], out: Path) -> tuple[Any, Any]:
 
 
 def render(stats: dict[str, float], rows: list[dict[str, Any]], needed: list[dict[str, Any]],
-           train_seconds: float) -> str:
-    """The report as markdown: the devices' agreement, the table per cohort, the populations needed."""
+           train_seconds: float, clips: list[dict[str, Any]] | None = None) -> str:
+    """The report as markdown: the devices' agreement, the table per cohort, the one per clip, the
+    populations needed."""
     lines = [f"{stats['devices']} devices, one round each from the base: {stats['numbers']:,} numbers sent; "
              f"median delta norm {stats['median-norm']:.3f}, clipped rms {stats['rms']:.3f}; mean pairwise cosine "
              f"{stats['cosine']:.3f}; common part {stats['common']:.3f} ± {stats['common-se']:.3f} (jackknife se); "
@@ -171,6 +198,13 @@ def render(stats: dict[str, float], rows: list[dict[str, Any]], needed: list[dic
         mark = " (config)" if r["config"] else ""
         lines.append(f"| {r['epsilon']:g} | {r['population']:,} | {r['cohort']:g}{mark} | {r['sample-rate']:.3g} | "
                      f"{r['z']:.3f} | {r['noise']:.3f} | **{r['ratio']:.2f}** |")
+    if clips:
+        lines += ["", f"At the config's cohort ({clips[0]['cohort']:g} per round), by `user-clip` S:", "",
+                  "| ε | S | devices clipped | common part | noise on the mean | signal / noise |", "|---|---|---|---|---|---|"]
+        for r in clips:
+            mark = " (config)" if r["config"] else ""
+            lines.append(f"| {r['epsilon']:g} | {r['clip']:g}{mark} | {r['clipped']:.0%} | {r['common']:.3f} | "
+                         f"{r['noise']:.3f} | **{r['ratio']:.2f}** |")
     lines += ["", "For signal / noise = 1 at the config's sampling rate:", ""]
     for n in needed:
         if n["population"] is None:
@@ -208,9 +242,10 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         stats = agreement(deltas, cfg.user_clip)
         rows = plan(cfg, stats, epsilons=tuple(args.epsilons), fractions=FRACTIONS)
         needed = [needed_population(cfg, stats, epsilon=e) for e in args.epsilons]
-        text = render(stats, rows, needed, statistics.median(seconds))
+        clips = by_clip(cfg, deltas, epsilons=tuple(args.epsilons))
+        text = render(stats, rows, needed, statistics.median(seconds), clips)
         print(text)
-        result = {"agreement": stats, "train-seconds": seconds, "rows": rows, "needed": needed,
+        result = {"agreement": stats, "train-seconds": seconds, "rows": rows, "needed": needed, "clips": clips,
                   "settings": {"config": values, "devices": args.devices, "seed": args.seed}}
         (out / "cohort_plan.json").write_text(json.dumps(result, indent=2, allow_nan=False))
         (out / "cohort_plan.md").write_text(text + "\n")

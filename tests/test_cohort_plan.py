@@ -92,6 +92,7 @@ def test_main_measures_real_devices_and_writes_its_report(tool, tmp_path: Path) 
     assert stats["devices"] == 3 and len(result["train-seconds"]) == 3 and stats["median-norm"] > 0
     own = next(r for r in result["rows"] if r["config"])
     assert own["ratio"] == pytest.approx(stats["common"] / own["noise"])
+    assert next(r for r in result["clips"] if r["config"])["ratio"] == pytest.approx(own["ratio"])
     saved = json.loads((out / "cohort_plan.json").read_text())
     assert saved["agreement"] == stats and "signal / noise" in (out / "cohort_plan.md").read_text()
     # Measured from fresh devices: a second run redraws nothing stale (the same users, round 1 again).
@@ -117,3 +118,24 @@ def test_a_second_plan_into_a_folder_in_use_stops_before_touching_it(tool, tmp_p
     finally:
         holder.kill()
         holder.wait()
+
+
+def test_by_clip_rates_other_clips_from_the_same_deltas(tool) -> None:
+    cfg = RunConfig.from_mapping({**TINY, "num-users": 100, "fraction-fit": 0.2, "min-fit-clients": 2,
+                                  "num-server-rounds": 10, "user-clip": 1.0})
+    # Four devices: a shared direction 0.3 and an own one, norms 0.5, 0.5, 1.0 and 2.0.
+    deltas = [0.3 * np.eye(6)[0] + 0.4 * np.eye(6)[1], 0.3 * np.eye(6)[0] + 0.4 * np.eye(6)[2],
+              2 * (0.3 * np.eye(6)[0] + 0.4 * np.eye(6)[3]), 4 * (0.3 * np.eye(6)[0] + 0.4 * np.eye(6)[4])]
+    rows = tool.by_clip(cfg, deltas, epsilons=(8.0,))
+    norms = [0.5, 0.5, 1.0, 2.0]
+    assert {r["clip"] for r in rows} == {1.0, *(float(f"{np.quantile(norms, p):.3g}") for p in (0.25, 0.5, 0.75, 0.9))}
+    assert [r["config"] for r in rows].count(True) == 1 and all(r["cohort"] == 20 for r in rows)
+    z = tool.multiplier(cfg, epsilon=8.0, sample_rate=0.2)
+    for r in rows:
+        assert r["clipped"] == pytest.approx(sum(n > r["clip"] for n in norms) / 4)
+        assert r["noise"] == pytest.approx(z * r["clip"] * math.sqrt(6) / 20)
+        assert r["ratio"] == pytest.approx(tool.agreement(deltas, r["clip"])["common"] / r["noise"])
+    at_half = next(r for r in rows if r["clip"] == 0.5)  # every delta clipped to 0.5: common part 0.3
+    assert at_half["common"] == pytest.approx(0.3) and at_half["clipped"] == 0.5
+    # Below every norm the ratio no longer changes: all deltas are scaled to S alike.
+    assert at_half["ratio"] == pytest.approx(0.3 / (z * 0.5 * math.sqrt(6) / 20))
