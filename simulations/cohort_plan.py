@@ -200,7 +200,8 @@ def render(stats: dict[str, float], rows: list[dict[str, Any]], needed: list[dic
                      f"{r['z']:.3f} | {r['noise']:.3f} | **{r['ratio']:.2f}** |")
     if clips:
         lines += ["", f"At the config's cohort ({clips[0]['cohort']:g} per round), by `user-clip` S:", "",
-                  "| ε | S | devices clipped | common part | noise on the mean | signal / noise |", "|---|---|---|---|---|---|"]
+                  "| ε | S | devices clipped | common part | noise on the mean | signal / noise |",
+                  "|---|---|---|---|---|---|"]
         for r in clips:
             mark = " (config)" if r["config"] else ""
             lines.append(f"| {r['epsilon']:g} | {r['clip']:g}{mark} | {r['clipped']:.0%} | {r['common']:.3f} | "
