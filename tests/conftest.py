@@ -5,8 +5,11 @@ simulation's link tapped, SecAgg+'s aggregate computed and its error bounded. Im
 
 from __future__ import annotations
 
+import importlib.util
 import os
+import sys
 from pathlib import Path
+from types import ModuleType
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -66,6 +69,17 @@ class Proxy:
 
     def __init__(self, node_id: int) -> None:
         self.node_id, self.cid = node_id, str(node_id)
+
+
+def simulation_script(name: str) -> ModuleType:
+    """``simulations/<name>.py`` as a module (registered in ``sys.modules``: its dataclasses need it)."""
+    path = Path(__file__).resolve().parent.parent / "simulations" / f"{name}.py"
+    spec = importlib.util.spec_from_file_location(name, path)
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module
+    spec.loader.exec_module(module)
+    return module
 
 
 def device(cfg: RunConfig, index: int = 0, state: Path | None = None) -> Device:

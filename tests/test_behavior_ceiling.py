@@ -3,29 +3,16 @@
 
 from __future__ import annotations
 
-import importlib.util
 import statistics
-import sys
 from collections import Counter
 from pathlib import Path
 
 import numpy as np
 import pytest
+from conftest import simulation_script
 
 from fedpgen.shared.data.synthetic_behavior import Story, World, iter_users, latent_tastes
 from fedpgen.shared.tasks.behavior import split_sizes
-
-ROOT = Path(__file__).resolve().parent.parent
-
-
-def _simulation(name: str):
-    """A script of simulations/ as a module."""
-    spec = importlib.util.spec_from_file_location(name, ROOT / "simulations" / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[name] = module
-    spec.loader.exec_module(module)
-    return module
-
 
 def test_next_item_probabilities_are_what_the_generator_draws() -> None:
     # Prepare: one user with a long log, the story's probabilities for each of its events
@@ -62,7 +49,7 @@ def test_latent_tastes_are_the_tastes_the_users_were_drawn_from() -> None:
 
 
 def test_the_ceiling_orders_what_each_estimator_knows() -> None:
-    ceiling = _simulation("behavior_ceiling")
+    ceiling = simulation_script("behavior_ceiling")
     res = ceiling.estimates(num_users=24, events=(240, 360), seed=0, heldout_fraction=0.1, val_fraction=0.1)
     median_nll = {name: statistics.median(r[1] for r in rows) for name, rows in res.items()}
     median_hr = {name: statistics.median(r[0] for r in rows) for name, rows in res.items()}
@@ -80,7 +67,7 @@ def test_the_ceiling_orders_what_each_estimator_knows() -> None:
 
 def test_the_sweep_table_compares_users_on_the_tie_free_metric_too(tmp_path: Path) -> None:
     # Prepare: a behavior run where HR@10 ties for every user but the NLL tells them apart
-    sweep = _simulation("dp_sweep")
+    sweep = simulation_script("dp_sweep")
     run = tmp_path / "eps-8"
     run.mkdir()
     (run / "config.json").write_text('{"task": "behavior"}')

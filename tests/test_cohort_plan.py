@@ -4,7 +4,6 @@ against values computed by hand or by the accountant the sweep uses."""
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import math
 import sys
@@ -12,20 +11,13 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import TINY
+from conftest import TINY, simulation_script
 
 from fedpgen.shared.config import RunConfig
 
-ROOT = Path(__file__).resolve().parent.parent
-
-
 @pytest.fixture(scope="module")
 def tool():
-    spec = importlib.util.spec_from_file_location("cohort_plan", ROOT / "simulations" / "cohort_plan.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules["cohort_plan"] = module
-    spec.loader.exec_module(module)
-    return module
+    return simulation_script("cohort_plan")
 
 
 def test_agreement_of_identical_orthogonal_and_mixed_deltas(tool) -> None:

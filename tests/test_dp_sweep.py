@@ -9,20 +9,16 @@ primary ties often (behavior: held-out NLL, lower is better), else on the primar
 from __future__ import annotations
 
 import csv
-import importlib.util
 import json
 from pathlib import Path
 
 import pytest
+from conftest import simulation_script
 
 
 @pytest.fixture(scope="module")
 def sweep():
-    path = Path(__file__).resolve().parent.parent / "simulations" / "dp_sweep.py"
-    spec = importlib.util.spec_from_file_location("dp_sweep", path)
-    module = importlib.util.module_from_spec(spec)  # type: ignore[arg-type]
-    spec.loader.exec_module(module)  # type: ignore[union-attr]
-    return module
+    return simulation_script("dp_sweep")
 
 
 def write_run(folder: Path, task: str, rows: list[dict[str, float]]) -> Path:

@@ -4,32 +4,25 @@ refused, and so is a run whose checkpoint another config wrote."""
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import shutil
-import sys
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import pytest
-from conftest import TINY, device
+from conftest import TINY, device, simulation_script
 
 from fedpgen.server import checkpoint
 from fedpgen.server.results import read_clients
 from fedpgen.shared.config import RunConfig
 
-ROOT = Path(__file__).resolve().parent.parent
 EVALUATED = (0, 2)  # the users the run's final evaluation chose (not all: user 1 was not)
 
 
 @pytest.fixture(scope="module")
 def tool():
-    spec = importlib.util.spec_from_file_location("reevaluate", ROOT / "simulations" / "reevaluate.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules["reevaluate"] = module
-    spec.loader.exec_module(module)
-    return module
+    return simulation_script("reevaluate")
 
 
 @pytest.fixture(scope="module")

@@ -30,7 +30,7 @@ from fedpgen.shared.privacy.user_level import (add_noise_share, calibrate_user_n
                                                noise_survivors, user_epsilon, user_level_mean)
 from fedpgen.shared.wire import NO_USABLE_DATA, STATE_TAMPERED, keys_digest
 
-from conftest import Proxy, device, error_bound, secagg_mean
+from conftest import Proxy, device, error_bound, secagg_mean, simulation_script
 
 dp_accounting = pytest.importorskip("dp_accounting")
 
@@ -254,12 +254,7 @@ def test_cohort_sample_rate_is_what_the_strategy_accounts(make_cfg, tmp_path: Pa
 
 
 def test_the_dp_sweep_sets_a_user_level_point_that_the_server_accounts_as_its_target() -> None:
-    import importlib.util
-
-    path = Path(__file__).resolve().parent.parent / "simulations" / "dp_sweep.py"
-    spec = importlib.util.spec_from_file_location("dp_sweep", path)
-    sweep = importlib.util.module_from_spec(spec)  # type: ignore[arg-type]
-    spec.loader.exec_module(sweep)  # type: ignore[union-attr]
+    sweep = simulation_script("dp_sweep")
     base = {"task": "behavior", "data": "synthetic", "num-users": 300, "fraction-fit": 0.1, "min-fit-clients": 10,
             "num-server-rounds": 10}
     point = sweep.privacy_overrides(base, 8.0, "user")
