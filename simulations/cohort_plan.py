@@ -234,6 +234,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         parser.error("--devices must be >= 3: the common part is measured between different devices")
     if any(not (e > 0 and math.isfinite(e)) for e in args.epsilons):
         parser.error("--epsilons must be finite and > 0 (without DP there is no noise to plan for)")
+    if any("=" not in s for s in args.sets):
+        parser.error(f"--set takes key=value, got: {', '.join(s for s in args.sets if '=' not in s)}")
     values: dict[str, Any] = dict(load_override_file(args.config)) if args.config else {}
     values.update(s.split("=", 1) for s in args.sets)
     out = args.out or Path("runs/cohort_plan") / (args.config.stem if args.config else "text")

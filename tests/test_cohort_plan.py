@@ -131,3 +131,13 @@ def test_by_clip_rates_other_clips_from_the_same_deltas(tool) -> None:
     assert at_half["common"] == pytest.approx(0.3) and at_half["clipped"] == 0.5
     # Below every norm the ratio no longer changes: all deltas are scaled to S alike.
     assert at_half["ratio"] == pytest.approx(0.3 / (z * 0.5 * math.sqrt(6) / 20))
+
+
+@pytest.mark.parametrize(("args", "message"), [(["--devices", "2"], "--devices must be >= 3"),
+                                               (["--epsilons", "inf"], "finite and > 0"),
+                                               (["--set", "user-clip"], "--set takes key=value, got: user-clip")])
+def test_bad_arguments_get_a_clear_error_before_any_training(tool, tmp_path: Path, capsys, args, message) -> None:
+    with pytest.raises(SystemExit) as stop:
+        tool.main([*args, "--out", str(tmp_path / "plan")])
+    assert stop.value.code == 2 and message in capsys.readouterr().err
+    assert not (tmp_path / "plan").exists()
