@@ -158,18 +158,22 @@ def measure(cfg: Any, *, devices: int, seed: int) -> tuple[list[np.ndarray], lis
     from fedpgen.client.device import Device
     from fedpgen.shared.population import ensure_population, state_dir
 
-    torch.set_num_threads(cfg.threads_per_client)  # as a simulated device trains (client/app.py)
     users = ensure_population(cfg)
-    shutil.rmtree(Path(cfg.run_dir) / "devices", ignore_errors=True)  # every device trains its first round afresh
     if devices > len(users):
         raise ValueError(f"--devices {devices}: the population has {len(users)} users")
+    shutil.rmtree(Path(cfg.run_dir) / "devices", ignore_errors=True)  # every device trains its first round afresh
     chosen = np.random.default_rng(seed).choice(len(users), size=devices, replace=False)
     deltas, seconds = [], []
-    for index in track(sorted(int(i) for i in chosen), description="training one round per device"):
-        device = Device(cfg, user_dir=users[index], state_dir=state_dir(cfg, users[index]), client_index=index)
-        delta, _, metrics = device.fit(list(device.init_send), server_round=1)
-        deltas.append(np.concatenate([d.astype(np.float64).ravel() for d in delta]))
-        seconds.append(float(metrics["train-seconds"]))
+    threads = torch.get_num_threads()
+    torch.set_num_threads(cfg.threads_per_client)  # as a simulated device trains (client/app.py)
+    try:
+        for index in track(sorted(int(i) for i in chosen), description="training one round per device"):
+            device = Device(cfg, user_dir=users[index], state_dir=state_dir(cfg, users[index]), client_index=index)
+            delta, _, metrics = device.fit(list(device.init_send), server_round=1)
+            deltas.append(np.concatenate([d.astype(np.float64).ravel() for d in delta]))
+            seconds.append(float(metrics["train-seconds"]))
+    finally:
+        torch.set_num_threads(threads)  # the caller's setting back (a test process, a notebook)
     return deltas, seconds
 
 
@@ -184,6 +188,11 @@ def measuring_config(values: dict[str, Any], out: Path) -> tuple[Any, Any]:
     return cfg, RunConfig.from_mapping({**values, "dp": "off", "user-dp": "off", "run-dir": str(out / "run")})
 
 
+def table(head: tuple[str, ...], rows: list[tuple[str, ...]]) -> list[str]:
+    """A markdown table's lines."""
+    return [f"| {' | '.join(head)} |", "|" + "---|" * len(head), *(f"| {' | '.join(r)} |" for r in rows)]
+
+
 def render(stats: dict[str, float], rows: list[dict[str, Any]], needed: list[dict[str, Any]],
            train_seconds: float, clips: list[dict[str, Any]] | None = None) -> str:
     """The report as markdown: the devices' agreement, the table per cohort, the one per clip, the
@@ -191,21 +200,17 @@ def render(stats: dict[str, float], rows: list[dict[str, Any]], needed: list[dic
     lines = [f"{stats['devices']} devices, one round each from the base: {stats['numbers']:,} numbers sent; "
              f"median delta norm {stats['median-norm']:.3f}, clipped rms {stats['rms']:.3f}; mean pairwise cosine "
              f"{stats['cosine']:.3f}; common part {stats['common']:.3f} ± {stats['common-se']:.3f} (jackknife se); "
-             f"median training {train_seconds:.1f} s per device and round here", "",
-             "| ε | population | devices per round | q | z | noise on the mean | signal / noise |",
-             "|---|---|---|---|---|---|---|"]
-    for r in rows:
-        mark = " (config)" if r["config"] else ""
-        lines.append(f"| {r['epsilon']:g} | {r['population']:,} | {r['cohort']:g}{mark} | {r['sample-rate']:.3g} | "
-                     f"{r['z']:.3f} | {r['noise']:.3f} | **{r['ratio']:.2f}** |")
+             f"median training {train_seconds:.1f} s per device and round here", ""]
+    mark = {True: " (config)", False: ""}
+    lines += table(("ε", "population", "devices per round", "q", "z", "noise on the mean", "signal / noise"),
+                   [(f"{r['epsilon']:g}", f"{r['population']:,}", f"{r['cohort']:g}{mark[r['config']]}",
+                     f"{r['sample-rate']:.3g}", f"{r['z']:.3f}", f"{r['noise']:.3f}", f"**{r['ratio']:.2f}**")
+                    for r in rows])
     if clips:
-        lines += ["", f"At the config's cohort ({clips[0]['cohort']:g} per round), by `user-clip` S:", "",
-                  "| ε | S | devices clipped | common part | noise on the mean | signal / noise |",
-                  "|---|---|---|---|---|---|"]
-        for r in clips:
-            mark = " (config)" if r["config"] else ""
-            lines.append(f"| {r['epsilon']:g} | {r['clip']:g}{mark} | {r['clipped']:.0%} | {r['common']:.3f} | "
-                         f"{r['noise']:.3f} | **{r['ratio']:.2f}** |")
+        lines += ["", f"At the config's cohort ({clips[0]['cohort']:g} per round), by `user-clip` S:", ""]
+        lines += table(("ε", "S", "devices clipped", "common part", "noise on the mean", "signal / noise"),
+                       [(f"{r['epsilon']:g}", f"{r['clip']:g}{mark[r['config']]}", f"{r['clipped']:.0%}",
+                         f"{r['common']:.3f}", f"{r['noise']:.3f}", f"**{r['ratio']:.2f}**") for r in clips])
     lines += ["", "For signal / noise = 1 at the config's sampling rate:", ""]
     for n in needed:
         if n["population"] is None:

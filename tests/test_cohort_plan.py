@@ -85,10 +85,17 @@ def test_main_measures_real_devices_and_writes_its_report(tool, tmp_path: Path) 
     own = next(r for r in result["rows"] if r["config"])
     assert own["ratio"] == pytest.approx(stats["common"] / own["noise"])
     assert next(r for r in result["clips"] if r["config"])["ratio"] == pytest.approx(own["ratio"])
+    import torch
+
+    threads = torch.get_num_threads()
     saved = json.loads((out / "cohort_plan.json").read_text())
-    assert saved["agreement"] == stats and "signal / noise" in (out / "cohort_plan.md").read_text()
+    report = (out / "cohort_plan.md").read_text()
+    assert saved["agreement"] == stats and "| ε | population | devices per round |" in report and "(config)" in report
     # Measured from fresh devices: a second run redraws nothing stale (the same users, round 1 again).
+    torch.set_num_threads(2)
     again = tool.main([*sets, "--devices", "3", "--epsilons", "8", "--out", str(out)])
+    assert torch.get_num_threads() == 2  # the caller's thread count is given back
+    torch.set_num_threads(threads)
     assert again["agreement"]["numbers"] == stats["numbers"] and len(again["train-seconds"]) == 3
 
 
